@@ -1,0 +1,365 @@
+"""Swin Transformer V1 and V2, top-down: model -> stage -> block -> window attention -> patch embed/merge.
+
+Feature maps stay channels-last, (B, H, W, C), between blocks. Parameter names are the official
+ones (microsoft/Swin-Transformer), so official checkpoints load as they are; every other key
+scheme lives in :mod:`swin.convert`.
+
+Any input size works without rebuilding the model: the stem pads to the patch size, each block
+pads its map at the right/bottom to a window multiple *before* the cyclic shift (the shift mask
+is built on the padded map), and patch merging pads odd maps. A map not larger than the window is
+one window of its size with no shift (the official rule).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from . import windows as W
+from .config import SwinConfig
+
+
+class SwinTransformer(nn.Module):
+    """Swin (``config.version == 1``) or SwinV2 (``== 2``) image classifier and backbone."""
+
+    def __init__(self, config: SwinConfig):
+        super().__init__()
+        self.config = config = config.validate()
+        self.num_classes = config.num_classes
+        self.num_features = config.num_features
+        self.grad_checkpointing = False
+
+        self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, config.embed_dim)
+        self.pos_drop = nn.Dropout(config.drop_rate)
+        dpr = torch.linspace(0, config.drop_path_rate, sum(config.depths)).tolist()
+        self.layers = nn.ModuleList()
+        for i, depth in enumerate(config.depths):
+            start = sum(config.depths[:i])
+            self.layers.append(BasicLayer(
+                config, dim=config.embed_dim * 2**i, depth=depth, num_heads=config.num_heads[i],
+                pretrained_window=config.pretrained_window_sizes[i], drop_path=dpr[start:start + depth],
+                downsample=i < config.num_layers - 1))
+        self.norm = nn.LayerNorm(self.num_features)
+        self.head = nn.Linear(self.num_features, config.num_classes) if config.num_classes > 0 else nn.Identity()
+        self.apply(_init_weights)
+        for layer in self.layers:
+            for blk in layer.blocks:
+                blk.attn.reset_special_parameters()
+
+    # -- public API ------------------------------------------------------------------------
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass instead of storing its activations."""
+        self.grad_checkpointing = enable
+
+    def set_backend(self, backend: str) -> None:
+        """Choose the window-attention implementation: "auto", "reference", "sdpa" or "triton"."""
+        from .ops import check_backend
+
+        check_backend(backend)
+        for layer in self.layers:
+            for blk in layer.blocks:
+                blk.attn.backend = backend
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, H, W) -> pooled features (B, num_features)."""
+        x = self._stem(x)
+        for layer in self.layers:
+            x = layer(x, self.grad_checkpointing)
+        x = self.norm(x)  # (B, h, w, 8C)
+        return x.mean(dim=(1, 2))
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, H, W) -> logits (B, num_classes)."""
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int] = (0, 1, 2, 3),
+                              norm: bool = False) -> list[torch.Tensor]:
+        """NCHW feature maps of the chosen stages (strides 4, 8, 16, 32; widths C, 2C, 4C, 8C).
+
+        Each is the output of a stage before the following patch merging. ``norm=True`` applies
+        the final LayerNorm to the last stage's map (as the classifier sees it).
+        """
+        n = self.config.num_layers
+        wanted = sorted({i % n if -n <= i < n else _bad_index(i, n) for i in indices})
+        x = self._stem(x)
+        out = []
+        for i, layer in enumerate(self.layers):
+            x, before_merge = layer(x, self.grad_checkpointing, return_before_merge=True)
+            if i in wanted:
+                if norm and i == n - 1:
+                    before_merge = self.norm(before_merge)
+                out.append(before_merge.permute(0, 3, 1, 2).contiguous())  # (B, C, h, w)
+            if i >= wanted[-1]:
+                break
+        return out
+
+    def no_weight_decay_keywords(self) -> set[str]:
+        """Parameter-name fragments that the official recipe excludes from weight decay."""
+        return {"relative_position_bias_table", "absolute_pos_embed", "logit_scale", "cpb_mlp"}
+
+    # -- internals -------------------------------------------------------------------------
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x, self.config)
+        return self.pos_drop(self.patch_embed(x))  # (B, H/4, W/4, C)
+
+
+def _bad_index(i: int, n: int) -> int:
+    raise ValueError(f"Stage index {i} is out of range for a model with {n} stages (use 0..{n - 1}).")
+
+
+def _check_input(x: torch.Tensor, config: SwinConfig) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"Expected a torch.Tensor of shape (B, {config.in_chans}, H, W), got {type(x).__name__}.")
+    if x.ndim != 4:
+        raise ValueError(f"Expected a 4-D input (B, {config.in_chans}, H, W), got shape {tuple(x.shape)}.")
+    if not x.is_floating_point():
+        raise ValueError(f"Expected a floating-point image tensor, got dtype {x.dtype}; "
+                         "convert with x.float() (and normalise) first.")
+    if x.shape[1] != config.in_chans:
+        raise ValueError(f"Expected {config.in_chans} input channels in dim 1 (NCHW), got shape {tuple(x.shape)}.")
+    if x.shape[2] < config.patch_size or x.shape[3] < config.patch_size:
+        raise ValueError(f"Input height and width must be at least the patch size {config.patch_size}, "
+                         f"got {x.shape[2]}x{x.shape[3]}.")
+
+
+class BasicLayer(nn.Module):
+    """One stage: ``depth`` blocks alternating W-MSA / SW-MSA, then patch merging (except the last)."""
+
+    def __init__(self, config: SwinConfig, dim: int, depth: int, num_heads: int, pretrained_window: int,
+                 drop_path: list[float], downsample: bool):
+        super().__init__()
+        self.blocks = nn.ModuleList([
+            SwinTransformerBlock(config, dim, num_heads, shift=0 if j % 2 == 0 else config.window_size // 2,
+                                 pretrained_window=pretrained_window, drop_path=drop_path[j])
+            for j in range(depth)])
+        self.downsample = PatchMerging(dim, config.version) if downsample else None
+
+    def forward(self, x: torch.Tensor, grad_checkpointing: bool = False, return_before_merge: bool = False):
+        for blk in self.blocks:
+            if grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        before_merge = x
+        if self.downsample is not None:
+            x = self.downsample(x)
+        return (x, before_merge) if return_before_merge else x
+
+
+class SwinTransformerBlock(nn.Module):
+    """V1: x + DropPath(Attn(LN(x))), then x + DropPath(MLP(LN(x))).
+    V2 (res-post-norm): x + DropPath(LN(Attn(x))), then x + DropPath(LN(MLP(x)))."""
+
+    def __init__(self, config: SwinConfig, dim: int, num_heads: int, shift: int, pretrained_window: int,
+                 drop_path: float):
+        super().__init__()
+        self.post_norm = config.version == 2
+        self.window_size = config.window_size
+        self.shift_size = shift
+        self.mask_padding = config.mask_padding
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, num_heads, config.window_size, config.version, config.qkv_bias,
+                                    pretrained_window, config.attn_drop_rate, config.drop_rate, config.backend)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * config.mlp_ratio), config.drop_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
+        if self.post_norm:
+            x = x + self.drop_path(self.norm1(self._shifted_window_attention(x)))
+            return x + self.drop_path(self.norm2(self.mlp(x)))
+        x = x + self.drop_path(self._shifted_window_attention(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def _shifted_window_attention(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, Wd, C = x.shape
+        window, shift = W.window_and_shift(H, Wd, self.window_size, self.shift_size)
+        return self.attn(x, window, shift, self.mask_padding)
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside each window of a (B, H, W, C) map, with relative position bias.
+
+    V1: softmax(q k^T / sqrt(d) + B) v, B gathered from a learned ((2M-1)^2, heads) table.
+    V2: cosine attention scaled by exp(logit_scale), B = 16 sigmoid(MLP(log-spaced coordinates)).
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, version: int, qkv_bias: bool,
+                 pretrained_window: int, attn_drop: float, proj_drop: float, backend: str = "reference"):
+        super().__init__()
+        self.dim, self.num_heads, self.window_size = dim, num_heads, window_size
+        self.version, self.pretrained_window = version, pretrained_window
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.backend = backend
+        if version == 1:
+            self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+            self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        else:
+            self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
+            self.cpb_mlp = nn.Sequential(nn.Linear(2, 512, bias=True), nn.ReLU(inplace=True),
+                                         nn.Linear(512, num_heads, bias=False))
+            self.qkv = nn.Linear(dim, dim * 3, bias=False)
+            if qkv_bias:
+                self.q_bias = nn.Parameter(torch.zeros(dim))
+                self.v_bias = nn.Parameter(torch.zeros(dim))
+            else:
+                self.q_bias = self.v_bias = None
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def reset_special_parameters(self) -> None:
+        if self.version == 1:
+            nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        else:
+            nn.init.constant_(self.logit_scale, math.log(10.0))
+            if self.q_bias is not None:
+                nn.init.zeros_(self.q_bias)
+                nn.init.zeros_(self.v_bias)
+
+    def qkv_bias(self) -> torch.Tensor | None:
+        """The (3C,) qkv bias; V2 keeps q and v biases separately and k's is zero."""
+        if self.version == 1:
+            return self.qkv.bias
+        if self.q_bias is None:
+            return None
+        return torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
+
+    def position_bias(self, window: int) -> torch.Tensor:
+        """(heads, N, N) relative position bias for a window x window window."""
+        N = window * window
+        if self.version == 1:
+            index = W.relative_index(window, self.window_size, self.relative_position_bias_table.device)
+            bias = self.relative_position_bias_table[index.view(-1)].view(N, N, -1)  # (N, N, heads)
+            return bias.permute(2, 0, 1)
+        coords = W.log_coords(window, self.pretrained_window, self.logit_scale.device)  # ((2w-1)^2, 2)
+        table = self.cpb_mlp(coords.to(self.cpb_mlp[0].weight.dtype))  # ((2w-1)^2, heads)
+        index = W.relative_index(window, window, self.logit_scale.device)
+        bias = table[index.view(-1)].view(N, N, -1).permute(2, 0, 1)  # (heads, N, N)
+        return 16 * torch.sigmoid(bias)
+
+    def forward(self, x: torch.Tensor, window: int, shift: int, mask_padding: bool = False) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H, W, C): pad, cyclic shift, attend per window, reverse, crop."""
+        if self.backend != "reference":
+            from .ops import window_attention
+
+            return window_attention(self, x, window, shift, mask_padding)
+        B, H, Wd, C = x.shape
+        x = W.pad_to_window(x, window)  # (B, Hp, Wp, C)
+        Hp, Wp = x.shape[1], x.shape[2]
+        if shift:
+            x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
+        windows = W.window_partition(x, window)  # (B*nW, N, C)
+        mask = W.shift_mask(H, Wd, window, shift, mask_padding, x.device)  # (nW, N, N) or None
+        out = self.attend(windows, self.position_bias(window), mask)  # (B*nW, N, C)
+        x = W.window_reverse(out, window, Hp, Wp)  # (B, Hp, Wp, C)
+        if shift:
+            x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
+        return x[:, :H, :Wd, :] if (Hp != H or Wp != Wd) else x
+
+    def attend(self, windows: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Plain attention over (B*nW, N, C) windows with a (heads, N, N) bias and a (nW, N, N) mask."""
+        Bw, N, C = windows.shape
+        qkv = F.linear(windows, self.qkv.weight, self.qkv_bias())
+        qkv = qkv.view(Bw, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B*nW, heads, N, d)
+        if self.version == 1:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+        else:
+            attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+            attn = attn * torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
+        attn = attn + bias.unsqueeze(0)  # (B*nW, heads, N, N)
+        if mask is not None:
+            nW = mask.shape[0]
+            attn = attn.view(-1, nW, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, self.num_heads, N, N)
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        out = (attn @ v).transpose(1, 2).reshape(Bw, N, C)
+        return self.proj_drop(self.proj(out))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class PatchEmbed(nn.Module):
+    """(B, 3, H, W) -> (B, H/P, W/P, C): pad to a multiple of P, conv k=s=P, LayerNorm."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        P = self.patch_size
+        H, Wd = x.shape[2], x.shape[3]
+        if H % P or Wd % P:
+            x = F.pad(x, (0, (P - Wd % P) % P, 0, (P - H % P) % P))
+        x = self.proj(x).permute(0, 2, 3, 1)  # (B, H/P, W/P, C)
+        return self.norm(x)
+
+
+class PatchMerging(nn.Module):
+    """(B, H, W, C) -> (B, H/2, W/2, 2C). V1: LN(4C) then Linear; V2: Linear then LN(2C)."""
+
+    def __init__(self, dim: int, version: int):
+        super().__init__()
+        self.post_norm = version == 2
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = nn.LayerNorm(2 * dim if self.post_norm else 4 * dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, H, Wd, _ = x.shape
+        if H % 2 or Wd % 2:
+            x = F.pad(x, (0, 0, 0, Wd % 2, 0, H % 2))
+        # official order: (0,0), (1,0), (0,1), (1,1) = x[0::2,0::2], x[1::2,0::2], x[0::2,1::2], x[1::2,1::2]
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        if self.post_norm:
+            return self.norm(self.reduction(x))
+        return self.reduction(self.norm(x))  # (B, H/2, W/2, 2C)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample; the identity in eval mode."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
