@@ -35,7 +35,8 @@ class SwinTransformer(nn.Module):
 
         self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, config.embed_dim)
         self.pos_drop = nn.Dropout(config.drop_rate)
-        dpr = torch.linspace(0, config.drop_path_rate, sum(config.depths)).tolist()
+        n_blocks = sum(config.depths)
+        dpr = [config.drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]  # linear decay rule
         self.layers = nn.ModuleList()
         for i, depth in enumerate(config.depths):
             start = sum(config.depths[:i])

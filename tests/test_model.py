@@ -1,0 +1,246 @@
+"""The model on its own: registry, exact params/FLOPs, shapes at any size, backbone contract,
+statelessness, compile, grad checkpointing, and clear errors for bad input."""
+import math
+
+import pytest
+import torch
+
+import swin
+from swin import windows as W
+
+# (name, size, params, FLOPs): the official figures, REFERENCE.md
+OFFICIAL = [
+    ("swin_t", 224, 28_288_354, 4_494_405_120),
+    ("swin_s", 224, 49_606_258, 8_746_520_064),
+    ("swin_b", 224, 87_768_224, 15_438_473_216),
+    ("swin_b_384", 384, 87_903_584, 47_105_253_376),
+    ("swin_l", 224, 196_532_476, 34_487_049_216),
+    ("swin_l_384", 384, 196_735_516, 103_952_265_216),
+    ("swinv2_t_w8", 256, 28_347_154, 5_925_697_536),
+    ("swinv2_t_w16", 256, 28_347_154, 6_605_174_784),
+    ("swinv2_s_w8", 256, 49_728_418, 11_514_869_760),
+    ("swinv2_b_w8", 256, 87_918_816, 20_285_661_184),
+]
+
+TINY = dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), window_size=4, num_classes=7)
+
+
+def tiny(version: int = 1, **kw) -> swin.SwinTransformer:
+    name = "swin_t" if version == 1 else "swinv2_t_w8"
+    torch.manual_seed(0)
+    return swin.create_model(name, **{**TINY, **kw})
+
+
+@pytest.mark.parametrize("name,size,params,macs", OFFICIAL, ids=[f"{r[0]}@{r[1]}" for r in OFFICIAL])
+def test_params_and_flops_equal_official(name, size, params, macs):
+    with torch.device("meta"):
+        model = swin.create_model(name)
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert swin.flops(model, img_size=(size, size)) == macs
+    assert swin.flops(model) == macs  # the variant's nominal size is the default
+
+
+def test_flops_any_size_grows_with_area():
+    model = tiny()
+    f = [swin.flops(model, (s, s)) for s in (64, 128, 256)]
+    assert f[0] < f[1] < f[2]
+    assert swin.flops(model, (100, 300)) > 0 and swin.flops(model, (231, 177)) > 0
+    with pytest.raises(ValueError, match="patch size"):
+        swin.flops(model, (2, 64))
+
+
+def test_registry_and_unknown_name():
+    names = swin.list_models()
+    for required in ("swin_t", "swin_s", "swin_b", "swin_l", "swin_b_384", "swin_l_384", "swinv2_t_w8",
+                     "swinv2_t_w16", "swinv2_s_w8", "swinv2_s_w16", "swinv2_b_w8", "swinv2_b_w16",
+                     "swinv2_b_w24_384", "swinv2_l_w24_384"):
+        assert required in names
+    with pytest.raises(ValueError, match="swin_t"):
+        swin.create_model("swin_tt")
+    with pytest.raises(ValueError, match="Unknown config field"):
+        swin.create_model("swin_t", not_a_field=3)
+    m = swin.create_model("swinv2_b_w24_384", num_classes=5)
+    assert m.config.pretrained_window_sizes == (12, 12, 12, 6) and m.config.window_size == 24
+
+
+def test_no_buffers_in_state_dict():
+    model = tiny(version=2)
+    assert all("index" not in k and "mask" not in k and "coords" not in k for k in model.state_dict())
+    assert len(list(model.buffers())) == 0
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("size", [(64, 64), (100, 300), (231, 177), (33, 65), (4, 4), (5, 130)])
+def test_any_size_forward_and_intermediates(version, size):
+    model = tiny(version).eval()
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        logits = model(x)
+        feats = model.forward_intermediates(x)
+        pooled = model.forward_features(x)
+    assert logits.shape == (2, 7) and torch.isfinite(logits).all()
+    assert pooled.shape == (2, model.num_features)
+    h, w = math.ceil(size[0] / 4), math.ceil(size[1] / 4)
+    for i, f in enumerate(feats):
+        assert f.shape == (2, 16 * 2**i, h, w), (i, f.shape)
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    # the last map, normalised and pooled, is exactly what the head sees
+    last = model.forward_intermediates(x, indices=(3,), norm=True)[0]
+    torch.testing.assert_close(last.mean(dim=(2, 3)), pooled, rtol=0, atol=1e-6)
+
+
+def test_intermediates_index_selection_and_strides():
+    model = tiny().eval()
+    x = torch.randn(1, 3, 128, 96)
+    with torch.no_grad():
+        sel = model.forward_intermediates(x, indices=(1, -1))
+        full = model.forward_intermediates(x)
+    assert [f.shape[-1] for f in sel] == [96 // 8, 96 // 32]
+    torch.testing.assert_close(sel[0], full[1], rtol=0, atol=0)
+    torch.testing.assert_close(sel[1], full[3], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="out of range"):
+        model.forward_intermediates(x, indices=(4,))
+
+
+def test_forward_is_stateless_across_sizes():
+    """HF mutates its window size in forward; a small input must not change a later large one."""
+    model = tiny().eval()
+    big, small = torch.randn(1, 3, 128, 128), torch.randn(1, 3, 20, 36)
+    with torch.no_grad():
+        a = model(big)
+        model(small)
+        b = model(big)
+    assert torch.equal(a, b)
+
+
+def test_batch_independence_and_eval_determinism():
+    model = tiny(version=2, drop_path_rate=0.3, drop_rate=0.2, attn_drop_rate=0.2).eval()
+    x = torch.randn(4, 3, 72, 40)
+    with torch.no_grad():
+        full = model(x)
+        again = model(x)
+        single = torch.cat([model(x[i:i + 1]) for i in range(4)])
+    assert torch.equal(full, again)
+    torch.testing.assert_close(full, single, rtol=0, atol=1e-5)
+    model.train()
+    with torch.no_grad():
+        torch.manual_seed(1)
+        t1 = model(x)
+        torch.manual_seed(2)
+        t2 = model(x)
+    assert (t1 - t2).abs().max() > 1e-4  # dropout and drop path are active in training
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_grad_checkpointing_parity(version):
+    model = tiny(version, drop_path_rate=0.0)
+    x = torch.randn(2, 3, 64, 48)
+    model(x).square().sum().backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert all(g.abs().sum() > 0 for g in ref.values()), "every parameter must receive a gradient"
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).square().sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_torch_compile_fullgraph_two_sizes(version):
+    model = tiny(version).eval()
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        for size in ((64, 64), (36, 52)):
+            x = torch.randn(2, 3, *size)
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (torch.randn(3, 64, 64), "4-D"),
+    (torch.randn(1, 1, 64, 64), "3 input channels"),
+    (torch.randint(0, 255, (1, 3, 64, 64), dtype=torch.uint8), "floating-point"),
+    (torch.randn(1, 3, 3, 64), "at least the patch size"),
+    (torch.randn(1, 3, 64, 2), "at least the patch size"),
+])
+def test_bad_input_raises_one_clear_sentence(bad, match):
+    model = tiny().eval()
+    with pytest.raises(ValueError, match=match):
+        model(bad)
+
+
+def test_shift_mask_matches_official_construction():
+    """The official mask: 3x3 regions by slices of the (padded) shifted map, -100 between regions."""
+    H = Wd = 14
+    M, s = 7, 3
+    img = torch.zeros(1, H, Wd, 1)
+    cnt = 0
+    for hs in (slice(0, -M), slice(-M, -s), slice(-s, None)):
+        for ws in (slice(0, -M), slice(-M, -s), slice(-s, None)):
+            img[:, hs, ws, :] = cnt
+            cnt += 1
+    mw = W.window_partition(img, M).view(-1, M * M)
+    official = mw.unsqueeze(1) - mw.unsqueeze(2)
+    official = official.masked_fill(official != 0, -100.0).masked_fill(official == 0, 0.0)
+    ours = W.shift_mask(H, Wd, M, s, False, torch.device("cpu"))
+    assert torch.equal(ours, official)
+    assert W.shift_mask(H, Wd, M, 0, False, torch.device("cpu")) is None
+    assert W.shift_mask(13, 12, M, s, False, torch.device("cpu")).shape == (4, 49, 49)  # built on the padded 14x14
+
+
+def test_window_rule_is_official():
+    assert W.window_and_shift(56, 56, 7, 3) == (7, 3)
+    assert W.window_and_shift(7, 7, 7, 3) == (7, 0)
+    assert W.window_and_shift(4, 10, 7, 3) == (4, 0)
+    assert W.window_and_shift(8, 9, 7, 3) == (7, 3)
+
+
+@pytest.mark.parametrize("shift", [0, 2])
+def test_mask_padding_attends_only_to_real_tokens(shift):
+    """With mask_padding the padded zeros get no attention: compare with explicit per-window attention."""
+    torch.manual_seed(0)
+    attn = swin.model.WindowAttention(8, 2, 4, version=1, qkv_bias=True, pretrained_window=0,
+                                      attn_drop=0.0, proj_drop=0.0)
+    torch.nn.init.normal_(attn.relative_position_bias_table, std=0.5)
+    H, Wd, M = 6, 7, 4
+    x = torch.randn(1, H, Wd, 8)
+    out = attn(x, M, shift, mask_padding=True)
+    # reference: pad, roll, and for each window attend over the keys that are real and share a region
+    xp = W.pad_to_window(x, M)
+    real = torch.zeros(1, 8, 8, 1)
+    real[:, :H, :Wd] = 1
+    region = torch.zeros(1, 8, 8, 1)
+    if shift:
+        xp, real = (torch.roll(t, (-shift, -shift), (1, 2)) for t in (xp, real))
+        cnt = 0
+        for hs in (slice(0, -M), slice(-M, -shift), slice(-shift, None)):
+            for ws in (slice(0, -M), slice(-M, -shift), slice(-shift, None)):
+                region[:, hs, ws] = cnt
+                cnt += 1
+    win, rw, gw = (W.window_partition(t, M) for t in (xp, real, region))  # (nW, 16, C)
+    bias = attn.position_bias(M)
+    res = []
+    for w_, r_, g_ in zip(win, rw[..., 0], gw[..., 0]):
+        qkv = attn.qkv(w_).view(16, 3, 2, 4).permute(1, 2, 0, 3)
+        q, k, v = qkv[0] * attn.scale, qkv[1], qkv[2]
+        logits = q @ k.transpose(-1, -2) + bias
+        allowed = (r_[None, :] > 0) & (g_[None, :] == g_[:, None])
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        res.append(attn.proj((logits.softmax(-1) @ v).transpose(0, 1).reshape(16, 8)))
+    ref = W.window_reverse(torch.stack(res), M, 8, 8)
+    if shift:
+        ref = torch.roll(ref, (shift, shift), (1, 2))
+    ref = ref[:, :H, :Wd]
+    # -100 instead of -inf leaves ~e^-100 of weight: far below fp32 resolution
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    # without mask_padding the padded zeros do take part (what the official/torchvision/HF code computes)
+    assert not torch.allclose(attn(x, M, shift, mask_padding=False), ref, atol=1e-4)
+
+
+def test_drop_path_scales_kept_samples():
+    dp = swin.model.DropPath(0.5).train()
+    x = torch.ones(2000, 3)
+    y = dp(x)
+    kept = y[:, 0] > 0
+    assert torch.all(y[kept] == 2.0)
+    assert 0.4 < kept.float().mean() < 0.6
+    assert torch.equal(dp.eval()(x), x)
