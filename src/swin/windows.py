@@ -93,11 +93,7 @@ def shift_mask(height: int, width: int, window: int, shift: int, mask_padding: b
 
 
 def _build_relative_index(window: int, device: torch.device) -> torch.Tensor:
-    """(N, N) index into a ((2M-1)^2)-row table: (dy + M - 1) * (2M - 1) + (dx + M - 1).
-
-    ``window`` may be smaller than the table's M (a map smaller than the window): the offsets of
-    the small window are then looked up at the centre of the big table via ``table_window``.
-    """
+    """(2, N, N) relative offsets (dy, dx) between the tokens of a window, each in [-(w-1), w-1]."""
     coords = torch.stack(torch.meshgrid(torch.arange(window, device=device), torch.arange(window, device=device),
                                         indexing="ij")).flatten(1)  # (2, N)
     rel = coords[:, :, None] - coords[:, None, :]  # (2, N, N)
@@ -110,7 +106,11 @@ def _cached_relative_offsets(window, device):
 
 
 def relative_index(window: int, table_window: int, device: torch.device) -> torch.Tensor:
-    """(N, N) long index into a bias table built for ``table_window`` (>= ``window``)."""
+    """(N, N) index into a ((2M-1)^2)-row table, M = ``table_window``: (dy + M - 1) * (2M - 1) + (dx + M - 1).
+
+    ``window`` may be smaller than M (a map smaller than the window): the small window's offsets
+    are then looked up around the centre of the big table.
+    """
     if torch.compiler.is_compiling():
         rel = _build_relative_index(window, device)
     else:
