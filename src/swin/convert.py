@@ -1,0 +1,722 @@
+"""Every foreign checkpoint key scheme, in both directions, and the checkpoint loader.
+
+Formats (``src``/``dst`` names; aliases in parentheses):
+
+- ``swin``: this package's own keys = the official names without buffers.
+- ``official`` (``microsoft``): microsoft/Swin-Transformer. Read: the buffers (``relative_position_index``,
+  ``attn_mask``, ``relative_coords_table``) are dropped. Write: ``relative_position_index`` for every
+  block and, for V2, ``relative_coords_table`` are added; ``attn_mask`` depends on the training
+  resolution and is added only when ``config`` is given (without it, a strict load into the official
+  model reports exactly the ``attn_mask`` keys of the shifted blocks as missing).
+- ``timm``: timm >= 0.9 layout: patch merging at the start of the next stage, ``head.fc``; no buffers.
+- ``torchvision``: ``features.N.M``, ``mlp.0``/``mlp.3``; V2 keeps one ``attn.qkv.bias`` whose k slice
+  torchvision zeroes at run time. Write adds the flattened ``relative_position_index`` (and V2's
+  ``relative_coords_table``) exactly as torchvision computes them.
+- ``hf`` (``transformers``, ``huggingface``): ``swin.``/``swinv2.`` prefixed keys with q/k/v split. V1
+  changed names in transformers 5 (``attention.q_proj``, ``relative_position_bias.*``, ``mlp.fc1``);
+  both 4.x and 5.x names are read, and the installed version's layout is written unless
+  ``hf_version`` says otherwise (4.x V1 also saves ``relative_position_index``, which is written too).
+- ``mmdet`` (``mmseg``, ``mmpretrain``, ``mmcls``): ``backbone.stages.i.blocks.j.attn.w_msa.*``,
+  ``ffn.layers.0.0``/``ffn.layers.1``, patch merging weights in ``nn.Unfold`` channel order; V1 merges
+  at the end of a stage (mmdet/mmseg/mmpretrain), V2 (mmpretrain) at the start of the next one. The
+  final norm is ``backbone.norm{last}``; an mmpretrain classifier's head is ``head.fc``. Read drops,
+  with a warning, what a classifier has no place for: the other per-stage output norms
+  (``backbone.norm0..``) and detector/segmentor parts (``neck.``, ``decode_head.``, ...).
+
+Window size: V1 windows are read off the bias table; V2 weights do not carry it, so writing V2 into
+a format with buffers (``official``, ``torchvision``) needs ``config=`` or ``window_size=``.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import pickle
+import re
+import tempfile
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import windows as W
+from .config import SwinConfig
+
+__all__ = ["FORMATS", "convert_state_dict", "detect_format", "load_checkpoint", "save_state_dict", "LoadResult"]
+
+FORMATS = ("swin", "official", "timm", "torchvision", "hf", "mmdet")
+_ALIASES = {"ours": "swin", "microsoft": "official", "transformers": "hf", "huggingface": "hf",
+            "mmseg": "mmdet", "mmpretrain": "mmdet", "mmcls": "mmdet"}
+
+# Buffers any format may have saved; they are rebuilt from the window size, never read.
+_BUFFER_LEAVES = ("relative_position_index", "attn_mask", "relative_coords_table")
+
+# Our per-block parameter leaves (official names).
+_BLOCK_LEAVES = frozenset({
+    "norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias",
+    "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
+    "attn.relative_position_bias_table",  # V1
+    "attn.q_bias", "attn.v_bias", "attn.logit_scale",  # V2
+    "attn.cpb_mlp.0.weight", "attn.cpb_mlp.0.bias", "attn.cpb_mlp.2.weight",  # V2
+    "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias",
+})
+_MERGE_LEAVES = frozenset({"reduction.weight", "norm.weight", "norm.bias"})
+_TOP_KEYS = frozenset({"patch_embed.proj.weight", "patch_embed.proj.bias", "patch_embed.norm.weight",
+                       "patch_embed.norm.bias", "norm.weight", "norm.bias", "head.weight", "head.bias"})
+_BLOCK_RE = re.compile(r"^layers\.(\d+)\.blocks\.(\d+)\.(.+)$")
+_MERGE_RE = re.compile(r"^layers\.(\d+)\.downsample\.(.+)$")
+
+# Nesting keys of training checkpoints, most preferred first ("model" beats an EMA copy).
+_NEST_KEYS = ("model", "state_dict", "model_state", "model_state_dict", "module", "net", "network",
+              "state_dict_ema", "model_ema", "ema")
+_WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
+
+
+@dataclass(frozen=True)
+class _Info:
+    fmt: str
+    version: int  # 1 or 2
+    hf_version: int | None = None  # 4 or 5 for HF V1 names
+
+    def describe(self) -> str:
+        name = "SwinV2" if self.version == 2 else "Swin V1"
+        hf = f", transformers {self.hf_version}.x names" if self.hf_version else ""
+        return f"'{self.fmt}' ({name}{hf})"
+
+
+class LoadResult(NamedTuple):
+    """What :func:`load_checkpoint` did not fill (``missing_keys``) or could not use (``unexpected_keys``)."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def _first(keys, n: int = 5) -> str:
+    keys = sorted(keys)
+    more = f" (and {len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+# ---------------------------------------------------------------------------------------------
+# Unwrapping and detection
+# ---------------------------------------------------------------------------------------------
+def _unwrap(obj: Any) -> dict[str, torch.Tensor]:
+    """Find the tensor dict inside a training checkpoint and strip wrapper prefixes (DDP, compile)."""
+    for _ in range(5):
+        if not isinstance(obj, Mapping):
+            raise ValueError(f"Expected a state dict (a mapping of names to tensors), got {type(obj).__name__}.")
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            break
+        nested = next((k for k in _NEST_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if nested is None:
+            tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+            if tensors:  # a flat dict with some metadata entries mixed in
+                obj = tensors
+                break
+            raise ValueError(f"No state dict found in the checkpoint: its top-level keys are {_first(map(str, obj))}; "
+                             f"expected tensors or one of the nesting keys {', '.join(_NEST_KEYS)}.")
+        obj = obj[nested]
+    sd = dict(obj)
+    for prefix in _WRAPPER_PREFIXES:
+        while sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def _is_buffer(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in _BUFFER_LEAVES
+
+
+def _detect_version(keys) -> int:
+    v2 = ("logit_scale", "cpb_mlp.", "continuous_position_bias_mlp.", ".q_bias", ".v_bias")
+    return 2 if any(any(s in k for s in v2) for k in keys) else 1
+
+
+def _inspect(sd: Mapping[str, torch.Tensor]) -> _Info:
+    keys = list(sd)
+    version = _detect_version(keys)
+    if any(k.startswith("features.0.0.") or re.match(r"^features\.\d+\.\d+\.attn\.", k) for k in keys):
+        return _Info("torchvision", version)
+    if any(".attn.w_msa." in k or re.match(r"^(backbone\.)?stages\.\d+\.", k) for k in keys):
+        return _Info("mmdet", version)
+    if any("embeddings.patch_embeddings." in k or re.match(r"^(swin|swinv2)\.", k) or
+           re.match(r"^(swin\.|swinv2\.)?encoder\.layers\.", k) for k in keys):
+        hf = None
+        if version == 1:
+            if any(".attention.q_proj." in k or ".relative_position_bias.relative_position_bias_table" in k
+                   or ".mlp.fc1." in k for k in keys):
+                hf = 5
+            elif any(".attention.self." in k or ".intermediate.dense." in k for k in keys):
+                hf = 4
+        return _Info("hf", version, hf)
+    if any(k.startswith(("layers.", "patch_embed.")) for k in keys):
+        merges = {int(m.group(1)) for k in keys if (m := _MERGE_RE.match(k))}
+        if merges and 0 not in merges:
+            return _Info("timm", version)
+        if not merges and any(k.startswith("head.fc.") for k in keys):
+            return _Info("timm", version)
+        return _Info("official" if any(_is_buffer(k) for k in keys) else "swin", version)
+    raise ValueError(f"Cannot tell which Swin checkpoint format these weights are in: the first keys are "
+                     f"{_first(keys)}; supported formats: {', '.join(FORMATS)}.")
+
+
+def detect_format(state_dict: Mapping[str, Any]) -> str:
+    """The format of a state dict (or a training checkpoint holding one): one of :data:`FORMATS`."""
+    return _inspect(_unwrap(state_dict)).fmt
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers: foreign -> ours. Each returns (ours, unmatched foreign keys).
+# ---------------------------------------------------------------------------------------------
+def _read_official(sd, info):
+    return {k: v for k, v in sd.items() if not _is_buffer(k)}, []
+
+
+def _read_timm(sd, info):
+    out, bad = {}, []
+    for k, v in sd.items():
+        if _is_buffer(k):
+            continue
+        if m := _MERGE_RE.match(k):
+            i = int(m.group(1))
+            if i == 0:
+                bad.append(k)
+                continue
+            out[f"layers.{i - 1}.downsample.{m.group(2)}"] = v
+        elif k.startswith("head.fc."):
+            out["head." + k[len("head.fc."):]] = v
+        else:
+            out[k] = v
+    return out, bad
+
+
+_TV_STEM = {"features.0.0.weight": "patch_embed.proj.weight", "features.0.0.bias": "patch_embed.proj.bias",
+            "features.0.2.weight": "patch_embed.norm.weight", "features.0.2.bias": "patch_embed.norm.bias"}
+_TV_LEAF = {"mlp.0.weight": "mlp.fc1.weight", "mlp.0.bias": "mlp.fc1.bias",
+            "mlp.3.weight": "mlp.fc2.weight", "mlp.3.bias": "mlp.fc2.bias"}
+
+
+def _read_torchvision(sd, info):
+    out, bad = {}, []
+    for k, v in sd.items():
+        if _is_buffer(k):
+            continue
+        if k in _TV_STEM:
+            out[_TV_STEM[k]] = v
+        elif m := re.match(r"^features\.(\d+)\.(\d+)\.(.+)$", k):
+            n, j, leaf = int(m.group(1)), m.group(2), m.group(3)
+            if n % 2 == 0 or n == 0:
+                bad.append(k)
+                continue
+            prefix = f"layers.{(n - 1) // 2}.blocks.{j}."
+            if info.version == 2 and leaf == "attn.qkv.bias":
+                C = v.shape[0] // 3
+                out[prefix + "attn.q_bias"], out[prefix + "attn.v_bias"] = v[:C], v[2 * C:]
+            else:
+                out[prefix + _TV_LEAF.get(leaf, leaf)] = v
+        elif m := re.match(r"^features\.(\d+)\.(reduction\.weight|norm\.weight|norm\.bias)$", k):
+            n = int(m.group(1))
+            if n % 2 or n == 0:
+                bad.append(k)
+                continue
+            out[f"layers.{n // 2 - 1}.downsample.{m.group(2)}"] = v
+        elif k in ("norm.weight", "norm.bias", "head.weight", "head.bias"):
+            out[k] = v
+        else:
+            bad.append(k)
+    return out, bad
+
+
+# HF leaves -> ours (None: one of q/k/v, assembled below).
+_HF_COMMON = {"layernorm_before.weight": "norm1.weight", "layernorm_before.bias": "norm1.bias",
+              "layernorm_after.weight": "norm2.weight", "layernorm_after.bias": "norm2.bias"}
+_HF5_V1 = {**_HF_COMMON,
+           "attention.o_proj.weight": "attn.proj.weight", "attention.o_proj.bias": "attn.proj.bias",
+           "attention.relative_position_bias.relative_position_bias_table": "attn.relative_position_bias_table",
+           "mlp.fc1.weight": "mlp.fc1.weight", "mlp.fc1.bias": "mlp.fc1.bias",
+           "mlp.fc2.weight": "mlp.fc2.weight", "mlp.fc2.bias": "mlp.fc2.bias"}
+_HF5_QKV = {"attention.q_proj": 0, "attention.k_proj": 1, "attention.v_proj": 2}
+_HF4_V1 = {**_HF_COMMON,
+           "attention.output.dense.weight": "attn.proj.weight", "attention.output.dense.bias": "attn.proj.bias",
+           "attention.self.relative_position_bias_table": "attn.relative_position_bias_table",
+           "intermediate.dense.weight": "mlp.fc1.weight", "intermediate.dense.bias": "mlp.fc1.bias",
+           "output.dense.weight": "mlp.fc2.weight", "output.dense.bias": "mlp.fc2.bias"}
+_HF4_QKV = {"attention.self.query": 0, "attention.self.key": 1, "attention.self.value": 2}
+_HF_V2 = {**{k: v for k, v in _HF4_V1.items() if "relative_position" not in k},
+          "attention.self.logit_scale": "attn.logit_scale",
+          "attention.self.continuous_position_bias_mlp.0.weight": "attn.cpb_mlp.0.weight",
+          "attention.self.continuous_position_bias_mlp.0.bias": "attn.cpb_mlp.0.bias",
+          "attention.self.continuous_position_bias_mlp.2.weight": "attn.cpb_mlp.2.weight",
+          "attention.self.query.bias": "attn.q_bias", "attention.self.value.bias": "attn.v_bias"}
+_HF_V2_QKV = {"attention.self.query": 0, "attention.self.key": 1, "attention.self.value": 2}
+
+
+def _hf_tables(version: int, hf_version: int | None):
+    if version == 2:
+        return _HF_V2, _HF_V2_QKV
+    return (_HF4_V1, _HF4_QKV) if hf_version == 4 else (_HF5_V1, _HF5_QKV)
+
+
+def _read_hf(sd, info):
+    out, bad = {}, []
+    if info.version == 2:
+        tables = [_hf_tables(2, None)]
+    else:  # accept either naming (a dict that mixes both is still read)
+        tables = [_hf_tables(1, 5), _hf_tables(1, 4)]
+    qkv: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    for k, v in sd.items():
+        if _is_buffer(k):
+            continue
+        key = re.sub(r"^(swin|swinv2)\.", "", k)
+        if key.startswith("embeddings."):
+            rest = key[len("embeddings."):]
+            mapped = {"patch_embeddings.projection.weight": "patch_embed.proj.weight",
+                      "patch_embeddings.projection.bias": "patch_embed.proj.bias",
+                      "norm.weight": "patch_embed.norm.weight", "norm.bias": "patch_embed.norm.bias"}.get(rest)
+            if mapped is None:
+                bad.append(k)
+            else:
+                out[mapped] = v
+        elif m := re.match(r"^encoder\.layers\.(\d+)\.blocks\.(\d+)\.(.+)$", key):
+            prefix, leaf = f"layers.{m.group(1)}.blocks.{m.group(2)}.", m.group(3)
+            for names, split in tables:
+                if leaf in names:
+                    out[prefix + names[leaf]] = v
+                    break
+                stem, _, param = leaf.rpartition(".")
+                if stem in split and param in ("weight", "bias") and not (info.version == 2 and param == "bias"):
+                    qkv.setdefault((prefix, "attn.qkv." + param), {})[split[stem]] = v
+                    break
+            else:
+                bad.append(k)
+        elif m := re.match(r"^encoder\.layers\.(\d+)\.downsample\.(reduction\.weight|norm\.weight|norm\.bias)$", key):
+            out[f"layers.{m.group(1)}.downsample.{m.group(2)}"] = v
+        elif key in ("layernorm.weight", "layernorm.bias"):
+            out["norm." + key.split(".")[1]] = v
+        elif key in ("classifier.weight", "classifier.bias"):
+            out["head." + key.split(".")[1]] = v
+        else:
+            bad.append(k)
+    for (prefix, name), parts in qkv.items():
+        if sorted(parts) != [0, 1, 2]:
+            bad.append(f"{prefix}{name} (only {len(parts)} of query/key/value present)")
+            continue
+        out[prefix + name] = torch.cat([parts[0], parts[1], parts[2]], dim=0)
+    return out, bad
+
+
+def _unfold_to_official(w: torch.Tensor) -> torch.Tensor:
+    """Patch-merging input channels: nn.Unfold order (c, kh, kw) -> official concat order (kh + 2 kw, c)."""
+    lead = w.shape[:-1]
+    C = w.shape[-1] // 4
+    return w.reshape(*lead, C, 4).transpose(-1, -2)[..., [0, 2, 1, 3], :].reshape(*lead, 4 * C)
+
+
+def _official_to_unfold(w: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_unfold_to_official` (the permutation [0, 2, 1, 3] is its own inverse)."""
+    lead = w.shape[:-1]
+    C = w.shape[-1] // 4
+    return w.reshape(*lead, 4, C)[..., [0, 2, 1, 3], :].transpose(-1, -2).reshape(*lead, 4 * C)
+
+
+_MM_LEAF = {"ffn.layers.0.0.weight": "mlp.fc1.weight", "ffn.layers.0.0.bias": "mlp.fc1.bias",
+            "ffn.layers.1.weight": "mlp.fc2.weight", "ffn.layers.1.bias": "mlp.fc2.bias"}
+_MM_DROP_PREFIXES = ("neck.", "decode_head.", "auxiliary_head.", "rpn_head.", "roi_head.", "bbox_head.",
+                     "mask_head.", "panoptic_head.", "panoptic_fusion_head.", "query_head.", "data_preprocessor.",
+                     "semantic_head.", "encoder.", "decoder.")
+
+
+def _read_mmdet(sd, info):
+    out, bad, dropped = {}, [], []
+    keys = {k[len("backbone."):] if k.startswith("backbone.") else k: k for k in sd}
+    merges = {int(m.group(1)) for k in keys if (m := re.match(r"^stages\.(\d+)\.downsample\.", k))}
+    at_start = bool(merges) and 0 not in merges  # mmpretrain V2 merges at the start of the next stage
+    stages = {int(m.group(1)) for k in keys if (m := re.match(r"^stages\.(\d+)\.", k))}
+    last = max(stages) if stages else 0
+    for key, k in keys.items():
+        v = sd[k]
+        if _is_buffer(key):
+            continue
+        if m := re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.(.+)$", key):
+            prefix, leaf = f"layers.{m.group(1)}.blocks.{m.group(2)}.", m.group(3)
+            if leaf.startswith("attn.w_msa."):
+                out[prefix + "attn." + leaf[len("attn.w_msa."):]] = v
+            elif leaf in _MM_LEAF:
+                out[prefix + _MM_LEAF[leaf]] = v
+            else:
+                out[prefix + leaf] = v  # norm1/norm2; anything else is caught by the key check
+        elif m := re.match(r"^stages\.(\d+)\.downsample\.(reduction\.weight|norm\.weight|norm\.bias)$", key):
+            i = int(m.group(1)) - (1 if at_start else 0)
+            leaf = m.group(2)
+            if leaf == "reduction.weight" or info.version == 1:  # V1 norms the 4C unfold vector
+                v = _unfold_to_official(v)
+            out[f"layers.{i}.downsample.{leaf}"] = v
+        elif key.startswith("patch_embed.projection."):
+            out["patch_embed.proj." + key.rsplit(".", 1)[1]] = v
+        elif key in ("patch_embed.norm.weight", "patch_embed.norm.bias"):
+            out[key] = v
+        elif m := re.match(r"^norm(\d+)\.(weight|bias)$", key):
+            if int(m.group(1)) == last:
+                out["norm." + m.group(2)] = v
+            else:
+                dropped.append(k)
+        elif key.startswith("head.fc."):
+            out["head." + key[len("head.fc."):]] = v
+        elif k.startswith(_MM_DROP_PREFIXES):
+            dropped.append(k)
+        else:
+            bad.append(k)
+    if dropped:
+        warnings.warn(f"Dropped {len(dropped)} mmdet/mmseg/mmpretrain key(s) a Swin classifier has no place for "
+                      f"(per-stage output norms, necks, heads): {_first(dropped)}.", stacklevel=3)
+    return out, bad
+
+
+_READERS = {"swin": _read_official, "official": _read_official, "timm": _read_timm,
+            "torchvision": _read_torchvision, "hf": _read_hf, "mmdet": _read_mmdet}
+
+
+def _check_ours(sd: Mapping[str, torch.Tensor], info: _Info, bad: list[str]) -> None:
+    for k in sd:
+        if k in _TOP_KEYS:
+            continue
+        if (m := _BLOCK_RE.match(k)) and m.group(3) in _BLOCK_LEAVES:
+            continue
+        if (m := _MERGE_RE.match(k)) and m.group(2) in _MERGE_LEAVES:
+            continue
+        bad.append(k)
+    if bad:
+        raise ValueError(f"These weights, detected as format {info.describe()}, have keys that do not fit that "
+                         f"format or this Swin implementation: {_first(bad)}.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writers: ours -> foreign
+# ---------------------------------------------------------------------------------------------
+def _blocks(sd) -> list[tuple[int, int]]:
+    return sorted({(int(m.group(1)), int(m.group(2))) for k in sd if (m := _BLOCK_RE.match(k))})
+
+
+def _window_of(sd, i: int, j: int, version: int, window_size: int | None, fmt: str) -> int:
+    if version == 1:
+        rows = sd[f"layers.{i}.blocks.{j}.attn.relative_position_bias_table"].shape[0]
+        side = round(rows ** 0.5)
+        return (side + 1) // 2
+    if window_size is None:
+        raise ValueError(f"Writing SwinV2 weights in the '{fmt}' layout needs the window size (its buffers depend "
+                         f"on it and V2 weights do not record it): pass config= or window_size=.")
+    return window_size
+
+
+def _index_buffer(window: int) -> torch.Tensor:
+    return W.relative_index(window, window, torch.device("cpu")).clone()  # (N, N) long
+
+
+def _coords_buffer(window: int, pretrained: int) -> torch.Tensor:
+    table = W.log_coords(window, pretrained, torch.device("cpu")).clone()  # ((2M-1)^2, 2)
+    return table.view(1, 2 * window - 1, 2 * window - 1, 2)
+
+
+def _write_swin(sd, version, opts):
+    return dict(sd)
+
+
+def _write_official(sd, version, opts):
+    config: SwinConfig | None = opts["config"]
+    out = dict(sd)
+    for i, j in _blocks(sd):
+        M = _window_of(sd, i, j, version, opts["window_size"], "official")
+        p = f"layers.{i}.blocks.{j}.attn."
+        out[p + "relative_position_index"] = _index_buffer(M)
+        if version == 2:
+            pre = config.pretrained_window_sizes[i] if config is not None else 0
+            out[p + "relative_coords_table"] = _coords_buffer(M, pre)
+        if config is not None and j % 2 == 1:
+            # The official model fixes its mask at the training resolution (it asserts that size).
+            H = config.img_size[0] // config.patch_size // 2**i
+            Wd = config.img_size[1] // config.patch_size // 2**i
+            window, shift = W.window_and_shift(H, Wd, M, M // 2)
+            if shift and H % window == 0 and Wd % window == 0:
+                out[f"layers.{i}.blocks.{j}.attn_mask"] = W.shift_mask(H, Wd, window, shift, False,
+                                                                       torch.device("cpu")).clone()
+    return out
+
+
+def _write_timm(sd, version, opts):
+    out = {}
+    for k, v in sd.items():
+        if m := _MERGE_RE.match(k):
+            out[f"layers.{int(m.group(1)) + 1}.downsample.{m.group(2)}"] = v
+        elif k.startswith("head."):
+            out["head.fc." + k[len("head."):]] = v
+        else:
+            out[k] = v
+    return out
+
+
+def _write_torchvision(sd, version, opts):
+    out = {}
+    stem = {v: k for k, v in _TV_STEM.items()}
+    leaf_map = {v: k for k, v in _TV_LEAF.items()}
+    pretrained = opts["config"].pretrained_window_sizes if opts["config"] is not None else ()
+    if version == 2 and any(p and p != opts["window_size"] for p in pretrained):
+        warnings.warn("torchvision's SwinV2 scales position coordinates by its own window size and cannot express "
+                      f"pretrained_window_sizes={pretrained}; the converted model will compute a different "
+                      "position bias.", stacklevel=3)
+    for k, v in sd.items():
+        if k in stem:
+            out[stem[k]] = v
+        elif m := _BLOCK_RE.match(k):
+            i, j, leaf = int(m.group(1)), m.group(2), m.group(3)
+            prefix = f"features.{2 * i + 1}.{j}."
+            if leaf == "attn.q_bias":
+                v_bias = sd[k.replace("q_bias", "v_bias")]
+                out[prefix + "attn.qkv.bias"] = torch.cat([v, torch.zeros_like(v), v_bias])
+            elif leaf != "attn.v_bias":
+                out[prefix + leaf_map.get(leaf, leaf)] = v
+        elif m := _MERGE_RE.match(k):
+            out[f"features.{2 * int(m.group(1)) + 2}.{m.group(2)}"] = v
+        else:
+            out[k] = v
+    for i, j in _blocks(sd):
+        M = _window_of(sd, i, j, version, opts["window_size"], "torchvision")
+        prefix = f"features.{2 * i + 1}.{j}.attn."
+        out[prefix + "relative_position_index"] = _index_buffer(M).flatten()
+        if version == 2:
+            out[prefix + "relative_coords_table"] = _coords_buffer(M, 0)  # torchvision: always its own window
+    return out
+
+
+def _installed_hf_major() -> int:
+    try:
+        return int(importlib.metadata.version("transformers").split(".")[0])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return 5
+
+
+def _write_hf(sd, version, opts):
+    hf_version = opts["hf_version"]
+    names, split = _hf_tables(version, hf_version)
+    inverse = {v: k for k, v in names.items()}
+    qkv_names = {idx: stem for stem, idx in split.items()}
+    p = "swinv2." if version == 2 else "swin."
+    out = {}
+    for k, v in sd.items():
+        if m := _BLOCK_RE.match(k):
+            prefix, leaf = f"{p}encoder.layers.{m.group(1)}.blocks.{m.group(2)}.", m.group(3)
+            if leaf in ("attn.qkv.weight", "attn.qkv.bias"):
+                param = leaf.rsplit(".", 1)[1]
+                for idx, part in enumerate(v.chunk(3, dim=0)):
+                    out[f"{prefix}{qkv_names[idx]}.{param}"] = part.clone()
+            else:
+                out[prefix + inverse[leaf]] = v
+        elif m := _MERGE_RE.match(k):
+            out[f"{p}encoder.layers.{m.group(1)}.downsample.{m.group(2)}"] = v
+        elif k.startswith("patch_embed."):
+            out[p + "embeddings." + {"proj": "patch_embeddings.projection", "norm": "norm"}[k.split(".")[1]]
+                + "." + k.rsplit(".", 1)[1]] = v
+        elif k.startswith("norm."):
+            out[p + "layernorm." + k.split(".")[1]] = v
+        elif k.startswith("head."):
+            out["classifier." + k.split(".")[1]] = v
+    if version == 1 and hf_version == 4:  # transformers 4.x saved the (N, N) index (a persistent buffer)
+        for i, j in _blocks(sd):
+            M = _window_of(sd, i, j, 1, None, "hf")
+            out[f"{p}encoder.layers.{i}.blocks.{j}.attention.self.relative_position_index"] = _index_buffer(M)
+    return out
+
+
+def _write_mmdet(sd, version, opts):
+    out = {}
+    last = max((int(m.group(1)) for k in sd if (m := _BLOCK_RE.match(k))), default=0)
+    mm_leaf = {v: k for k, v in _MM_LEAF.items()}
+    for k, v in sd.items():
+        if m := _BLOCK_RE.match(k):
+            prefix, leaf = f"backbone.stages.{m.group(1)}.blocks.{m.group(2)}.", m.group(3)
+            if leaf.startswith("attn."):
+                out[prefix + "attn.w_msa." + leaf[len("attn."):]] = v
+            else:
+                out[prefix + mm_leaf.get(leaf, leaf)] = v
+        elif m := _MERGE_RE.match(k):
+            i, leaf = int(m.group(1)), m.group(2)
+            if leaf == "reduction.weight" or version == 1:
+                v = _official_to_unfold(v)
+            stage = i + 1 if version == 2 else i  # mmpretrain V2 merges at the start of the next stage
+            out[f"backbone.stages.{stage}.downsample.{leaf}"] = v
+        elif k.startswith("patch_embed.proj."):
+            out["backbone.patch_embed.projection." + k.rsplit(".", 1)[1]] = v
+        elif k.startswith("patch_embed.norm."):
+            out["backbone." + k] = v
+        elif k.startswith("norm."):
+            out[f"backbone.norm{last}." + k.split(".")[1]] = v
+        elif k.startswith("head."):
+            out["head.fc." + k.split(".")[1]] = v
+    if version == 1:  # mmdet/mmpretrain V1 save the (N, N) index
+        for i, j in _blocks(sd):
+            M = _window_of(sd, i, j, 1, None, "mmdet")
+            out[f"backbone.stages.{i}.blocks.{j}.attn.w_msa.relative_position_index"] = _index_buffer(M)
+    return out
+
+
+_WRITERS = {"swin": _write_swin, "official": _write_official, "timm": _write_timm,
+            "torchvision": _write_torchvision, "hf": _write_hf, "mmdet": _write_mmdet}
+
+
+def _format_name(name: str, role: str, allow_auto: bool) -> str:
+    name = _ALIASES.get(name.lower(), name.lower()) if isinstance(name, str) else name
+    if name in FORMATS or (allow_auto and name == "auto"):
+        return name
+    choices = ("auto, " if allow_auto else "") + ", ".join(FORMATS)
+    raise ValueError(f"Unknown {role} format {name!r}; choose one of {choices}.")
+
+
+def convert_state_dict(state_dict: Mapping[str, Any], src: str = "auto", dst: str = "swin", *,
+                       hf_version: int | str | None = None, config: SwinConfig | None = None,
+                       window_size: int | None = None) -> dict[str, torch.Tensor]:
+    """Convert Swin weights between key schemes (see the module docstring for the formats).
+
+    ``state_dict`` may be a training checkpoint (``{"model": ..., "ema": ...}``, ``module.`` prefixes);
+    ``src="auto"`` detects the format. Saved buffers are dropped on read and, where the target format
+    saves them, rebuilt on write. ``hf_version`` (4 or 5) picks the transformers naming to write
+    (default: the installed version). ``config`` (or just ``window_size``) tells the writer what the
+    weights cannot: the V2 window size, V2 pretrained window sizes, and the official training size.
+    Raises ValueError naming the detected format and the first offending keys on any mismatch.
+    """
+    src = _format_name(src, "source", allow_auto=True)
+    dst = _format_name(dst, "target", allow_auto=False)
+    sd = _unwrap(state_dict)
+    info = _inspect(sd)
+    if src != "auto" and src != info.fmt and not {src, info.fmt} <= {"swin", "official"}:
+        # Trust the caller's format but say what the keys looked like if they do not fit it.
+        info = _Info(src, info.version, info.hf_version)
+    ours, bad = _READERS[info.fmt](sd, info)
+    _check_ours(ours, info, bad)
+    if hf_version is not None:
+        hf_version = int(str(hf_version).split(".")[0])
+        if hf_version not in (4, 5):
+            raise ValueError(f"hf_version must be 4 or 5, got {hf_version}.")
+    if config is not None and window_size is None:
+        window_size = config.window_size
+    opts = {"hf_version": hf_version or _installed_hf_major(), "config": config, "window_size": window_size}
+    return _WRITERS[dst](ours, info.version, opts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------
+def _read_file(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint file {str(path)!r} does not exist; check the path.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"Refused to load {str(path)!r}: it holds Python objects other than tensors (loading them could run "
+            f"code), so it was not unpickled for safety; if you trust its source, load it once with "
+            f"torch.load(path, weights_only=False) and re-save only the state dict (names -> tensors) with "
+            f"torch.save or safetensors."
+        ) from e
+
+
+def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Write a state dict atomically (temp file in the same folder, then ``os.replace``).
+
+    ``.safetensors`` paths use safetensors (tensors made contiguous, shared storage copied);
+    anything else uses ``torch.save``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}, tmp)
+        else:
+            torch.save(dict(state_dict), tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading into a model
+# ---------------------------------------------------------------------------------------------
+def _resize_bias_table(table: torch.Tensor, window: int) -> torch.Tensor:
+    """((2M-1)^2, heads) -> ((2M'-1)^2, heads), bicubic like the official fine-tuning code."""
+    rows, heads = table.shape
+    side, new_side = round(rows ** 0.5), 2 * window - 1
+    grid = table.float().permute(1, 0).reshape(1, heads, side, side)
+    grid = F.interpolate(grid, size=(new_side, new_side), mode="bicubic", align_corners=False)
+    return grid.reshape(heads, new_side * new_side).permute(1, 0).contiguous().to(table.dtype)
+
+
+def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Mapping[str, Any],
+                    strict: bool = True) -> LoadResult:
+    """Load Swin weights of any supported format into ``model`` (a :class:`swin.SwinTransformer`).
+
+    Accepts a ``.pth``/``.pt``/``.bin``/``.safetensors`` path or an in-memory (possibly nested)
+    checkpoint. Pickled files are read with ``weights_only=True``. Bias tables are resized
+    bicubically to the model's window; a head of another class count (or none at all) is left
+    as initialised, with a warning, and its keys are reported missing. With ``strict=True`` any
+    other missing, unexpected or mis-shaped key raises ValueError.
+    """
+    raw = path_or_state_dict
+    if isinstance(raw, (str, os.PathLike)):
+        raw = _read_file(raw)
+    sd = _unwrap(raw)
+    info = _inspect(sd)
+    ours = convert_state_dict(sd, src=info.fmt, dst="swin")
+    target = model.state_dict()
+
+    for k, v in list(ours.items()):
+        if k.endswith("relative_position_bias_table") and k in target and v.shape != target[k].shape:
+            rows = target[k].shape[0]
+            ours[k] = _resize_bias_table(v, (round(rows ** 0.5) + 1) // 2)
+
+    head_keys = [k for k in ("head.weight", "head.bias") if k in target]
+    ckpt_head = [k for k in ("head.weight", "head.bias") if k in ours]
+    head_missing: list[str] = []
+    if ckpt_head and (not head_keys or any(ours[k].shape != target[k].shape for k in ckpt_head if k in target)):
+        got = ours["head.weight"].shape[0] if "head.weight" in ours else "?"
+        want = target["head.weight"].shape[0] if "head.weight" in target else 0
+        warnings.warn(f"Checkpoint head has {got} classes and the model {want}; the head was not loaded and keeps "
+                      f"its initial weights.", stacklevel=2)
+        for k in ckpt_head:
+            del ours[k]
+        head_missing = head_keys
+    elif not ckpt_head and head_keys:
+        warnings.warn("The checkpoint has no classifier head (a backbone checkpoint); the model's head keeps its "
+                      "initial weights.", stacklevel=2)
+        head_missing = head_keys
+
+    missing = [k for k in target if k not in ours and k not in head_missing]
+    unexpected = [k for k in ours if k not in target]
+    mismatched = [f"{k} {tuple(ours[k].shape)} vs model {tuple(target[k].shape)}"
+                  for k in ours if k in target and ours[k].shape != target[k].shape]
+    if strict and (missing or unexpected or mismatched):
+        parts = []
+        if missing:
+            parts.append(f"missing {_first(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {_first(unexpected)}")
+        if mismatched:
+            parts.append(f"wrong shape {_first(mismatched, 3)}")
+        raise ValueError(f"Weights detected as format {info.describe()} do not fit this model "
+                         f"({type(model).__name__}): {'; '.join(parts)}.")
+    usable = {k: v for k, v in ours.items() if k in target and v.shape == target[k].shape}
+    model.load_state_dict(usable, strict=False)
+    bad_shape = [k for k in ours if k in target and ours[k].shape != target[k].shape]
+    return LoadResult(missing_keys=missing + head_missing + bad_shape, unexpected_keys=unexpected)
