@@ -1,0 +1,81 @@
+"""Fast paths for window attention, chosen in one place.
+
+Every fast path computes exactly what :meth:`swin.model.WindowAttention.forward` computes on its
+reference path (pad -> roll -> partition -> attend -> reverse -> roll back -> crop); the reference
+is the spec and ``tests/test_ops.py`` checks each backend against it, forward and backward.
+
+Backends:
+- ``"reference"``: the plain PyTorch path in ``model.py``.
+- ``"sdpa"``: one gather for pad+shift+partition, ``F.scaled_dot_product_attention`` with one
+  additive bias+mask of shape (1, nW*heads, N, N) broadcast over the batch (cached in eval), and one
+  gather back for reverse+unshift+crop. Works on every device and dtype.
+- ``"triton"``: fused Triton kernels (CUDA) that read q/k/v in token layout with the shift and
+  window partition folded into index arithmetic, add bias and shift mask in the kernel, and write
+  the output back in token layout (forward and backward). Windows of up to 64 tokens.
+- ``"auto"``: triton on CUDA when Triton is importable and the window fits, sdpa otherwise.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Read once at import: Triton itself reads it when the kernels are defined.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_TRITON: bool | None = None
+
+BACKENDS = ("auto", "reference", "sdpa", "triton")
+
+
+def triton_available() -> bool:
+    """True if Triton imports (kernels then run on CUDA, or on CPU with ``TRITON_INTERPRET=1``)."""
+    global _TRITON
+    if _TRITON is None:
+        try:
+            import triton  # noqa: F401
+
+            _TRITON = True
+        except Exception:  # pragma: no cover - depends on the install
+            _TRITON = False
+    return _TRITON
+
+
+def check_backend(name: str) -> None:
+    """Raise ValueError unless ``name`` is a known backend that can run here."""
+    if name not in BACKENDS:
+        raise ValueError(f"Unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}.")
+    if name == "triton" and not triton_available():
+        raise ValueError("backend='triton' needs the triton package (pip install triton); "
+                         "use backend='sdpa' or 'auto' instead.")
+
+
+def resolve_backend(name: str, x: torch.Tensor, window: int) -> str:
+    """The backend that actually runs for ``name`` on input ``x``: auto/triton fall back cleanly."""
+    if name in ("auto", "triton"):
+        if not (x.is_cuda or _INTERPRET) or not triton_available():
+            return "sdpa"
+        from .triton_window import supports
+
+        return "triton" if supports(x, window) else "sdpa"
+    return name
+
+
+def window_attention(attn, x: torch.Tensor, window: int, shift: int, mask_padding: bool = False) -> torch.Tensor:
+    """(B, H, W, C) -> (B, H, W, C): the shifted-window attention of ``attn`` (a WindowAttention),
+    by the backend it names; the same function as its reference path."""
+    backend = resolve_backend(attn.backend, x, window)
+    if backend == "triton":
+        from .triton_window import window_attention_triton
+
+        return window_attention_triton(attn, x, window, shift, mask_padding)
+    if backend == "sdpa":
+        from .sdpa import window_attention_sdpa
+
+        return window_attention_sdpa(attn, x, window, shift, mask_padding)
+    raise ValueError(f"window_attention got backend {backend!r}; the reference path lives in WindowAttention.forward.")
+
+
+from .latency import compile_for_inference, CudaGraphRunner  # noqa: E402
+
+__all__ = ["BACKENDS", "check_backend", "resolve_backend", "window_attention", "triton_available",
+           "compile_for_inference", "CudaGraphRunner"]

@@ -1,0 +1,139 @@
+"""Window attention through ``F.scaled_dot_product_attention`` with the window glue cut to two gathers.
+
+The reference path copies the map five times (pad, roll, partition, reverse, roll back). Here the
+pad+shift+partition is one ``index_select`` of token rows and the reverse+unshift+crop is another:
+the index tensors depend only on (map size, window, shift) and are cached. The relative position
+bias and the shift mask are summed once into one additive (nW, heads, N, N) tensor per
+(map size, window, shift) that SDPA broadcasts over the batch; in eval (no grad) it is cached on
+the module and rebuilt only when the bias parameters change.
+
+Two layouts, chosen by device:
+- CPU: q/k/v are strided views of the qkv projection (no copy); SDPA runs once per image with the
+  (nW, heads, N, N) bias as its attention mask (windows are SDPA's batch). CPU SDPA reads strided
+  inputs and writes (nW, N, heads, d) memory, so the output needs no permute either.
+- CUDA: q/k/v are copied once to (B, nW*heads, N, d) and SDPA runs once with a (1, nW*heads, N, N)
+  mask, broadcast over B by stride (never expanded per image).
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from .. import windows as W
+
+
+def _build_indices(height: int, width: int, window: int, shift: int, device: torch.device):
+    """Gather indices for a (height, width) map padded to (Hp, Wp) and shifted by -shift.
+
+    fwd: (Hp*Wp,) position in the padded map of each token in window-partition order.
+    rev: (height*width,) partition-order slot of each original token (reverse, unshift and crop).
+    """
+    Hp, Wp = W.padded_size(height, width, window)
+    ys = (torch.arange(Hp, device=device) + shift) % Hp
+    xs = (torch.arange(Wp, device=device) + shift) % Wp
+    pos = (ys[:, None] * Wp + xs[None, :]).view(1, Hp, Wp, 1)  # shifted map of padded positions
+    fwd = W.window_partition(pos, window).reshape(-1)  # (Hp*Wp,)
+    inv = torch.empty_like(fwd)
+    inv[fwd] = torch.arange(fwd.numel(), device=device)
+    rev = inv.view(Hp, Wp)[:height, :width].reshape(-1)  # (H*W,)
+    return fwd, rev
+
+
+@lru_cache(maxsize=128)
+def _cached_indices(height, width, window, shift, device):
+    return _build_indices(height, width, window, shift, device)
+
+
+def window_indices(height: int, width: int, window: int, shift: int, device: torch.device):
+    """Cached (fwd, rev) gather indices; see :func:`_build_indices`."""
+    if torch.compiler.is_compiling():
+        return _build_indices(height, width, window, shift, device)
+    return _cached_indices(height, width, window, shift, torch.device(device))
+
+
+def _bias_versions(attn) -> tuple:
+    if attn.version == 1:
+        params = (attn.relative_position_bias_table,)
+    else:
+        params = tuple(attn.cpb_mlp.parameters())
+    return tuple((p.data_ptr(), p._version) for p in params)
+
+
+def bias_and_mask(attn, height: int, width: int, window: int, shift: int, mask_padding: bool,
+                  dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(nW', heads, N, N) additive attention bias = relative position bias + shift mask, where nW'
+    is the number of windows if a mask is needed and 1 otherwise. Cached when no grad is needed."""
+    needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in _bias_params(attn))
+    if needs_grad or torch.compiler.is_compiling():
+        return _build_bias_and_mask(attn, height, width, window, shift, mask_padding, dtype, device)
+    cache = attn.__dict__.setdefault("_sdpa_bias_cache", {})
+    key = (height, width, window, shift, mask_padding, dtype, device)
+    versions = _bias_versions(attn)
+    hit = cache.get(key)
+    if hit is not None and hit[0] == versions:
+        return hit[1]
+    with torch.no_grad():
+        value = _build_bias_and_mask(attn, height, width, window, shift, mask_padding, dtype, device)
+    if len(cache) > 32:
+        cache.clear()
+    cache[key] = (versions, value)
+    return value
+
+
+def _bias_params(attn):
+    return (attn.relative_position_bias_table,) if attn.version == 1 else tuple(attn.cpb_mlp.parameters())
+
+
+def _build_bias_and_mask(attn, height, width, window, shift, mask_padding, dtype, device):
+    bias = attn.position_bias(window)  # (heads, N, N)
+    mask = W.shift_mask(height, width, window, shift, mask_padding, device)  # (nW, N, N) or None
+    if mask is None:
+        return bias.unsqueeze(0).to(dtype).contiguous()  # (1, heads, N, N)
+    # contiguous: SDPA would otherwise copy a permuted-layout mask on every call
+    return (bias.unsqueeze(0) + mask.unsqueeze(1)).to(dtype).contiguous()  # (nW, heads, N, N)
+
+
+def window_attention_sdpa(attn, x: torch.Tensor, window: int, shift: int, mask_padding: bool = False) -> torch.Tensor:
+    """(B, H, W, C) -> (B, H, W, C); the same function as ``attn``'s reference path."""
+    B, H, Wd, C = x.shape
+    heads, d = attn.num_heads, attn.head_dim
+    Hp, Wp = W.padded_size(H, Wd, window)
+    N, nW = window * window, (Hp // window) * (Wp // window)
+    fwd, rev = window_indices(H, Wd, window, shift, x.device)
+
+    x = W.pad_to_window(x, window)  # zeros, as the reference: padded tokens get qkv = qkv bias
+    tokens = x.reshape(B, Hp * Wp, C).index_select(1, fwd)  # (B, nW*N, C) in window order
+    qkv = F.linear(tokens, attn.qkv.weight, attn.qkv_bias())  # (B, nW*N, 3C)
+    qkv = qkv.view(B, nW, N, 3, heads, d)
+    q, k, v = qkv.unbind(3)  # each (B, nW, N, heads, d), strided views
+    scale = attn.scale
+    if attn.version == 2:
+        logit = torch.clamp(attn.logit_scale, max=math.log(100.0)).exp().view(heads, 1)  # (heads, 1)
+        q = F.normalize(q, dim=-1) * logit
+        k = F.normalize(k, dim=-1)
+        scale = 1.0
+    mask = bias_and_mask(attn, H, Wd, window, shift, mask_padding, q.dtype, x.device)  # (nW or 1, heads, N, N)
+    p = attn.attn_drop.p if attn.training else 0.0
+
+    if x.is_cuda:
+        # one copy to (B, nW*heads, N, d) so that the per-window mask broadcasts over the batch
+        q, k, v = (t.permute(0, 1, 3, 2, 4).reshape(B, nW * heads, N, d) for t in (q, k, v))
+        m = mask.expand(nW, heads, N, N).reshape(1, nW * heads, N, N)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, dropout_p=p, scale=scale)
+        out = out.view(B, nW, heads, N, d).transpose(2, 3)  # (B, nW, N, heads, d)
+    elif mask.shape[0] == 1:
+        # no shift mask: windows of all images form SDPA's batch, the bias broadcasts
+        q, k, v = (t.reshape(B * nW, N, heads, d).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scale)
+        out = out.transpose(1, 2)  # (B*nW, N, heads, d)
+    else:
+        # one SDPA per image: its windows are SDPA's batch, so the (nW, heads, N, N) mask matches
+        outs = [F.scaled_dot_product_attention(q[b].transpose(1, 2), k[b].transpose(1, 2), v[b].transpose(1, 2),
+                                               attn_mask=mask, dropout_p=p, scale=scale).transpose(1, 2)
+                for b in range(B)]  # each (nW, N, heads, d)
+        out = torch.stack(outs)
+    out = out.reshape(B, nW * N, C).index_select(1, rev).view(B, H, Wd, C)  # reverse, unshift, crop
+    return attn.proj_drop(F.linear(out, attn.proj.weight, attn.proj.bias))

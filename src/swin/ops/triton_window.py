@@ -1,0 +1,254 @@
+"""Fused shifted-window attention in Triton, forward and backward.
+
+One program handles one (window, head). It reads q/k/v straight from the qkv projection in token
+layout (B, Hp, Wp, 3C): the cyclic shift and the window partition are index arithmetic
+(token t of window (wy, wx) sits at ((wy*M + t//M + s) % Hp, (wx*M + t%M + s) % Wp)). The
+relative position bias ((heads, N, N), built from the table by PyTorch so that its gradient flows
+through autograd) and the shift mask (computed from region labels in the kernel) are added to the
+logits in registers; nothing of shape (B*nW, heads, N, N) is ever written. The output is stored in
+token layout at the un-shifted position, so the reverse shift and the crop cost nothing.
+
+The backward recomputes the logits from q/k and the saved log-sum-exp, writes dq/dk/dv in token
+layout, and reduces dBias over all windows in registers before one atomic add per program.
+
+Padding (maps not a multiple of the window) is done by PyTorch *before* the qkv projection, exactly
+like the reference, so padded tokens carry q/k/v = the qkv bias and gradients reach that bias.
+V2 (cosine attention) normalises q and k in PyTorch, folds exp(logit_scale) into q and runs the
+same kernel with scale 1.
+
+Windows of up to 64 tokens (window <= 8) take this path; larger windows fall back to SDPA.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .. import windows as W
+
+MAX_TOKENS = 64
+MASK_VALUE = -100.0
+
+
+def supports(x: torch.Tensor, window: int) -> bool:
+    return window * window <= MAX_TOKENS and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _token_offsets(pid, nW, nWx, Hp, Wp, H, W, shift, WIN: tl.constexpr, N: tl.constexpr, BLOCK: tl.constexpr):
+    b = pid // nW
+    w = pid % nW
+    wy = w // nWx
+    wx = w % nWx
+    t = tl.arange(0, BLOCK)
+    valid = t < N
+    ys = wy * WIN + t // WIN  # row in the shifted, padded map
+    xs = wx * WIN + t % WIN
+    yo = (ys + shift) % Hp  # row in the padded (unshifted) map
+    xo = (xs + shift) % Wp
+    inside = valid & (yo < H) & (xo < W)  # a real token (not padding)
+    return b, t, valid, ys, xs, yo, xo, inside
+
+
+@triton.jit
+def _logits(q, k, bias_ptrs, valid, ys, xs, inside, Hp, Wp, shift, scale,
+            WIN: tl.constexpr, HAS_MASK: tl.constexpr, MASK_PAD: tl.constexpr, IEEE: tl.constexpr):
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    both = valid[:, None] & valid[None, :]
+    s = s * scale + tl.load(bias_ptrs, mask=both, other=0.0).to(tl.float32)
+    if HAS_MASK:
+        # the official region labels of the shifted padded map, 3 x 3 slices per axis
+        ry = tl.where(ys < Hp - WIN, 0, tl.where(ys < Hp - shift, 1, 2))
+        rx = tl.where(xs < Wp - WIN, 0, tl.where(xs < Wp - shift, 1, 2))
+        label = (ry * 3 + rx) * (shift > 0)
+        if MASK_PAD:
+            label = label + tl.where(inside, 0, 100)
+        s = s + tl.where(label[:, None] != label[None, :], MASK_VALUE, 0.0)
+    s = tl.where(valid[None, :], s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _fwd_kernel(QKV, BIAS, O, LSE, nW, nWx, Hp, Wp, H, W, shift, scale,
+                sqb, sqh, sqw, sob, soh, sow, C,
+                HEADS: tl.constexpr, D: tl.constexpr, WIN: tl.constexpr, N: tl.constexpr,
+                BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+                HAS_MASK: tl.constexpr, MASK_PAD: tl.constexpr, IEEE: tl.constexpr):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    b, t, valid, ys, xs, yo, xo, inside = _token_offsets(pid, nW, nWx, Hp, Wp, H, W, shift, WIN, N, BLOCK)
+    dd = tl.arange(0, BLOCK_D)
+    dmask = dd < D
+    ld = valid[:, None] & dmask[None, :]
+    base = QKV + b.to(tl.int64) * sqb + yo.to(tl.int64)[:, None] * sqh + xo[:, None] * sqw + h * D + dd[None, :]
+    q = tl.load(base, mask=ld, other=0.0)
+    k = tl.load(base + C, mask=ld, other=0.0)
+    v = tl.load(base + 2 * C, mask=ld, other=0.0)
+    bias_ptrs = BIAS + h * N * N + t[:, None] * N + t[None, :]
+    s = _logits(q, k, bias_ptrs, valid, ys, xs, inside, Hp, Wp, shift, scale, WIN, HAS_MASK, MASK_PAD, IEEE)
+    m = tl.max(s, axis=1)
+    p = tl.exp(s - m[:, None])
+    l = tl.sum(p, axis=1)
+    p = p / l[:, None]
+    if IEEE:
+        o = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        o = tl.dot(p.to(v.dtype), v)
+    optr = O + b.to(tl.int64) * sob + yo.to(tl.int64)[:, None] * soh + xo[:, None] * sow + h * D + dd[None, :]
+    tl.store(optr, o.to(O.dtype.element_ty), mask=inside[:, None] & dmask[None, :])
+    tl.store(LSE + (pid * HEADS + h) * BLOCK + t, m + tl.log(l))
+
+
+@triton.jit
+def _bwd_kernel(QKV, BIAS, O, DO, LSE, DQKV, DBIAS, nW, nWx, Hp, Wp, H, W, shift, scale, total, nprog,
+                sqb, sqh, sqw, sob, soh, sow, C,
+                HEADS: tl.constexpr, D: tl.constexpr, WIN: tl.constexpr, N: tl.constexpr,
+                BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+                HAS_MASK: tl.constexpr, MASK_PAD: tl.constexpr, IEEE: tl.constexpr):
+    start = tl.program_id(0)
+    h = tl.program_id(1)
+    dd = tl.arange(0, BLOCK_D)
+    dmask = dd < D
+    t0 = tl.arange(0, BLOCK)
+    bias_ptrs = BIAS + h * N * N + t0[:, None] * N + t0[None, :]
+    dbias = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+    for pid in range(start, total, nprog):
+        b, t, valid, ys, xs, yo, xo, inside = _token_offsets(pid, nW, nWx, Hp, Wp, H, W, shift, WIN, N, BLOCK)
+        ld = valid[:, None] & dmask[None, :]
+        tok = b.to(tl.int64) * sqb + yo.to(tl.int64)[:, None] * sqh + xo[:, None] * sqw + h * D + dd[None, :]
+        q = tl.load(QKV + tok, mask=ld, other=0.0)
+        k = tl.load(QKV + tok + C, mask=ld, other=0.0)
+        v = tl.load(QKV + tok + 2 * C, mask=ld, other=0.0)
+        otok = b.to(tl.int64) * sob + yo.to(tl.int64)[:, None] * soh + xo[:, None] * sow + h * D + dd[None, :]
+        lo = inside[:, None] & dmask[None, :]
+        o = tl.load(O + otok, mask=lo, other=0.0).to(tl.float32)
+        do = tl.load(DO + otok, mask=lo, other=0.0)
+        s = _logits(q, k, bias_ptrs, valid, ys, xs, inside, Hp, Wp, shift, scale, WIN, HAS_MASK, MASK_PAD, IEEE)
+        lse = tl.load(LSE + (pid * HEADS + h) * BLOCK + t)
+        p = tl.exp(s - lse[:, None])
+        p = tl.where(valid[:, None] & valid[None, :], p, 0.0)
+        delta = tl.sum(do.to(tl.float32) * o, axis=1)  # rowsum(dO * O) = rowsum(P * dP)
+        if IEEE:
+            dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
+            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        else:
+            dv = tl.dot(tl.trans(p.to(do.dtype)), do)
+            dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dbias += ds
+        if IEEE:
+            dq = tl.dot(ds.to(k.dtype), k, input_precision="ieee") * scale
+            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee") * scale
+        else:
+            dq = tl.dot(ds.to(k.dtype), k) * scale
+            dk = tl.dot(tl.trans(ds.to(q.dtype)), q) * scale
+        ty = DQKV.dtype.element_ty
+        tl.store(DQKV + tok, dq.to(ty), mask=ld)
+        tl.store(DQKV + tok + C, dk.to(ty), mask=ld)
+        tl.store(DQKV + tok + 2 * C, dv.to(ty), mask=ld)
+    tl.atomic_add(DBIAS + h * N * N + t0[:, None] * N + t0[None, :], dbias,
+                  mask=(t0[:, None] < N) & (t0[None, :] < N))
+
+
+def _meta(qkv: torch.Tensor, heads: int, window: int):
+    C = qkv.shape[-1] // 3
+    D = C // heads
+    N = window * window
+    return dict(HEADS=heads, D=D, WIN=window, N=N, BLOCK=max(16, triton.next_power_of_2(N)),
+                BLOCK_D=max(16, triton.next_power_of_2(D)), IEEE=qkv.dtype == torch.float32)
+
+
+class _WindowAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, bias, heads, height, width, window, shift, mask_pad, scale):
+        B, Hp, Wp, C3 = qkv.shape
+        C = C3 // 3
+        meta = _meta(qkv, heads, window)
+        nWx = Wp // window
+        nW = (Hp // window) * nWx
+        has_mask = shift > 0 or mask_pad
+        out = torch.empty(B, height, width, C, device=qkv.device, dtype=qkv.dtype)
+        lse = torch.empty(B * nW, heads, meta["BLOCK"], device=qkv.device, dtype=torch.float32)
+        _fwd_kernel[(B * nW, heads)](
+            qkv, bias, out, lse, nW, nWx, Hp, Wp, height, width, shift, scale,
+            qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1), out.stride(2), C,
+            HAS_MASK=has_mask, MASK_PAD=mask_pad, num_warps=4, **meta)
+        ctx.save_for_backward(qkv, bias, out, lse)
+        ctx.geom = (heads, height, width, window, shift, mask_pad, scale, nW, nWx)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        qkv, bias, out, lse = ctx.saved_tensors
+        heads, height, width, window, shift, mask_pad, scale, nW, nWx = ctx.geom
+        B, Hp, Wp, C3 = qkv.shape
+        meta = _meta(qkv, heads, window)
+        dout = dout.contiguous()
+        dqkv = torch.empty_like(qkv)
+        dbias = torch.zeros(bias.shape, device=bias.device, dtype=torch.float32)
+        total = B * nW
+        # each program walks many windows, summing dBias in registers: one atomic add per program
+        if qkv.is_cuda:
+            nprog = max(1, min(total, 8 * torch.cuda.get_device_properties(qkv.device).multi_processor_count // heads))
+        else:
+            nprog = min(total, 4)
+        _bwd_kernel[(nprog, heads)](
+            qkv, bias, out, dout, lse, dqkv, dbias, nW, nWx, Hp, Wp, height, width, shift, scale, total, nprog,
+            qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1), out.stride(2), C3 // 3,
+            HAS_MASK=shift > 0 or mask_pad, MASK_PAD=mask_pad, num_warps=4, **meta)
+        return dqkv, dbias.to(bias.dtype), None, None, None, None, None, None, None
+
+
+def fused_window_attention(qkv: torch.Tensor, bias: torch.Tensor, heads: int, height: int, width: int,
+                           window: int, shift: int, mask_padding: bool, scale: float) -> torch.Tensor:
+    """Shifted-window attention of a (B, Hp, Wp, 3C) qkv map (padded to a window multiple) with a
+    (heads, N, N) bias -> (B, height, width, C) attention output, before the output projection."""
+    Hp, Wp = qkv.shape[1], qkv.shape[2]
+    mask_pad = bool(mask_padding and (Hp != height or Wp != width))
+    return _WindowAttention.apply(qkv.contiguous(), bias.float().contiguous(), heads, height, width, window,
+                                  shift, mask_pad, float(scale))
+
+
+def _position_bias(attn, window: int) -> torch.Tensor:
+    """(heads, N, N) fp32 bias, cached on the module while nothing needs its gradient."""
+    params = (attn.relative_position_bias_table,) if attn.version == 1 else tuple(attn.cpb_mlp.parameters())
+    if (torch.is_grad_enabled() and any(p.requires_grad for p in params)) or torch.compiler.is_compiling():
+        return attn.position_bias(window).float()
+    cache = attn.__dict__.setdefault("_triton_bias_cache", {})
+    versions = tuple((p.data_ptr(), p._version) for p in params)
+    key = (window, params[0].device)
+    hit = cache.get(key)
+    if hit is None or hit[0] != versions:
+        with torch.no_grad():
+            hit = cache[key] = (versions, attn.position_bias(window).float().contiguous())
+    return hit[1]
+
+
+def window_attention_triton(attn, x: torch.Tensor, window: int, shift: int, mask_padding: bool = False) -> torch.Tensor:
+    """(B, H, W, C) -> (B, H, W, C); the same function as ``attn``'s reference path."""
+    if attn.training and attn.attn_drop.p > 0:  # no dropout inside the kernel
+        from .sdpa import window_attention_sdpa
+
+        return window_attention_sdpa(attn, x, window, shift, mask_padding)
+    B, H, Wd, C = x.shape
+    heads, d = attn.num_heads, attn.head_dim
+    xp = W.pad_to_window(x, window)  # zeros, as the reference: padded tokens get qkv = qkv bias
+    Hp, Wp = xp.shape[1], xp.shape[2]
+    qkv = F.linear(xp, attn.qkv.weight, attn.qkv_bias())  # (B, Hp, Wp, 3C)
+    scale = attn.scale
+    if attn.version == 2:
+        q, k, v = qkv.view(B, Hp, Wp, 3, heads, d).unbind(3)
+        logit = torch.clamp(attn.logit_scale, max=math.log(100.0)).exp().view(heads, 1)
+        q = F.normalize(q, dim=-1) * logit
+        k = F.normalize(k, dim=-1)
+        qkv = torch.stack((q.to(v.dtype), k.to(v.dtype), v), dim=3).view(B, Hp, Wp, 3 * C)
+        scale = 1.0
+    out = fused_window_attention(qkv, _position_bias(attn, window), heads, H, Wd, window, shift, mask_padding,
+                                 scale)
+    return attn.proj_drop(F.linear(out, attn.proj.weight, attn.proj.bias))

@@ -1,0 +1,195 @@
+"""Every fast window-attention path against the reference path (the spec), forward and backward.
+
+CPU: the SDPA backend here; the Triton kernels under TRITON_INTERPRET=1 in a subprocess (the
+interpreter must be switched on before Triton is imported). CUDA (when present): SDPA and Triton
+on the GPU, fp32 and bf16.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import swin
+from swin import windows as W
+from swin.model import WindowAttention
+from swin.ops import check_backend, resolve_backend, triton_available
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make_attn(version: int, dim: int, heads: int, window: int, seed: int, device="cpu") -> WindowAttention:
+    """A WindowAttention with every parameter random (no zeros: biases, table, logit scale)."""
+    g = torch.Generator().manual_seed(seed)
+    attn = WindowAttention(dim, heads, window, version, qkv_bias=True, pretrained_window=0, attn_drop=0.0,
+                           proj_drop=0.0)
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        if version == 2:
+            attn.logit_scale.copy_(torch.rand(attn.logit_scale.shape, generator=g) * 3.0 + 0.5)
+    return attn.to(device)
+
+
+# (H, W, window, shift): square, non-square, padded, shifted/unshifted, map smaller than the window
+CASES = [(8, 8, 4, 0), (8, 8, 4, 2), (12, 8, 4, 2), (10, 7, 4, 2), (7, 7, 7, 3), (9, 13, 3, 1), (5, 11, 7, 3)]
+
+
+def run_case(attn, backend, x, window, shift, mask_padding):
+    attn = copy.deepcopy(attn)
+    attn.backend = backend
+    x = x.clone().requires_grad_(True)
+    win, sh = W.window_and_shift(x.shape[1], x.shape[2], window, shift)
+    out = attn(x, win, sh, mask_padding)
+    g = torch.randn_like(out, generator=None)
+    return out, attn, x, g
+
+
+def check_parity(backend, version, case, mask_padding, device, dtype, tol):
+    H, Wd, window, shift = case
+    attn = make_attn(version, dim=16 if version == 1 else 24, heads=2 if version == 1 else 3, window=window,
+                     seed=H * 100 + Wd * 10 + window + version, device=device)
+    torch.manual_seed(H + Wd)
+    x = torch.randn(2, H, Wd, attn.dim, device=device)
+    grad = None
+    results = {}
+    for name in ("reference", backend):
+        a = copy.deepcopy(attn).to(dtype)
+        a.backend = name
+        xi = x.to(dtype).clone().requires_grad_(True)
+        win, sh = W.window_and_shift(H, Wd, window, shift)
+        with torch.autocast(device, dtype=dtype, enabled=False):
+            out = a(xi, win, sh, mask_padding)
+        if grad is None:
+            grad = torch.randn_like(out)
+        out.backward(grad)
+        results[name] = (out, xi.grad, {n: p.grad for n, p in a.named_parameters()})
+    (o_r, gx_r, gp_r), (o_f, gx_f, gp_f) = results["reference"], results[backend]
+    assert torch.isfinite(o_f).all()
+    assert rel_err(o_f, o_r) <= tol, ("out", rel_err(o_f, o_r))
+    assert rel_err(gx_f, gx_r) <= tol, ("dx", rel_err(gx_f, gx_r))
+    for n, g in gp_r.items():
+        assert gp_f[n] is not None, n
+        assert rel_err(gp_f[n], g) <= tol, (n, rel_err(gp_f[n], g))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mask_padding", [False, True])
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("version", [1, 2])
+def test_sdpa_matches_reference_fp32(version, case, mask_padding, device):
+    check_parity("sdpa", version, case, mask_padding, device, torch.float32, 1e-4)
+
+
+@pytest.mark.skipif(not CUDA, reason="bf16 parity runs on the GPU")
+@pytest.mark.parametrize("case", CASES[:4])
+@pytest.mark.parametrize("version", [1, 2])
+def test_sdpa_matches_reference_bf16_cuda(version, case):
+    check_parity("sdpa", version, case, False, "cuda", torch.bfloat16, 1e-2)
+
+
+@pytest.mark.skipif(not (CUDA and triton_available()), reason="needs CUDA and Triton")
+@pytest.mark.parametrize("mask_padding", [False, True])
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("version", [1, 2])
+def test_triton_matches_reference_fp32_cuda(version, case, mask_padding):
+    check_parity("triton", version, case, mask_padding, "cuda", torch.float32, 1e-4)
+
+
+@pytest.mark.skipif(not (CUDA and triton_available()), reason="needs CUDA and Triton")
+@pytest.mark.parametrize("case", CASES[:4] + [(56, 56, 7, 3), (28, 20, 8, 4)])
+@pytest.mark.parametrize("version", [1, 2])
+def test_triton_matches_reference_bf16_cuda(version, case):
+    check_parity("triton", version, case, False, "cuda", torch.bfloat16, 1e-2)
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs Triton")
+def test_triton_interpreted_matches_reference_on_cpu():
+    """The Triton kernels, run by Triton's interpreter on the CPU (small sizes), equal the reference."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT / "src"))
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_interpret_check.py")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["cases"] >= 8
+    assert report["max_rel_err"] <= 1e-4, report
+
+
+@pytest.mark.parametrize("name,size", [("swin_t", 224), ("swin_t", 100), ("swinv2_t_w8", 160)])
+def test_whole_model_logits_equal_reference(name, size):
+    torch.manual_seed(0)
+    model = swin.create_model(name, num_classes=10).eval()
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        ref = model(x)
+        for backend in ("sdpa", "auto"):
+            model.set_backend(backend)
+            out = model(x)
+            assert rel_err(out, ref) <= 1e-5, backend
+            assert (out - ref).abs().max().item() <= 1e-4
+        model.set_backend("reference")
+
+
+def test_training_step_grads_equal_reference():
+    torch.manual_seed(0)
+    ref = swin.create_model("swin_micro", drop_path_rate=0.0).train()
+    fast = copy.deepcopy(ref)
+    fast.set_backend("sdpa")
+    x = torch.randn(3, 3, 30, 26)  # padded, non-square maps
+    for m in (ref, fast):
+        m(x).square().mean().backward()
+    for (n, pr), pf in zip(ref.named_parameters(), fast.parameters()):
+        assert rel_err(pf.grad, pr.grad) <= 1e-4, n
+
+
+def test_sdpa_bias_cache_follows_weight_updates():
+    torch.manual_seed(0)
+    model = swin.create_model("swin_micro", backend="sdpa").eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+        for blk in model.layers[0].blocks:
+            blk.attn.relative_position_bias_table.add_(torch.randn_like(blk.attn.relative_position_bias_table))  # in place: the cached bias must follow
+        after = model(x)
+        model.set_backend("reference")
+        ref = model(x)
+    assert (after - before).abs().max() > 1e-3
+    assert rel_err(after, ref) <= 1e-5
+
+
+def test_unknown_backend_is_a_value_error():
+    with pytest.raises(ValueError, match="Unknown attention backend"):
+        check_backend("flash9")
+    with pytest.raises(ValueError):
+        swin.create_model("swin_micro").set_backend("nope")
+
+
+def test_auto_resolves_to_sdpa_on_cpu():
+    x = torch.randn(1, 8, 8, 16)
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        assert resolve_backend("auto", x, 4) == "sdpa"
+        assert resolve_backend("triton", x, 4) == "sdpa"  # falls back cleanly without CUDA
+    assert resolve_backend("sdpa", x, 4) == "sdpa"
+
+
+def test_compile_fullgraph_sdpa_cpu():
+    torch.manual_seed(0)
+    model = swin.create_model("swin_micro", backend="sdpa").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        out = torch.compile(model, fullgraph=True)(x)
+    assert rel_err(out, ref) <= 1e-4
