@@ -1,0 +1,388 @@
+"""The ``swin`` command line: train, eval, predict, flops, convert, plot, models, bench.
+
+Errors a user can cause print one line, ``error: ...``, and exit with status 2 (no traceback;
+SWIN_DEBUG=1 shows it). A run stopped by SIGINT/SIGTERM saves and exits 0; a non-finite loss exits 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+_TRAIN_FLAGS: list[tuple[str, type, str]] = [
+    # flag, type, help; the destination is the TrainConfig field of the same name
+    ("--data", str, "digits (default), cifar10, cifar100, or a folder with train/ and val/ class folders"),
+    ("--data-root", str, "where CIFAR is stored or downloaded (default ./data)"),
+    ("--model", str, "a registered model name (swin models lists them)"),
+    ("--img-size", int, "training resolution (default: the model's)"),
+    ("--num-classes", int, "classifier size (default: the classes in the data)"),
+    ("--epochs", int, "epochs"),
+    ("--batch-size", int, "global images per optimizer step (over all processes and accumulation)"),
+    ("--lr", float, "base lr per --lr-batch images (linearly scaled to --batch-size)"),
+    ("--lr-batch", int, "the batch size --lr refers to (512 in the official recipe)"),
+    ("--min-lr", float, "cosine end lr (scaled like --lr)"),
+    ("--warmup-lr", float, "warm-up start lr (scaled like --lr)"),
+    ("--warmup-epochs", float, "linear warm-up epochs (per-step)"),
+    ("--weight-decay", float, "AdamW weight decay (none on norms, biases, position tables)"),
+    ("--layer-decay", float, "layer-wise lr decay for fine-tuning (1 = off)"),
+    ("--clip-grad", float, "max gradient norm (0 = off)"),
+    ("--accum-steps", int, "gradient accumulation micro-batches per step"),
+    ("--drop-path", float, "stochastic depth rate (default: the model's)"),
+    ("--mixup", float, "MixUp alpha (0 = off)"),
+    ("--cutmix", float, "CutMix alpha (0 = off)"),
+    ("--label-smoothing", float, "label smoothing"),
+    ("--ema-decay", float, "EMA decay (with --ema)"),
+    ("--pretrained", str, "start from these weights (our runs, official, timm, torchvision, HF, mmdet)"),
+    ("--amp", str, "auto (bf16 on GPU), bf16, fp16 or off"),
+    ("--device", str, "auto, cpu, cuda, cuda:N"),
+    ("--workers", int, "data-loading processes per rank"),
+    ("--threads", int, "CPU threads (default: the idle cores)"),
+    ("--seed", int, "random seed"),
+    ("--name", str, "run name (default <data>-<model>; a new name if runs/<name> exists)"),
+    ("--out-dir", str, "where runs go (default ./runs)"),
+    ("--log-every", int, "steps between metrics.jsonl lines"),
+    ("--save-every", int, "steps between extra checkpoints (one per epoch always)"),
+    ("--keep-last", int, "step checkpoints to keep"),
+    ("--max-steps", int, "stop after this many steps (the schedule still spans --epochs)"),
+]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="swin", description="Swin Transformer V1/V2: train, evaluate, predict, convert.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train or fine-tune (no arguments: the digits demo)",
+                       description="Train a Swin model. With no arguments: swin_micro_p4 on the bundled digits. "
+                                   "Precedence: preset < --config file < flags. Multi-GPU: torchrun --nproc_per_node=N -m swin train ...")
+    t.add_argument("--config", help="a YAML file of TrainConfig fields (e.g. a run's config.yaml)")
+    t.add_argument("--preset", choices=["small", "imagenet", "finetune"],
+                   help="recipe defaults (default: small for digits/CIFAR, imagenet for folders)")
+    for flag, typ, hlp in _TRAIN_FLAGS:
+        t.add_argument(flag, type=typ, help=hlp, default=argparse.SUPPRESS)
+    t.add_argument("--ema", action="store_true", default=argparse.SUPPRESS, help="keep and evaluate an EMA of the weights")
+    t.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
+                   help="no progress bar")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any TrainConfig field, e.g. --set hflip=0.5 --set model_overrides={embed_dim: 32}")
+    t.add_argument("--resume", metavar="RUN", help="continue a run (its folder or a ckpt-*.pt)")
+
+    e = sub.add_parser("eval", help="top-1, top-5, loss and img/s of a checkpoint on a dataset")
+    e.add_argument("--checkpoint", required=True, help="a run folder, a run checkpoint, or a foreign checkpoint")
+    e.add_argument("--data", help="digits, cifar10, cifar100, or a folder (its val/); default: the run's data")
+    e.add_argument("--data-root", default="data")
+    e.add_argument("--model", help="architecture of a foreign checkpoint (e.g. swin_t)")
+    e.add_argument("--img-size", type=int)
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--workers", type=int, default=4)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--amp", default="auto")
+    e.add_argument("--ema", action="store_true", help="evaluate the run's EMA weights")
+    e.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+    pr = sub.add_parser("predict", help="top-5 labels with probabilities for images")
+    pr.add_argument("images", nargs="+", metavar="IMAGE")
+    pr.add_argument("--checkpoint", required=True)
+    pr.add_argument("--model", help="architecture of a foreign checkpoint (e.g. swin_t)")
+    pr.add_argument("--img-size", type=int)
+    pr.add_argument("--top-k", type=int, default=5)
+    pr.add_argument("--device", default="auto")
+    pr.add_argument("--ema", action="store_true")
+
+    f = sub.add_parser("flops", help="parameters and FLOPs (official count) of a model")
+    f.add_argument("name")
+    f.add_argument("--img-size", type=int, nargs="+", metavar=("H", "W"))
+    f.add_argument("--num-classes", type=int, default=None)
+    f.add_argument("--window-size", type=int, default=None)
+
+    c = sub.add_parser("convert", help="convert a checkpoint between key layouts")
+    c.add_argument("input")
+    c.add_argument("output", help="ends in .safetensors for safetensors, else a torch file")
+    c.add_argument("--to", required=True, choices=["swin", "official", "timm", "torchvision", "hf", "mmdet"])
+    c.add_argument("--from", dest="src", default="auto")
+    c.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
+
+    pl = sub.add_parser("plot", help="PNG of a run's loss, accuracy and lr")
+    pl.add_argument("run_dir")
+    pl.add_argument("--out", help="PNG path (default RUN_DIR/metrics.png)")
+
+    sub.add_parser("models", help="list the registered model names")
+    sub.add_parser("bench", help="throughput/latency/memory benchmarks (swin bench --help)", add_help=False)
+    return p
+
+
+# -- train ----------------------------------------------------------------------------------------
+
+def _parse_set(items: Sequence[str]) -> dict[str, Any]:
+    import yaml
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set takes KEY=VALUE, got {item!r}.")
+        k, v = item.split("=", 1)
+        out[k.strip().replace("-", "_")] = yaml.safe_load(v)
+    return out
+
+
+def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"Config file {p} does not exist.")
+    try:
+        d = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"Config file {p} is not valid YAML ({str(e).splitlines()[0]}).") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"Config file {p} must hold a mapping of option: value.")
+    return d
+
+
+def build_train_config(args: argparse.Namespace):
+    """preset < run config (--resume) < --config file < --set < flags."""
+    from .train import PRESETS, TrainConfig, resolve_resume
+
+    flags = {k: v for k, v in vars(args).items()
+             if k not in ("command", "config", "preset", "set", "resume")}
+    file = _read_yaml(args.config) if args.config else {}
+    sets = _parse_set(args.set)
+    preset = args.preset or file.pop("preset", None)
+    resume = None
+    if args.resume:
+        import torch
+
+        resume = resolve_resume(args.resume)
+        saved = torch.load(resume, map_location="cpu", weights_only=True).get("config")
+        if saved is None:
+            raise ValueError(f"{resume} is not a swin run checkpoint.")
+        base = TrainConfig.from_dict(saved)
+    else:
+        data = flags.get("data", sets.get("data", file.get("data", "digits")))
+        if preset is None:
+            preset = "small" if data in ("digits", "cifar10", "cifar100") else "imagenet"
+        if preset not in PRESETS:
+            raise ValueError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+        base = PRESETS[preset]()
+        flags.setdefault("data", data)
+    cfg = TrainConfig.from_dict(file, base=base)
+    cfg = TrainConfig.from_dict(sets, base=cfg)
+    return TrainConfig.from_dict(flags, base=cfg), resume
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import Trainer
+
+    cfg, resume = build_train_config(args)
+    trainer = Trainer(cfg, resume=resume)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    return 0
+
+
+# -- eval / predict --------------------------------------------------------------------------------
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import data as D
+    from .train import amp_dtype, check_labels, evaluate, load_for_inference, pick_device
+
+    loaded = load_for_inference(args.checkpoint, model=args.model, img_size=args.img_size, use_ema=args.ema)
+    data = args.data
+    if data is None:
+        data = _run_data(args.checkpoint)
+        if data is None:
+            raise ValueError("Give --data (digits, cifar10, cifar100 or a folder): the checkpoint does not name its data.")
+    dataset, classes, mean, std = D.eval_split(data, loaded.img_size, args.data_root, loaded.classes)
+    if loaded.source == "run" and data in D.BUILTIN:
+        mean, std = loaded.mean, loaded.std
+    check_labels(len(classes), loaded.model.num_classes, "the checkpoint's model")
+    device = pick_device(args.device)
+    ds = D.Transformed(dataset, D.eval_transform(loaded.img_size, mean, std, loaded.eval_crop))
+    skipped: list[str] = []
+    m = evaluate(loaded.model.to(device), ds, batch_size=args.batch_size, device=device,
+                 workers=0 if data == "digits" else args.workers, amp=amp_dtype(args.amp, device),
+                 on_skip=skipped.extend)
+    m["skipped_images"] = len(skipped)
+    for p in skipped:
+        print(f"warning: skipped unreadable image {p}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(m))
+    else:
+        print(f"top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  loss {m['loss']:.4f}  {m['img_s']:.0f} img/s  "
+              f"({m['images']} images of {data}, {loaded.img_size}px, {device})")
+    return 0
+
+
+def _run_data(checkpoint: str) -> str | None:
+    import torch
+
+    from .train import RUN_FORMAT
+
+    p = Path(checkpoint)
+    if p.is_dir():
+        p = p / "best.pt" if (p / "best.pt").is_file() else None
+    if p is None or p.suffix not in (".pt", ".pth"):
+        return None
+    obj = torch.load(p, map_location="cpu", weights_only=True)
+    return obj.get("config", {}).get("data") if isinstance(obj, dict) and obj.get("format") == RUN_FORMAT else None
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import torch
+    from PIL import Image
+
+    from . import data as D
+    from .train import load_for_inference, pick_device
+
+    loaded = load_for_inference(args.checkpoint, model=args.model, img_size=args.img_size, use_ema=args.ema)
+    device = pick_device(args.device)
+    model = loaded.model.to(device)
+    tf = D.eval_transform(loaded.img_size, loaded.mean, loaded.std, loaded.eval_crop)
+    images = []
+    for path in args.images:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"Image {path} does not exist.")
+        try:
+            with Image.open(path) as im:
+                images.append(tf(im.convert("RGB")))
+        except Exception as e:
+            raise ValueError(f"Could not read image {path} ({type(e).__name__}).") from None
+    with torch.inference_mode():
+        probs = model(torch.stack(images).to(device)).float().softmax(dim=-1).cpu()
+    k = min(args.top_k, probs.shape[1])
+    names = loaded.classes or [f"class {i}" for i in range(probs.shape[1])]
+    for path, p in zip(args.images, probs):
+        top = p.topk(k)
+        print(path)
+        for prob, idx in zip(top.values.tolist(), top.indices.tolist()):
+            print(f"  {prob:7.2%}  {names[idx] if idx < len(names) else f'class {idx}'}")
+    return 0
+
+
+# -- flops / convert / plot / models ----------------------------------------------------------------
+
+def cmd_flops(args: argparse.Namespace) -> int:
+    import swin
+
+    model = swin.create_model(args.name, num_classes=args.num_classes, window_size=args.window_size)
+    size = args.img_size or list(model.config.img_size)
+    if len(size) == 1:
+        size = [size[0], size[0]]
+    if len(size) != 2:
+        raise ValueError(f"--img-size takes H or H W, got {len(size)} numbers.")
+    n = swin.flops(model, img_size=(size[0], size[1]))
+    params = sum(p.numel() for p in model.parameters())
+    print(f"{args.name} at {size[0]}x{size[1]}: {params:,} params ({params / 1e6:.2f}M), "
+          f"{n:,} FLOPs ({n / 1e9:.2f} G multiply-adds)")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import swin
+    from swin.convert import save_state_dict
+
+    from .train import read_state_dict
+
+    src, out = Path(args.input), Path(args.output)
+    if not src.is_file():
+        raise FileNotFoundError(f"Checkpoint {src} does not exist.")
+    if out.exists() and not args.force:
+        raise ValueError(f"{out} already exists; choose another name or pass --force to overwrite it.")
+    if out.resolve() == src.resolve():
+        raise ValueError("OUTPUT must differ from INPUT.")
+    sd = read_state_dict(src)
+    converted = swin.convert_state_dict(sd, src=args.src, dst=args.to)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_state_dict(converted, out)
+    print(f"Wrote {len(converted)} tensors in the {args.to} layout to {out}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = Path(args.run_dir)
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run} has no metrics.jsonl (is it a run folder of swin train?).")
+    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    train = [r for r in rows if "loss" in r]
+    val = [r for r in rows if "val_top1" in r]
+    if not train:
+        raise ValueError(f"{path} has no training steps to plot yet.")
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    ax[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
+    if val:
+        ax[0].plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val")
+        ax[1].plot([r["epoch"] for r in val], [r["val_top1"] for r in val], "o-", label="top-1")
+        ax[1].plot([r["epoch"] for r in val], [r["val_top5"] for r in val], "o-", label="top-5")
+        if "val_ema_top1" in val[0]:
+            ax[1].plot([r["epoch"] for r in val], [r["val_ema_top1"] for r in val], "o--", label="EMA top-1")
+    ax[2].plot([r["step"] for r in train], [r["lr"] for r in train])
+    for a, title, xl in zip(ax, ("loss", "val accuracy (%)", "learning rate"), ("step", "epoch", "step")):
+        a.set_title(title)
+        a.set_xlabel(xl)
+        a.grid(alpha=0.3)
+    ax[0].legend()
+    ax[1].legend()
+    fig.suptitle(run.name)
+    fig.tight_layout()
+    out = Path(args.out) if args.out else run / "metrics.png"
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out)
+    print(f"Wrote {out}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    import swin
+
+    print("\n".join(swin.list_models()))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "flops": cmd_flops,
+            "convert": cmd_convert, "plot": cmd_plot, "models": cmd_models}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":  # the benchmark has its own parser
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
+    parser = _parser()
+    if not argv:
+        argv = ["train"]  # `swin` alone is the demo too
+    args = parser.parse_args(argv)
+    from .train import NonFiniteLossError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("SWIN_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,316 @@
+"""Datasets (digits, CIFAR, ImageFolder) and the transform presets, all through torchvision.transforms.v2.
+
+Every training sample is augmented under its own seed, drawn from (run seed, epoch, index): the
+augmentation of an image does not depend on the worker that loads it, on the number of processes, or
+on where a run was resumed. That is what makes ``--resume`` exact and DDP equal to one process.
+
+A file that cannot be read becomes a *skipped* sample: the loader drops it from its batch and reports
+its path, and the trainer warns and counts it; it never stops a run.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils.data import Dataset, Sampler
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DIGITS_MEAN = (0.5, 0.5, 0.5)
+DIGITS_STD = (0.5, 0.5, 0.5)
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+BUILTIN = ("digits", "cifar10", "cifar100")
+
+
+@dataclass
+class DataSplits:
+    """What a run trains and validates on; ``train``/``val`` yield (image, label) before transforms."""
+
+    name: str
+    train: Dataset
+    val: Dataset
+    classes: list[str]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    in_memory: bool  # True: cheap to index, no worker processes needed
+
+
+# -- base datasets ------------------------------------------------------------------------------
+
+class TensorImages(Dataset):
+    """Images held in memory as a uint8 (N, 3, H, W) tensor, with int labels."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, i: int) -> tuple[Any, int]:
+        return self.images[i], int(self.labels[i])
+
+
+class ImageFiles(Dataset):
+    """Images on disk as a list of (path, label); an unreadable file raises from :meth:`load`."""
+
+    def __init__(self, samples: list[tuple[str, int]]):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, i: int) -> tuple[Any, int]:
+        from PIL import Image
+
+        path, label = self.samples[i]
+        with Image.open(path) as im:
+            return im.convert("RGB"), label
+
+    def path(self, i: int) -> str:
+        return self.samples[i][0]
+
+
+class PILArrays(Dataset):
+    """CIFAR-style arrays (N, H, W, 3) uint8, handed out as PIL images."""
+
+    def __init__(self, data, labels: Sequence[int]):
+        self.data, self.labels = data, list(labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, i: int) -> tuple[Any, int]:
+        from PIL import Image
+
+        return Image.fromarray(self.data[i]), int(self.labels[i])
+
+
+def load_digits(img_size: int = 32) -> tuple[TensorImages, TensorImages, list[str]]:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images): a fixed stratified 80/20 split,
+    upsampled (bicubic) to ``img_size`` and repeated to 3 channels. No download."""
+    from sklearn.datasets import load_digits as _load
+    from sklearn.model_selection import train_test_split
+
+    X, y = _load(return_X_y=True)
+    idx_train, idx_val = train_test_split(range(len(y)), test_size=0.2, random_state=0, stratify=y)
+    x = torch.tensor(X, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
+    x = torch.nn.functional.interpolate(x, size=(img_size, img_size), mode="bicubic", align_corners=False)
+    x = (x.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()  # (N, 3, S, S)
+    labels = torch.tensor(y, dtype=torch.int64)
+    tr, va = torch.tensor(idx_train), torch.tensor(idx_val)
+    return TensorImages(x[tr], labels[tr]), TensorImages(x[va], labels[va]), [str(d) for d in range(10)]
+
+
+def load_cifar(name: str, root: str | os.PathLike) -> tuple[PILArrays, PILArrays, list[str]]:
+    """CIFAR-10/100 from ``root``, downloaded there by torchvision when missing."""
+    from torchvision import datasets
+
+    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    pretty = "CIFAR-10" if name == "cifar10" else "CIFAR-100"
+    try:
+        train = cls(root, train=True, download=False)
+    except RuntimeError:  # not there yet
+        try:
+            train = cls(root, train=True, download=True)
+        except Exception as e:  # URLError, socket errors, HTTP errors, a bad archive
+            raise FileNotFoundError(
+                f"{pretty} is not in {root} and could not be downloaded ({type(e).__name__}: no internet?); "
+                f"put the torchvision copy there or use --data digits.") from None
+    val = cls(root, train=False, download=False)
+    return PILArrays(train.data, train.targets), PILArrays(val.data, val.targets), list(train.classes)
+
+
+def scan_image_folder(root: str | os.PathLike, classes: list[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
+    """(path, label) pairs of ``root/<class>/*.<image ext>``; labels index ``classes`` (default: sorted folders)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"Image folder {root} does not exist.")
+    found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not found:
+        raise ValueError(f"{root} has no class folders; expected {root}/<class name>/<images>.")
+    if classes is None:
+        classes = found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise ValueError(f"{root} has class folder(s) {unknown[:5]} that the training split does not have.")
+    index = {c: i for i, c in enumerate(classes)}
+    samples = []
+    for name in found:
+        files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+        if not files:
+            raise ValueError(f"Class folder {root / name} has no images ({', '.join(IMG_EXTENSIONS)}); "
+                             "add images or remove the folder.")
+        samples += [(str(p), index[name]) for p in files]
+    return samples, classes
+
+
+def build_splits(data: str, img_size: int, root: str | os.PathLike = "data") -> DataSplits:
+    """Resolve ``--data``: "digits", "cifar10", "cifar100", or a folder with ``train/`` and ``val/``."""
+    if data == "digits":
+        train, val, classes = load_digits(img_size)
+        return DataSplits("digits", train, val, classes, DIGITS_MEAN, DIGITS_STD, in_memory=True)
+    if data in ("cifar10", "cifar100"):
+        train, val, classes = load_cifar(data, root)
+        return DataSplits(data, train, val, classes, IMAGENET_MEAN, IMAGENET_STD, in_memory=False)
+    path = Path(data).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"Data directory {data} does not exist (use a folder with train/ and val/, "
+                                f"or one of {', '.join(BUILTIN)}).")
+    for split in ("train", "val"):
+        if not (path / split).is_dir():
+            raise FileNotFoundError(f"{path} has no {split}/ folder; expected {path}/{split}/<class>/<images>.")
+    train_samples, classes = scan_image_folder(path / "train")
+    val_samples, _ = scan_image_folder(path / "val", classes)
+    return DataSplits(path.name, ImageFiles(train_samples), ImageFiles(val_samples), classes,
+                      IMAGENET_MEAN, IMAGENET_STD, in_memory=False)
+
+
+# -- transforms ----------------------------------------------------------------------------------
+
+def train_transform(img_size: int, mean: Sequence[float], std: Sequence[float], *,
+                    crop_scale: Sequence[float] = (0.08, 1.0), hflip: float = 0.5, rand_augment: int = 9,
+                    color_jitter: float = 0.4, reprob: float = 0.25) -> v2.Compose:
+    """RandomResizedCrop (bicubic), flip, RandAugment (2 ops, magnitude ``rand_augment``; 0 = off),
+    ColorJitter, normalise, RandomErasing. As in the official pipeline (timm's ``create_transform``),
+    colour jitter is only used when RandAugment is off."""
+    t: list[Callable] = [v2.ToImage(),
+                         v2.RandomResizedCrop(img_size, scale=tuple(crop_scale),
+                                              interpolation=v2.InterpolationMode.BICUBIC, antialias=True)]
+    if hflip > 0:
+        t.append(v2.RandomHorizontalFlip(hflip))
+    if rand_augment > 0:
+        t.append(v2.RandAugment(num_ops=2, magnitude=int(rand_augment),
+                                interpolation=v2.InterpolationMode.BILINEAR, fill=[int(255 * m) for m in mean]))
+    elif color_jitter > 0:
+        t.append(v2.ColorJitter(color_jitter, color_jitter, color_jitter))
+    t += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    if reprob > 0:
+        t.append(v2.RandomErasing(p=reprob, value=0.0))
+    return v2.Compose(t)
+
+
+def eval_transform(img_size: int, mean: Sequence[float], std: Sequence[float], crop: float = 0.875) -> v2.Compose:
+    """Resize the short side to ``img_size / crop`` (bicubic; 224 -> 256 at 0.875), centre crop, normalise."""
+    if not 0 < crop <= 1:
+        raise ValueError(f"eval_crop must be in (0, 1], got {crop}.")
+    return v2.Compose([v2.ToImage(),
+                       v2.Resize(int(round(img_size / crop)), interpolation=v2.InterpolationMode.BICUBIC,
+                                 antialias=True),
+                       v2.CenterCrop(img_size), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(list(mean), list(std))])
+
+
+def batch_mix(num_classes: int, mixup: float, cutmix: float, switch_prob: float) -> Callable | None:
+    """MixUp (Beta(mixup)) or CutMix (Beta(cutmix)), CutMix chosen with ``switch_prob`` when both are on;
+    returns soft (B, num_classes) targets. None when both are off."""
+    ops, probs = [], []
+    if cutmix > 0:
+        ops.append(v2.CutMix(alpha=cutmix, num_classes=num_classes))
+        probs.append(switch_prob if mixup > 0 else 1.0)
+    if mixup > 0:
+        ops.append(v2.MixUp(alpha=mixup, num_classes=num_classes))
+        probs.append(1.0 - switch_prob if cutmix > 0 else 1.0)
+    if not ops:
+        return None
+    return ops[0] if len(ops) == 1 else v2.RandomChoice(ops, p=probs)
+
+
+# -- per-sample seeded augmentation, skip-on-error loading ---------------------------------------
+
+class Transformed(Dataset):
+    """``base`` with ``transform``; each sample is transformed under the seed (seed, epoch, index)
+    without touching the global RNG. Returns (tensor, label, None) or (None, label, path) when the
+    file could not be read or decoded."""
+
+    def __init__(self, base: Dataset, transform: Callable, seed: int = 0):
+        self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        try:
+            image, label = self.base.load(i)
+        except Exception:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+            path = self.base.path(i) if hasattr(self.base, "path") else f"sample {i}"
+            return None, -1, path
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, self.epoch, i))
+            return self.transform(image), label, None
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def collate_skip(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Stack the readable samples; return the paths of the skipped ones alongside."""
+    ok = [(x, y) for x, y, bad in batch if bad is None]
+    skipped = [bad for _, _, bad in batch if bad is not None]
+    if not ok:
+        return torch.empty(0), torch.empty(0, dtype=torch.int64), skipped
+    return torch.stack([x for x, _ in ok]), torch.tensor([y for _, y in ok], dtype=torch.int64), skipped
+
+
+class ShardSampler(Sampler[int]):
+    """The indices of one rank: a permutation seeded by (seed, epoch), rank r taking every
+    ``world``-th index from ``r``, so that rank-local batches of b together are the global batch
+    of b * world that one process would take. ``start`` skips the first indices once (resume)."""
+
+    def __init__(self, n: int, world: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = True):
+        self.n, self.world, self.rank, self.shuffle, self.seed = n, world, rank, shuffle, seed
+        self.drop_last, self.epoch, self.start = drop_last, 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        if self.drop_last:
+            order = order[: self.n // self.world * self.world]
+        return order[self.rank::self.world]
+
+    def __iter__(self):
+        return iter(self.indices()[self.start:])
+
+    def __len__(self) -> int:
+        return len(self.indices()) - self.start
+
+
+def worker_init(_: int) -> None:
+    """Workers ignore SIGINT: the main process decides how to stop (finish the step, save, exit)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def eval_split(data: str, img_size: int, root: str | os.PathLike = "data",
+               classes: list[str] | None = None) -> tuple[Dataset, list[str], tuple, tuple]:
+    """The split ``swin eval`` measures: digits val, CIFAR test, ``DIR/val`` (or ``DIR`` itself when it
+    holds class folders). With ``classes`` (a run's), folder names map to those indices when they match.
+    Returns (dataset, classes, mean, std)."""
+    if data in BUILTIN:
+        s = build_splits(data, img_size, root)
+        return s.val, s.classes, s.mean, s.std
+    path = Path(data).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"Data directory {data} does not exist (use a folder of class folders, one with "
+                                f"val/, or one of {', '.join(BUILTIN)}).")
+    if (path / "val").is_dir():
+        path = path / "val"
+    found = sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+    use = classes if classes and set(found) <= set(classes) else None
+    samples, names = scan_image_folder(path, use)
+    return ImageFiles(samples), names, IMAGENET_MEAN, IMAGENET_STD
