@@ -689,9 +689,9 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
     head_keys = [k for k in ("head.weight", "head.bias") if k in target]
     ckpt_head = [k for k in ("head.weight", "head.bias") if k in ours]
     head_missing: list[str] = []
-    if ckpt_head and (not head_keys or any(ours[k].shape != target[k].shape for k in ckpt_head if k in target)):
-        got = ours["head.weight"].shape[0] if "head.weight" in ours else "?"
-        want = target["head.weight"].shape[0] if "head.weight" in target else 0
+    got = ours["head.weight"].shape[0] if "head.weight" in ours else None
+    want = target["head.weight"].shape[0] if "head.weight" in target else 0
+    if ckpt_head and got != want:  # another class count (a head of another width is a plain mismatch)
         warnings.warn(f"Checkpoint head has {got} classes and the model {want}; the head was not loaded and keeps "
                       f"its initial weights.", stacklevel=2)
         for k in ckpt_head:

@@ -1,0 +1,425 @@
+"""Checkpoint interop: key schemes, detection, round trips, mmdet patch-merging order, load_checkpoint."""
+from __future__ import annotations
+
+import os
+import re
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import swin
+from swin.convert import FORMATS, convert_state_dict, detect_format, load_checkpoint, save_state_dict
+from swin.model import PatchMerging
+
+TINY = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))
+
+
+def tiny(version: int = 1, window: int = 4, num_classes: int = 10, **kw) -> swin.SwinTransformer:
+    name = "swin_t" if version == 1 else "swinv2_t_w8"
+    return swin.create_model(name, num_classes=num_classes, window_size=window, drop_path_rate=0.0,
+                             **{**TINY, **kw}).eval()
+
+
+def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn(p.shape, generator=g) * (0.1 if p.ndim <= 1 or "logit_scale" in name else 0.02))
+    return model
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+X = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+
+
+# ------------------------------------------------------------------------------------------
+# Round trips and detection
+# ------------------------------------------------------------------------------------------
+WRITES = [(fmt, None) for fmt in FORMATS if fmt != "hf"] + [("hf", 4), ("hf", 5)]
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("fmt,hf_version", WRITES, ids=[f"{f}{v or ''}" for f, v in WRITES])
+def test_round_trip_is_identity_and_format_is_detected(version, fmt, hf_version):
+    sd = randomized(tiny(version)).state_dict()
+    out = convert_state_dict(sd, dst=fmt, hf_version=hf_version, window_size=4)
+    assert detect_format(out) == fmt
+    assert_same_state(convert_state_dict(out), sd)  # auto-detected read
+    assert_same_state(convert_state_dict(out, src=fmt), sd)  # named read
+
+
+def test_detection_tells_v1_from_v2_and_hf_versions():
+    from swin.convert import _inspect
+
+    for version in (1, 2):
+        sd = tiny(version).state_dict()
+        for fmt in FORMATS:
+            info = _inspect(convert_state_dict(sd, dst=fmt, hf_version=4, window_size=4))
+            assert (info.fmt, info.version) == (fmt, version)
+    v1 = tiny(1).state_dict()
+    assert _inspect(convert_state_dict(v1, dst="hf", hf_version=4)).hf_version == 4
+    assert _inspect(convert_state_dict(v1, dst="hf", hf_version=5)).hf_version == 5
+
+
+# REFERENCE.md: transformers 4.x V1 names vs 5.x.
+HF5_TO_HF4 = [
+    (r"\.attention\.q_proj\.", ".attention.self.query."),
+    (r"\.attention\.k_proj\.", ".attention.self.key."),
+    (r"\.attention\.v_proj\.", ".attention.self.value."),
+    (r"\.attention\.o_proj\.", ".attention.output.dense."),
+    (r"\.attention\.relative_position_bias\.relative_position_bias_table$",
+     ".attention.self.relative_position_bias_table"),
+    (r"\.mlp\.fc1\.", ".intermediate.dense."),
+    (r"\.mlp\.fc2\.", ".output.dense."),
+]
+
+
+def test_hf4_names_made_by_renaming_hf5_names_are_read():
+    sd = randomized(tiny(1)).state_dict()
+    hf5 = convert_state_dict(sd, dst="hf", hf_version=5)
+    hf4 = {}
+    for k, v in hf5.items():
+        for pattern, repl in HF5_TO_HF4:
+            k = re.sub(pattern, repl, k)
+        hf4[k] = v
+    assert any(".attention.self.query." in k for k in hf4) and not any("q_proj" in k for k in hf4)
+    assert detect_format(hf4) == "hf"
+    assert_same_state(convert_state_dict(hf4), sd)
+    # Our 4.x writer produces exactly these names plus the (N, N) index buffers 4.x saved.
+    written = convert_state_dict(sd, dst="hf", hf_version=4)
+    assert sorted(k for k in written if not k.endswith("relative_position_index")) == sorted(hf4)
+    n_blocks = sum(TINY["depths"])
+    assert sum(k.endswith("attention.self.relative_position_index") for k in written) == n_blocks
+
+
+def test_hf_default_writes_installed_transformers_layout():
+    transformers = pytest.importorskip("transformers")
+    major = int(transformers.__version__.split(".")[0])
+    written = convert_state_dict(tiny(1).state_dict(), dst="hf")
+    assert any((".attention.q_proj." if major >= 5 else ".attention.self.query.") in k for k in written)
+
+
+def test_wrappers_and_nesting_are_unwrapped():
+    model = randomized(tiny(1))
+    sd = model.state_dict()
+    ema = {k: torch.zeros_like(v) for k, v in sd.items()}
+    ddp = {"module." + k: v for k, v in sd.items()}
+    for ckpt in ({"model": sd, "ema": ema, "epoch": 3}, {"state_dict": ddp}, {"model_state": sd},
+                 {"state_dict_ema": sd}, {"model": {"_orig_mod." + k: v for k, v in sd.items()}},
+                 {"model." + k: v for k, v in sd.items()}):
+        assert_same_state(convert_state_dict(ckpt), sd)
+    timm_nested = {"state_dict": {"module." + k: v for k, v in convert_state_dict(sd, dst="timm").items()}}
+    assert detect_format(timm_nested) == "timm"
+    assert_same_state(convert_state_dict(timm_nested), sd)
+
+
+def test_official_write_has_the_official_buffers():
+    config = tiny(1, window=7).config  # 224: maps 56, 28, 14, 7 (the last one is a single window)
+    sd = tiny(1, window=7).state_dict()
+    off = convert_state_dict(sd, dst="official", config=config)
+    M = 7
+    coords = torch.stack(torch.meshgrid(torch.arange(M), torch.arange(M), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
+    index = (rel[..., 0] + M - 1) * (2 * M - 1) + rel[..., 1] + M - 1  # official formula
+    for i, depth in enumerate(TINY["depths"]):
+        for j in range(depth):
+            assert torch.equal(off[f"layers.{i}.blocks.{j}.attn.relative_position_index"], index)
+            H = 224 // 4 // 2**i
+            has_mask = j % 2 == 1 and H > M
+            assert (f"layers.{i}.blocks.{j}.attn_mask" in off) == has_mask
+            if has_mask:
+                assert torch.equal(off[f"layers.{i}.blocks.{j}.attn_mask"], official_mask(H, H, M, M // 2))
+    assert detect_format(off) == "official"
+    assert_same_state(convert_state_dict(off), sd)
+    # Without a config the masks (which depend on the training size) are left out.
+    assert not any(k.endswith("attn_mask") for k in convert_state_dict(sd, dst="official"))
+
+
+def official_mask(H: int, W: int, M: int, s: int) -> torch.Tensor:
+    img_mask = torch.zeros(1, H, W, 1)
+    cnt = 0
+    for h in (slice(0, -M), slice(-M, -s), slice(-s, None)):
+        for w in (slice(0, -M), slice(-M, -s), slice(-s, None)):
+            img_mask[:, h, w, :] = cnt
+            cnt += 1
+    windows = img_mask.view(1, H // M, M, W // M, M, 1).permute(0, 1, 3, 2, 4, 5).reshape(-1, M * M)
+    mask = windows.unsqueeze(1) - windows.unsqueeze(2)
+    return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
+
+
+def test_official_v2_buffers_use_the_pretrained_window():
+    model = tiny(2, window=8, pretrained_window_sizes=(6, 6, 6, 0))
+    off = convert_state_dict(model.state_dict(), dst="official", config=model.config)
+    table = off["layers.0.blocks.0.attn.relative_coords_table"]
+    assert table.shape == (1, 15, 15, 2)
+    # corner offset 7 normalised by (6 - 1), times 8, log-spaced
+    expected = torch.sign(torch.tensor(-7 / 5 * 8)) * torch.log2(torch.tensor(7 / 5 * 8) + 1) / 3
+    assert torch.allclose(table[0, 0, 0, 0], expected)
+    last = off["layers.3.blocks.0.attn.relative_coords_table"]
+    assert torch.allclose(last[0, 0, 0, 0], -torch.log2(torch.tensor(9.0)) / 3)  # (7 / 7) * 8
+
+
+# ------------------------------------------------------------------------------------------
+# mmdet / mmseg / mmpretrain
+# ------------------------------------------------------------------------------------------
+class UnfoldPatchMerging(nn.Module):
+    """mmcv's PatchMerging as mmdet/mmpretrain run it: nn.Unfold(2, stride 2), then norm/reduction."""
+
+    def __init__(self, dim: int, post_norm: bool):
+        super().__init__()
+        self.post_norm = post_norm
+        self.sampler = nn.Unfold(kernel_size=2, stride=2)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = nn.LayerNorm(2 * dim if post_norm else 4 * dim)
+
+    def forward(self, x):  # (B, H, W, C)
+        B, H, W, C = x.shape
+        x = self.sampler(x.permute(0, 3, 1, 2))  # (B, 4C, L), channels in (c, kh, kw) order
+        x = x.transpose(1, 2).reshape(B, H // 2, W // 2, 4 * C)
+        return self.norm(self.reduction(x)) if self.post_norm else self.reduction(self.norm(x))
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_mmdet_patch_merging_order_matches_nn_unfold(version):
+    """Our writer's permutation makes mmcv's Unfold-based merging compute what the official concat does."""
+    C = 8
+    ours = randomized(PatchMerging(C, version), seed=1)
+    sd = {f"layers.0.downsample.{k}": v for k, v in ours.state_dict().items()}
+    mm = convert_state_dict({**sd, **_dummy_block_keys(version)}, src="swin", dst="mmdet")
+    theirs = UnfoldPatchMerging(C, post_norm=version == 2)
+    stage = 1 if version == 2 else 0  # mmpretrain V2 merges at the start of the next stage
+    theirs.load_state_dict({k: mm[f"backbone.stages.{stage}.downsample.{k}"] for k in theirs.state_dict()})
+    x = torch.randn(2, 6, 10, C)
+    diff = (ours(x) - theirs(x)).abs().max().item()
+    assert diff < 1e-6
+    # and the unpermuted weights do not (the permutation is not a no-op)
+    theirs.load_state_dict({k: v for k, v in ours.state_dict().items()})
+    assert (ours(x) - theirs(x)).abs().max().item() > 1e-3
+
+
+def _dummy_block_keys(version: int) -> dict:
+    # a block so that the dict looks like a Swin checkpoint of the right version
+    key = "attn.relative_position_bias_table" if version == 1 else "attn.logit_scale"
+    return {f"layers.0.blocks.0.{key}": torch.zeros(49, 1) if version == 1 else torch.zeros(1, 1, 1)}
+
+
+def mmdet_from_formula(sd: dict) -> dict:
+    """A V1 mmdet detector checkpoint, written from the REFERENCE formula (not from swin.convert)."""
+    out = {}
+    for k, v in sd.items():
+        k2 = k.replace("layers.", "stages.").replace("patch_embed.proj", "patch_embed.projection")
+        k2 = k2.replace(".attn.", ".attn.w_msa.").replace("mlp.fc1", "ffn.layers.0.0").replace("mlp.fc2", "ffn.layers.1")
+        if k.endswith("downsample.reduction.weight"):
+            o, c4 = v.shape
+            v = v.reshape(o, 4, c4 // 4)[:, [0, 2, 1, 3]].transpose(1, 2).reshape(o, c4)
+        elif k.endswith("downsample.norm.weight") or k.endswith("downsample.norm.bias"):
+            v = v.reshape(4, -1)[[0, 2, 1, 3]].transpose(0, 1).reshape(-1)
+        if k.startswith("norm."):
+            k2 = "norm3." + k.split(".")[1]
+        if k.startswith("head."):
+            continue
+        out["backbone." + k2] = v
+    out["backbone.norm0.weight"] = torch.ones(32)  # detection output norms of earlier stages
+    out["neck.fpn_convs.0.conv.weight"] = torch.zeros(4, 4, 3, 3)
+    out["roi_head.bbox_head.fc_cls.weight"] = torch.zeros(81, 16)
+    return {"meta": {"mmdet_version": "3.0"}, "state_dict": out}
+
+
+def test_mmdet_detector_checkpoint_reads_to_the_same_logits():
+    src = randomized(tiny(1), seed=3)
+    ckpt = mmdet_from_formula(src.state_dict())
+    assert detect_format(ckpt) == "mmdet"
+    dst = tiny(1)
+    with pytest.warns(UserWarning) as record:
+        result = load_checkpoint(dst, ckpt)
+    messages = " ".join(str(w.message) for w in record)
+    assert "neck.fpn_convs" in messages and "backbone.norm0" in messages  # dropped, with a warning
+    assert "no classifier head" in messages
+    assert result.missing_keys == ["head.weight", "head.bias"] and result.unexpected_keys == []
+    with torch.no_grad():
+        assert torch.equal(dst.forward_features(X), src.forward_features(X))
+    # the writer produces the same tensors as the formula
+    written = convert_state_dict(src.state_dict(), dst="mmdet")
+    for k, v in ckpt["state_dict"].items():
+        if k.startswith("backbone.") and k != "backbone.norm0.weight":
+            assert torch.equal(written[k], v), k
+
+
+def test_mmpretrain_v2_layout_round_trips_with_merging_at_stage_start():
+    sd = randomized(tiny(2), seed=4).state_dict()
+    mm = convert_state_dict(sd, dst="mmdet")
+    assert "backbone.stages.1.downsample.reduction.weight" in mm
+    assert not any(k.startswith("backbone.stages.0.downsample") for k in mm)
+    assert "head.fc.weight" in mm and "backbone.norm3.weight" in mm
+    assert_same_state(convert_state_dict(mm), sd)
+
+
+# ------------------------------------------------------------------------------------------
+# Errors
+# ------------------------------------------------------------------------------------------
+def test_errors_name_the_format_and_the_keys():
+    sd = tiny(1).state_dict()
+    timm_sd = convert_state_dict(sd, dst="timm")
+    timm_sd["layers.2.blocks.0.attn.extra_thing"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"'timm'.*layers\.2\.blocks\.0\.attn\.extra_thing"):
+        convert_state_dict(timm_sd)
+    with pytest.raises(ValueError, match=r"Cannot tell.*bert\.embeddings"):
+        convert_state_dict({"bert.embeddings.word_embeddings.weight": torch.zeros(2, 2)})
+    with pytest.raises(ValueError, match="Unknown target format 'keras'"):
+        convert_state_dict(sd, dst="keras")
+    with pytest.raises(ValueError, match="window size"):
+        convert_state_dict(tiny(2).state_dict(), dst="torchvision")
+    hf = convert_state_dict(sd, dst="hf")
+    del hf["swin.encoder.layers.0.blocks.0.attention.k_proj.weight"]
+    with pytest.raises(ValueError, match=r"'hf'.*layers\.0\.blocks\.0\.attn\.qkv\.weight"):
+        convert_state_dict(hf)
+
+
+# ------------------------------------------------------------------------------------------
+# load_checkpoint and save_state_dict
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("suffix,fmt", [(".pth", "timm"), (".safetensors", "hf"), (".bin", "torchvision"),
+                                        (".pt", "official")])
+def test_load_checkpoint_files(tmp_path, suffix, fmt):
+    src = randomized(tiny(1), seed=5)
+    path = tmp_path / f"weights{suffix}"
+    save_state_dict(convert_state_dict(src.state_dict(), dst=fmt), path)
+    assert os.listdir(tmp_path) == [path.name]  # no temp file left behind
+    for where in (path, str(path)):
+        dst = tiny(1)
+        result = load_checkpoint(dst, where)
+        assert result.missing_keys == [] and result.unexpected_keys == []
+        assert_same_state(dst.state_dict(), src.state_dict())
+
+
+def test_load_checkpoint_training_checkpoint_prefers_model_over_ema(tmp_path):
+    src = randomized(tiny(1), seed=6)
+    ema = {k: torch.zeros_like(v) for k, v in src.state_dict().items()}
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": {"module." + k: v for k, v in src.state_dict().items()}, "ema": ema,
+                "optimizer": {"state": {}, "param_groups": []}, "epoch": 7}, path)
+    dst = tiny(1)
+    load_checkpoint(dst, path)
+    assert_same_state(dst.state_dict(), src.state_dict())
+
+
+def test_saved_buffers_are_ignored():
+    src = randomized(tiny(2), seed=7)
+    tv = convert_state_dict(src.state_dict(), dst="torchvision", window_size=4)
+    assert any(k.endswith("relative_coords_table") for k in tv)
+    tv = {k: (v + 1 if k.endswith(("relative_coords_table", "relative_position_index")) else v)
+          for k, v in tv.items()}  # garbage buffers change nothing
+    dst = tiny(2)
+    assert load_checkpoint(dst, tv) == ([], [])
+    with torch.no_grad():
+        assert torch.equal(dst(X), src(X))
+
+
+def test_bias_table_is_interpolated_bicubically_to_a_new_window():
+    src = randomized(tiny(1, window=7), seed=8)
+    same = tiny(1, window=7)
+    load_checkpoint(same, src.state_dict())
+    assert_same_state(same.state_dict(), src.state_dict())  # window 7 -> 7 is exact
+
+    big = tiny(1, window=12)
+    load_checkpoint(big, src.state_dict())
+    table7 = src.state_dict()["layers.1.blocks.1.attn.relative_position_bias_table"]  # (169, 2)
+    table12 = big.state_dict()["layers.1.blocks.1.attn.relative_position_bias_table"]
+    assert table12.shape == (23 * 23, 2)
+    expected = F.interpolate(table7.permute(1, 0).reshape(1, 2, 13, 13), size=(23, 23), mode="bicubic",
+                             align_corners=False).reshape(2, 23 * 23).permute(1, 0)
+    assert torch.allclose(table12, expected, atol=1e-7)
+    # the centre (offset 0) of the table keeps its value up to the interpolation
+    assert torch.allclose(table12.view(23, 23, 2)[11, 11], table7.view(13, 13, 2)[6, 6], atol=0.05)
+    assert torch.equal(big.state_dict()["layers.1.blocks.1.mlp.fc1.weight"],
+                       src.state_dict()["layers.1.blocks.1.mlp.fc1.weight"])
+
+
+def test_head_of_another_class_count_is_dropped_with_a_warning():
+    src = randomized(tiny(1, num_classes=10), seed=9)
+    dst = tiny(1, num_classes=5)
+    head_before = dst.head.weight.clone()
+    with pytest.warns(UserWarning, match="head has 10 classes and the model 5"):
+        result = load_checkpoint(dst, convert_state_dict(src.state_dict(), dst="hf"))
+    assert result.missing_keys == ["head.weight", "head.bias"] and result.unexpected_keys == []
+    assert torch.equal(dst.head.weight, head_before)
+    assert torch.equal(dst.layers[3].blocks[1].attn.qkv.weight, src.layers[3].blocks[1].attn.qkv.weight)
+    # a backbone (num_classes=0) takes the rest of a classifier checkpoint
+    backbone = tiny(1, num_classes=0)
+    with pytest.warns(UserWarning, match="head"):
+        assert load_checkpoint(backbone, src.state_dict()) == ([], [])
+    with torch.no_grad():
+        assert torch.equal(backbone(X), src.forward_features(X))
+
+
+def test_missing_file_raises_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(tiny(1), tmp_path / "nope.pth")
+
+
+class _Exploit:
+    """Unpickling this creates a file: what a malicious checkpoint could do with os.system."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_with_code_is_refused_and_not_run(tmp_path):
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "evil.pth"
+    torch.save({"model": tiny(1).state_dict(), "payload": _Exploit(marker)}, path)
+    with pytest.raises(ValueError, match="Python objects other than tensors.*refused|safety"):
+        load_checkpoint(tiny(1), path)
+    assert not marker.exists()
+
+
+def test_wrong_model_raises_naming_format_and_keys():
+    v1 = convert_state_dict(tiny(1).state_dict(), dst="timm")
+    with pytest.raises(ValueError, match=r"'timm' \(Swin V1\).*(missing|unexpected).*layers\.0\.blocks\.0\.attn\."):
+        load_checkpoint(tiny(2), v1)
+    deeper = tiny(1, depths=(2, 2, 4, 2))
+    with pytest.raises(ValueError, match=r"missing layers\.2\.blocks\.2\."):
+        load_checkpoint(deeper, v1)
+    wider = swin.create_model("swin_t", num_classes=10, window_size=4, embed_dim=64, depths=(2, 2, 2, 2),
+                              num_heads=(1, 2, 4, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # same class count: the head is a plain mismatch, not dropped
+        with pytest.raises(ValueError, match=r"wrong shape.*head\.weight|wrong shape"):
+            load_checkpoint(wider, v1)
+    # strict=False reports instead of raising
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = load_checkpoint(deeper, v1, strict=False)
+    assert "layers.2.blocks.2.attn.qkv.weight" in result.missing_keys and result.unexpected_keys == []
+
+
+def test_save_state_dict_safetensors_handles_views_and_shared_storage(tmp_path):
+    base = torch.randn(6, 4)
+    sd = {"a": base.t(), "b": base[:3], "c": base[3:]}  # non-contiguous and sharing storage
+    path = tmp_path / "out.safetensors"
+    save_state_dict(sd, path)
+    from safetensors.torch import load_file
+
+    loaded = load_file(str(path))
+    for k in sd:
+        assert torch.equal(loaded[k], sd[k])
+    save_state_dict({"a": torch.ones(2)}, path)  # replaces atomically
+    assert torch.equal(load_file(str(path))["a"], torch.ones(2))
+    assert os.listdir(tmp_path) == ["out.safetensors"]
+
+
+def test_public_names_are_exposed_lazily():
+    assert swin.load_checkpoint is load_checkpoint
+    assert swin.convert_state_dict is convert_state_dict
+    assert swin.detect_format is detect_format
