@@ -114,7 +114,7 @@ def test_wrappers_and_nesting_are_unwrapped():
     ddp = {"module." + k: v for k, v in sd.items()}
     for ckpt in ({"model": sd, "ema": ema, "epoch": 3}, {"state_dict": ddp}, {"model_state": sd},
                  {"state_dict_ema": sd}, {"model": {"_orig_mod." + k: v for k, v in sd.items()}},
-                 {"model." + k: v for k, v in sd.items()}):
+                 {"model." + k: v for k, v in sd.items()}, {"backbone." + k: v for k, v in sd.items()}, model):
         assert_same_state(convert_state_dict(ckpt), sd)
     timm_nested = {"state_dict": {"module." + k: v for k, v in convert_state_dict(sd, dst="timm").items()}}
     assert detect_format(timm_nested) == "timm"
@@ -341,6 +341,13 @@ def test_bias_table_is_interpolated_bicubically_to_a_new_window():
     assert torch.allclose(table12.view(23, 23, 2)[11, 11], table7.view(13, 13, 2)[6, 6], atol=0.05)
     assert torch.equal(big.state_dict()["layers.1.blocks.1.mlp.fc1.weight"],
                        src.state_dict()["layers.1.blocks.1.mlp.fc1.weight"])
+
+
+def test_v2_weights_load_into_another_window_unchanged():
+    src = randomized(tiny(2, window=4), seed=10)
+    dst = tiny(2, window=8)  # the CPB MLP has no window-sized parameter
+    assert load_checkpoint(dst, src.state_dict()) == ([], [])
+    assert_same_state(dst.state_dict(), src.state_dict())
 
 
 def test_head_of_another_class_count_is_dropped_with_a_warning():

@@ -19,7 +19,8 @@ Formats (``src``/``dst`` names; aliases in parentheses):
 - ``mmdet`` (``mmseg``, ``mmpretrain``, ``mmcls``): ``backbone.stages.i.blocks.j.attn.w_msa.*``,
   ``ffn.layers.0.0``/``ffn.layers.1``, patch merging weights in ``nn.Unfold`` channel order; V1 merges
   at the end of a stage (mmdet/mmseg/mmpretrain), V2 (mmpretrain) at the start of the next one. The
-  final norm is ``backbone.norm{last}``; an mmpretrain classifier's head is ``head.fc``. Read drops,
+  final norm is ``backbone.norm{last}``; an mmpretrain classifier's head is ``head.fc``. Write adds the V1
+  ``relative_position_index`` (mmpretrain V2 deletes its buffers before loading). Read drops,
   with a warning, what a classifier has no place for: the other per-stage output norms
   (``backbone.norm0..``) and detector/segmentor parts (``neck.``, ``decode_head.``, ...).
 
@@ -73,7 +74,7 @@ _MERGE_RE = re.compile(r"^layers\.(\d+)\.downsample\.(.+)$")
 # Nesting keys of training checkpoints, most preferred first ("model" beats an EMA copy).
 _NEST_KEYS = ("model", "state_dict", "model_state", "model_state_dict", "module", "net", "network",
               "state_dict_ema", "model_ema", "ema")
-_WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
+_WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.", "backbone.")  # stripped only when every key has it
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,8 @@ def _first(keys, n: int = 5) -> str:
 def _unwrap(obj: Any) -> dict[str, torch.Tensor]:
     """Find the tensor dict inside a training checkpoint and strip wrapper prefixes (DDP, compile)."""
     for _ in range(5):
+        if isinstance(obj, nn.Module):
+            obj = obj.state_dict()
         if not isinstance(obj, Mapping):
             raise ValueError(f"Expected a state dict (a mapping of names to tensors), got {type(obj).__name__}.")
         if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -658,6 +661,9 @@ def _resize_bias_table(table: torch.Tensor, window: int) -> torch.Tensor:
     """((2M-1)^2, heads) -> ((2M'-1)^2, heads), bicubic like the official fine-tuning code."""
     rows, heads = table.shape
     side, new_side = round(rows ** 0.5), 2 * window - 1
+    if side * side != rows or side % 2 == 0:
+        raise ValueError(f"A relative_position_bias_table of {rows} rows is not (2M-1)^2 for a square window M; "
+                         f"only square windows can be resized.")
     grid = table.float().permute(1, 0).reshape(1, heads, side, side)
     grid = F.interpolate(grid, size=(new_side, new_side), mode="bicubic", align_corners=False)
     return grid.reshape(heads, new_side * new_side).permute(1, 0).contiguous().to(table.dtype)
