@@ -11,7 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import swin
-from swin.convert import FORMATS, convert_state_dict, detect_format, load_checkpoint, save_state_dict
+from swin.convert import (FORMATS, convert_state_dict, detect_format, load_checkpoint, read_checkpoint,
+                          save_state_dict)
 from swin.model import PatchMerging
 
 TINY = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))
@@ -370,6 +371,8 @@ def test_head_of_another_class_count_is_dropped_with_a_warning():
 def test_missing_file_raises_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_checkpoint(tiny(1), tmp_path / "nope.pth")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_checkpoint(str(tmp_path / "nope.safetensors"))
 
 
 class _Exploit:
@@ -388,6 +391,8 @@ def test_pickle_with_code_is_refused_and_not_run(tmp_path):
     torch.save({"model": tiny(1).state_dict(), "payload": _Exploit(marker)}, path)
     with pytest.raises(ValueError, match="Python objects other than tensors.*refused|safety"):
         load_checkpoint(tiny(1), path)
+    with pytest.raises(ValueError, match="safety"):
+        read_checkpoint(path)
     assert not marker.exists()
 
 

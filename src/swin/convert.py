@@ -47,7 +47,8 @@ import torch.nn.functional as F
 from . import windows as W
 from .config import SwinConfig
 
-__all__ = ["FORMATS", "convert_state_dict", "detect_format", "load_checkpoint", "save_state_dict", "LoadResult"]
+__all__ = ["FORMATS", "convert_state_dict", "detect_format", "load_checkpoint", "read_checkpoint", "save_state_dict",
+           "LoadResult"]
 
 FORMATS = ("swin", "official", "timm", "torchvision", "hf", "mmdet")
 _ALIASES = {"ours": "swin", "microsoft": "official", "transformers": "hf", "huggingface": "hf",
@@ -630,6 +631,15 @@ def _read_file(path: str | os.PathLike) -> Any:
         ) from e
 
 
+def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file, unwrapped from training-checkpoint nesting, in its own key scheme.
+
+    ``.safetensors`` or a torch pickle read with ``weights_only=True`` (a pickle holding other
+    Python objects is refused with ValueError); a missing file raises FileNotFoundError.
+    """
+    return _unwrap(_read_file(path))
+
+
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
     """Write a state dict atomically (temp file in the same folder, then ``os.replace``).
 
@@ -680,9 +690,7 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
     other missing, unexpected or mis-shaped key raises ValueError.
     """
     raw = path_or_state_dict
-    if isinstance(raw, (str, os.PathLike)):
-        raw = _read_file(raw)
-    sd = _unwrap(raw)
+    sd = read_checkpoint(raw) if isinstance(raw, (str, os.PathLike)) else _unwrap(raw)
     info = _inspect(sd)
     ours = convert_state_dict(sd, src=info.fmt, dst="swin")
     target = model.state_dict()
