@@ -112,8 +112,8 @@ def window_attention_sdpa(attn, x: torch.Tensor, window: int, shift: int, mask_p
     scale = attn.scale
     if attn.version == 2:
         logit = torch.clamp(attn.logit_scale, max=math.log(100.0)).exp().view(heads, 1)  # (heads, 1)
-        q = F.normalize(q, dim=-1) * logit
-        k = F.normalize(k, dim=-1)
+        q = (F.normalize(q, dim=-1) * logit).to(v.dtype)  # autocast: logit is fp32, SDPA wants one dtype
+        k = F.normalize(k, dim=-1).to(v.dtype)
         scale = 1.0
     mask = bias_and_mask(attn, H, Wd, window, shift, mask_padding, q.dtype, x.device)  # (nW or 1, heads, N, N)
     p = attn.attn_drop.p if attn.training else 0.0

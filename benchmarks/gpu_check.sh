@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# One command for a CUDA machine (H100/H200; torch, triton, timm, transformers, torchvision installed):
+#   bash benchmarks/gpu_check.sh            # results under $OUT (default /tmp/swin_gpu_check)
+# 1. the ops parity tests on the GPU (fp32 and bf16, forward and backward), 2. Swin-T 224 bf16:
+# inference b256, training step b128 with peak memory, latency b1, ours vs timm / torchvision / HF,
+# 3. Swin-B and SwinV2-T if time is left. Each section is separate and time-boxed: a failure is
+# logged and the rest still runs. Whole script: < 8 minutes. A short table is printed last.
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-/tmp/swin_inductor_cache}"
+OUT="${OUT:-/tmp/swin_gpu_check}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+BUDGET="${BUDGET_S:-460}"   # seconds for the whole script
+T0=$(date +%s)
+left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+section() {  # section NAME MAX_SECONDS CMD... ; runs CMD with a timeout of min(MAX, time left - reserve)
+  local name="$1" max="$2"; shift 2
+  local t=$(( $(left) - 15 )); [ "$t" -gt "$max" ] && t="$max"
+  if [ "$t" -lt 20 ]; then echo "[$name] skipped: $(left)s left" | tee -a "$OUT/sections.txt"; return; fi
+  local s=$(date +%s)
+  timeout -k 5 "$t" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "[$name] rc=$rc in $(( $(date +%s) - s ))s (limit ${t}s)" | tee -a "$OUT/sections.txt"
+  tail -n 3 "$OUT/$name.log"
+}
+
+{ date; nvidia-smi; "$PY" -c "import torch, triton, timm, transformers, torchvision; print('torch', torch.__version__, 'triton', triton.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name())"; } > "$OUT/env.txt" 2>&1
+tail -n 1 "$OUT/env.txt"
+
+# 1. parity on the GPU (CUDA parametrisations run because a GPU is present) + the interpreter check
+section parity 150 "$PY" -m pytest tests/test_ops.py -q -p no:cacheprovider -k "cuda or whole_model or interpreted or training_step" --junitxml="$OUT/parity.xml"
+
+# 2. Swin-T 224, bf16 autocast: ours (auto = Triton kernels) vs peers, eager and compiled
+B="$PY benchmarks/bench.py --device cuda --dtype bf16 --rounds 5 --iters 8 --warmup 3"
+section t_infer 170 $B --models swin_t --modes infer --budget-s 120 --out "$OUT/t_infer" \
+  --impls ours,ours-sdpa,ours+compile,ours-sdpa+compile,timm,timm+compile,timm-sdpa,tv,hf
+section t_train 190 $B --models swin_t --modes train --budget-s 140 --out "$OUT/t_train" \
+  --impls ours,ours-sdpa,ours+compile,timm,timm-sdpa+compile,tv,hf
+section t_latency 60 $B --models swin_t --modes latency --iters 20 --out "$OUT/t_latency" \
+  --impls ours,ours+graph,ours-sdpa+graph,timm,timm-sdpa,tv,hf
+
+# 3. Swin-B and SwinV2-T, eager only (no compile warm-ups), if time is left
+section bv2 100 $B --models swin_b,swinv2_t_w8 --modes infer,train --batch-infer 128 --batch-train 64 --iters 5 \
+  --rounds 3 --budget-s 70 --out "$OUT/bv2" --impls ours,ours-sdpa,timm,tv,hf
+
+# short table last
+"$PY" - "$OUT" <<'PYEOF'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1]); rows = []
+for f in sorted(out.glob("*/bench.json")):
+    for e in json.loads(f.read_text())["entries"]:
+        rows.append(e)
+md = ["| model | mode | batch | impl | median | unit | vs best peer | peak GiB | mem vs timm | parity |", "|" + "---|" * 10]
+for e in rows:
+    fmt = lambda v, p=2: "" if v is None else f"{v:.{p}f}"
+    md.append(f"| {e['model']} | {e['mode']} | {e['batch']} | {e['impl']} | "
+              f"{fmt(e['median']) if e['median'] else (e['error'] or '')[:60]} | {e['unit']} | {fmt(e['vs_best_peer'])} | "
+              f"{fmt(e['peak_gib'])} | {fmt(e['mem_vs_timm'])} | {'' if e['parity_rel_err'] is None else '%.1e' % e['parity_rel_err']} |")
+(out / "summary.md").write_text("\n".join(md) + "\n")
+print("\n".join(md))
+PYEOF
+cat "$OUT/sections.txt"
+echo "total $(( $(date +%s) - T0 ))s; results in $OUT"

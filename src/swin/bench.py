@@ -1,0 +1,421 @@
+"""Side-by-side benchmark: this package against timm, torchvision and HF transformers.
+
+Inference throughput, training-step throughput (forward + backward + AdamW, with peak memory on
+CUDA) and batch-1 latency, each implementation eager and, where asked, ``torch.compile``d.
+Warm-up first (compilation stays out of the numbers), then interleaved rounds (every
+implementation once per round, so load changes hit all alike), median and spread per entry, and
+the ratio of each entry to the best peer measured in the same run. Inputs are fresh random
+tensors, rotated among several sets. Writes a markdown table and JSON.
+
+    PYTHONPATH=src python3 benchmarks/bench.py --device cpu --models swin_t --modes infer,train
+    swin bench --device cuda --dtype bf16 --compile
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Our model name -> the peers' equivalents (random init: no weights are downloaded).
+MODELS = {
+    "swin_t": dict(size=224, timm="swin_tiny_patch4_window7_224", tv="swin_t",
+                   hf=("swin", dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7))),
+    "swin_s": dict(size=224, timm="swin_small_patch4_window7_224", tv="swin_s",
+                   hf=("swin", dict(embed_dim=96, depths=[2, 2, 18, 2], num_heads=[3, 6, 12, 24], window_size=7))),
+    "swin_b": dict(size=224, timm="swin_base_patch4_window7_224", tv="swin_b",
+                   hf=("swin", dict(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], window_size=7))),
+    "swinv2_t_w8": dict(size=256, timm="swinv2_tiny_window8_256", tv="swin_v2_t",
+                        hf=("swinv2", dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=8))),
+}
+PEERS = ("timm", "timm-sdpa", "tv", "hf")
+
+
+@dataclass
+class Entry:
+    model: str
+    mode: str  # infer | train | latency
+    impl: str
+    batch: int
+    unit: str  # img/s or ms
+    samples: list[float] = field(default_factory=list)
+    median: float | None = None
+    spread: float | None = None  # (max - min) / median over rounds
+    vs_best_peer: float | None = None  # > 1 is better than the best peer, for both units
+    peak_gib: float | None = None
+    mem_vs_timm: float | None = None
+    parity_rel_err: float | None = None
+    error: str | None = None
+
+
+# -- building the implementations ------------------------------------------------------------
+def _build(impl: str, name: str, drop_path: float) -> tuple[nn.Module, Callable]:
+    """(module, forward fn x -> logits) for an implementation name like 'ours-sdpa' or 'timm'."""
+    spec = MODELS[name]
+    base = impl.split("+")[0]
+    if base.startswith("ours"):
+        import swin
+
+        backend = base.split("-", 1)[1] if "-" in base else "auto"
+        backend = "reference" if backend == "ref" else backend
+        model = swin.create_model(name, drop_path_rate=drop_path, backend=backend)
+        return model, model
+    if base in ("timm", "timm-sdpa"):
+        import timm
+
+        model = timm.create_model(spec["timm"], pretrained=False, drop_path_rate=drop_path)
+        for m in model.modules():  # timm's Swin SDPA path is "experimental" and off unless asked
+            if hasattr(m, "fused_attn"):
+                m.fused_attn = base == "timm-sdpa"
+        return model, model
+    if base == "tv":
+        import torchvision
+
+        model = getattr(torchvision.models, spec["tv"])(weights=None)
+        depth = [m for m in model.modules() if isinstance(m, torchvision.ops.StochasticDepth)]
+        for i, m in enumerate(depth):  # its builder fixes the rate; use the same linear rule as the others
+            m.p = drop_path * i / max(len(depth) - 1, 1)
+        return model, model
+    if base == "hf":
+        import transformers
+
+        kind, kw = spec["hf"]
+        if kind == "swin":
+            cfg = transformers.SwinConfig(image_size=spec["size"], num_labels=1000, drop_path_rate=drop_path, **kw)
+            model = transformers.SwinForImageClassification(cfg)
+        else:
+            cfg = transformers.Swinv2Config(image_size=spec["size"], num_labels=1000, drop_path_rate=drop_path, **kw)
+            model = transformers.Swinv2ForImageClassification(cfg)
+        return model, lambda x: model(pixel_values=x).logits
+    raise ValueError(f"Unknown implementation {impl!r}; use ours[-ref|-sdpa|-triton], timm, timm-sdpa, tv or hf, "
+                     "with an optional +compile, +graph (CUDA graph) or +ro (compile reduce-overhead).")
+
+
+def _autocast(device: str, dtype: torch.dtype, cache: bool = True):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    # CUDA-graph capture needs the autocast weight cache off (torch.cuda.graph docs)
+    return torch.autocast(device_type=device, dtype=dtype, cache_enabled=cache)
+
+
+class _Timer:
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+
+    def __call__(self, fn: Callable[[int], None], iters: int) -> float:
+        """Seconds per call of fn(i), i = 0..iters-1 (CUDA events around the loop on GPU)."""
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for i in range(iters):
+                fn(i)
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3 / iters
+        t0 = time.perf_counter()
+        for i in range(iters):
+            fn(i)
+        return (time.perf_counter() - t0) / iters
+
+
+# -- the three measurements ------------------------------------------------------------------
+def _prepare(impl: str, name: str, mode: str, device: str, dtype: torch.dtype, batch: int, drop_path: float,
+             inputs: list[torch.Tensor]):
+    """A callable step(i) for one implementation, warmed up; plus bookkeeping for memory/parity."""
+    torch.manual_seed(0)
+    model, fwd = _build(impl, name, drop_path)
+    model.to(device)
+    flags = impl.split("+")[1:]
+    if "compile" in flags:
+        fwd = torch.compile(fwd)
+    elif "ro" in flags:
+        fwd = torch.compile(fwd, mode="reduce-overhead")
+    info: dict = {"model": model}
+    if mode == "train":
+        model.train()
+        labels = [torch.randint(0, 1000, (batch,), device=device) for _ in inputs]
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05,
+                                **({"fused": True} if device == "cuda" else {"foreach": True}))
+
+        def step(i: int) -> None:
+            with _autocast(device, dtype):
+                loss = F.cross_entropy(fwd(inputs[i % len(inputs)]).float(), labels[i % len(labels)])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        info["opt"] = opt
+    else:
+        model.eval()
+        if "graph" in flags:
+            if device != "cuda":
+                raise ValueError("+graph needs CUDA")
+            from swin.ops import CudaGraphRunner
+
+            with _autocast(device, dtype, cache=False):
+                runner = CudaGraphRunner(lambda x: fwd(x), inputs[0])
+
+            def step(i: int) -> None:
+                runner(inputs[i % len(inputs)])
+        else:
+            def step(i: int) -> None:
+                with torch.inference_mode(), _autocast(device, dtype):
+                    out = fwd(inputs[i % len(inputs)])
+                if i == 0 and not torch.isfinite(out.float()).all():
+                    raise RuntimeError(f"{impl}: non-finite logits")
+    return step, info
+
+
+def _param_and_state_bytes(info: dict) -> int:
+    n = sum(p.numel() * p.element_size() for p in info["model"].parameters())
+    opt = info.get("opt")
+    if opt is not None:
+        for st in opt.state.values():
+            n += sum(v.numel() * v.element_size() for v in st.values() if torch.is_tensor(v) and v.dim() > 0)
+    return n
+
+
+def _parity(name: str, impl: str, device: str, dtype: torch.dtype, x: torch.Tensor) -> float:
+    """Relative error of our fast backend's logits against our reference path (same weights)."""
+    import copy
+
+    import swin
+
+    backend = impl.split("+")[0].split("-", 1)[1] if "-" in impl.split("+")[0] else "auto"
+    torch.manual_seed(0)
+    ref = swin.create_model(name).to(device).eval()
+    fast = copy.deepcopy(ref)
+    fast.set_backend("reference" if backend == "ref" else backend)
+    with torch.inference_mode():
+        r = ref(x[:2].float()).double()
+        with _autocast(device, dtype):
+            f = fast(x[:2]).double()
+    return ((f - r).norm() / r.norm()).item()
+
+
+def run_mode(name: str, mode: str, impls: list[str], args, log) -> list[Entry]:
+    device, dtype = args.device, _DTYPES[args.dtype]
+    batch = {"infer": args.batch_infer, "train": args.batch_train, "latency": 1}[mode]
+    size = MODELS[name]["size"]
+    gen = torch.Generator(device="cpu").manual_seed(1234)
+    inputs = [torch.randn(batch, 3, size, size, generator=gen).to(device) for _ in range(3)]
+    timer = _Timer(device)
+    unit = "ms" if mode == "latency" else "img/s"
+    entries, steps = [], {}
+    for impl in impls:
+        if mode != "latency" and "graph" in impl:
+            continue
+        if mode == "train" and ("graph" in impl or "ro" in impl.split("+")[1:]):
+            continue
+        e = Entry(name, mode, impl, batch, unit)
+        entries.append(e)
+        if _over_budget(args):
+            e.error = "skipped: time budget"
+            continue
+        try:
+            t0 = time.perf_counter()
+            if device == "cuda":
+                gc.collect()
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+            step, info = _prepare(impl, name, mode, device, dtype, batch, args.drop_path, inputs)
+            for i in range(args.warmup):
+                step(i)
+            if device == "cuda":
+                torch.cuda.synchronize()
+                if mode == "train":
+                    torch.cuda.reset_peak_memory_stats()
+                    before = torch.cuda.memory_allocated()
+                    for i in range(2):
+                        step(i)
+                    torch.cuda.synchronize()
+                    e.peak_gib = (torch.cuda.max_memory_allocated() - before + _param_and_state_bytes(info)) / 2**30
+            if impl.startswith("ours") and mode != "train" and args.parity:
+                e.parity_rel_err = _parity(name, impl, device, dtype, inputs[0])
+            steps[impl] = step
+            log(f"  ready {name} {mode} {impl} in {time.perf_counter() - t0:.1f}s")
+        except Exception as exc:  # one broken implementation must not stop the run
+            e.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            log(f"  FAILED {name} {mode} {impl}: {e.error}\n{traceback.format_exc()}")
+    iters = args.iters if mode != "latency" else args.iters * 5
+    for r in range(args.rounds):
+        if _over_budget(args) and r >= 2:
+            log("  time budget reached: stopping rounds early")
+            break
+        for e in entries:
+            if e.impl not in steps:
+                continue
+            try:
+                sec = timer(steps[e.impl], iters)
+                e.samples.append(sec * 1e3 if unit == "ms" else batch / sec)
+            except Exception as exc:
+                e.error = f"{type(exc).__name__}: {exc}"[:200]
+                steps.pop(e.impl)
+    _summarise(entries)
+    steps.clear()
+    if device == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+    return entries
+
+
+def _summarise(entries: list[Entry]) -> None:
+    for e in entries:
+        if e.samples:
+            e.median = statistics.median(e.samples)
+            e.spread = (max(e.samples) - min(e.samples)) / e.median
+    peers = [e for e in entries if e.median and e.impl.split("+")[0] in PEERS]
+    if not peers:
+        return
+    lower_better = entries[0].unit == "ms"
+    best = min(e.median for e in peers) if lower_better else max(e.median for e in peers)
+    timm_mem = [e.peak_gib for e in entries if e.peak_gib and e.impl.split("+")[0] == "timm"]
+    for e in entries:
+        if e.median:
+            e.vs_best_peer = best / e.median if lower_better else e.median / best
+        if e.peak_gib and timm_mem:
+            e.mem_vs_timm = e.peak_gib / min(timm_mem)
+
+
+# -- reporting -------------------------------------------------------------------------------
+def machine_info(device: str) -> dict:
+    info = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
+            "python": platform.python_version(), "cpu_count": os.cpu_count(), "platform": platform.platform()}
+    try:
+        info["loadavg"] = os.getloadavg()
+    except OSError:
+        pass
+    for mod in ("timm", "transformers", "torchvision", "triton"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:
+            info[mod] = None
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    info["threads"] = torch.get_num_threads()
+    return info
+
+
+def to_markdown(entries: list[Entry], info: dict, args) -> str:
+    head = (f"{info['date']} | {info.get('gpu') or 'CPU x' + str(info['cpu_count'])} | torch {info['torch']} | "
+            f"{args.dtype} | rounds {args.rounds} x iters {args.iters}")
+    lines = [f"### {head}", ""]
+    key = None
+    for e in entries:
+        if (e.model, e.mode) != key:
+            key = (e.model, e.mode)
+            lines += ["", f"**{e.model} {e.mode}, batch {e.batch}** ({e.unit}; median of rounds; spread = (max-min)/median)", "",
+                      "| impl | median | spread | vs best peer | peak GiB | mem vs timm | parity rel err |",
+                      "|---|---|---|---|---|---|---|"]
+        if e.median is None:
+            lines.append(f"| {e.impl} | {e.error or 'n/a'} | | | | | |")
+            continue
+        f = (lambda v, p=2: "" if v is None else f"{v:.{p}f}")
+        lines.append(f"| {e.impl} | {e.median:,.2f} | {e.spread:.0%} | {f(e.vs_best_peer)}x | {f(e.peak_gib)} | "
+                     f"{f(e.mem_vs_timm)} | {'' if e.parity_rel_err is None else f'{e.parity_rel_err:.1e}'} |")
+    return "\n".join(lines) + "\n"
+
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_START = [0.0]
+
+
+def _over_budget(args) -> bool:
+    return args.budget_s > 0 and time.perf_counter() - _START[0] > args.budget_s
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="swin bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default=None, choices=list(_DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--models", default="swin_t", help=f"comma list of {', '.join(MODELS)}")
+    p.add_argument("--modes", default="infer,train,latency", help="comma list of infer, train, latency")
+    p.add_argument("--impls", default=None,
+                   help="comma list, e.g. ours,ours-ref,ours-sdpa,ours-triton,ours+graph,timm,timm+compile,tv,hf "
+                        "(+compile: torch.compile, +ro: compile reduce-overhead, +graph: our CUDA-graph runner)")
+    p.add_argument("--compile", action="store_true", help="add +compile variants of ours, timm and hf")
+    p.add_argument("--batch-infer", type=int, default=None)
+    p.add_argument("--batch-train", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--iters", type=int, default=None, help="calls per round (latency: 5x this)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--drop-path", type=float, default=0.1, help="the same drop-path rate for every model")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--budget-s", type=float, default=0, help="stop preparing new entries after this many seconds")
+    p.add_argument("--no-parity", dest="parity", action="store_false")
+    p.add_argument("--out", default=None, help="folder for bench.json and bench.md")
+    a = p.parse_args(argv)
+    cuda = a.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        p.error("--device cuda but torch.cuda.is_available() is False")
+    a.dtype = a.dtype or ("bf16" if cuda else "fp32")
+    a.batch_infer = a.batch_infer or (256 if cuda else 8)
+    a.batch_train = a.batch_train or (128 if cuda else 4)
+    a.iters = a.iters or (10 if cuda else 2)
+    if a.impls is None:
+        a.impls = ("ours,ours-sdpa,ours+graph,timm,timm-sdpa,tv,hf" if cuda else "ours,ours-ref,timm,tv,hf")
+        if a.compile:
+            a.impls += ",ours+compile,timm+compile,hf+compile"
+    for m in a.models.split(","):
+        if m not in MODELS:
+            p.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; print the markdown table; write bench.json/bench.md under --out."""
+    args = parse_args(argv)
+    _START[0] = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    out = Path(args.out) if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    logf = open(out / "bench.log", "a") if out else None
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+        if logf:
+            logf.write(msg + "\n")
+            logf.flush()
+
+    info = machine_info(args.device)
+    log(f"bench: {json.dumps(info)}")
+    impls = [s.strip() for s in args.impls.split(",") if s.strip()]
+    entries: list[Entry] = []
+    for name in args.models.split(","):
+        for mode in args.modes.split(","):
+            log(f"== {name} {mode}")
+            try:
+                entries += run_mode(name, mode, impls, args, log)
+            except Exception:
+                log(traceback.format_exc())
+            if out:  # keep partial results if a later section dies
+                (out / "bench.json").write_text(json.dumps({"machine": info, "args": vars(args),
+                                                            "entries": [asdict(e) for e in entries]}, indent=1))
+    md = to_markdown(entries, info, args)
+    if out:
+        (out / "bench.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
