@@ -280,7 +280,7 @@ class WindowAttention(nn.Module):
         attn = attn + bias.unsqueeze(0)  # (B*nW, heads, N, N)
         if mask is not None:
             nW = mask.shape[0]
-            attn = attn.view(-1, nW, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, nW, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0).to(attn.dtype)
             attn = attn.view(-1, self.num_heads, N, N)
         attn = self.attn_drop(attn.softmax(dim=-1))
         out = (attn @ v).transpose(1, 2).reshape(Bw, N, C)
