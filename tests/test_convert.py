@@ -217,7 +217,8 @@ def mmdet_from_formula(sd: dict) -> dict:
     out = {}
     for k, v in sd.items():
         k2 = k.replace("layers.", "stages.").replace("patch_embed.proj", "patch_embed.projection")
-        k2 = k2.replace(".attn.", ".attn.w_msa.").replace("mlp.fc1", "ffn.layers.0.0").replace("mlp.fc2", "ffn.layers.1")
+        k2 = k2.replace(".attn.", ".attn.w_msa.")
+        k2 = k2.replace("mlp.fc1", "ffn.layers.0.0").replace("mlp.fc2", "ffn.layers.1")
         if k.endswith("downsample.reduction.weight"):
             o, c4 = v.shape
             v = v.reshape(o, 4, c4 // 4)[:, [0, 2, 1, 3]].transpose(1, 2).reshape(o, c4)
