@@ -1,0 +1,122 @@
+"""Datasets, transforms, seeded augmentation, sharding and skip-on-error loading (swin.data)."""
+from __future__ import annotations
+
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from swin import data as D
+
+
+def write_folder(root: Path, classes=("cat", "dog"), per_class: int = 4, size: int = 40, splits=("train", "val")) -> Path:
+    g = torch.Generator().manual_seed(0)
+    for split in splits:
+        for c in classes:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                arr = torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8).numpy()
+                Image.fromarray(arr).save(root / split / c / f"{i}.png")
+    return root
+
+
+def test_digits_split_is_fixed_stratified_and_upsampled():
+    train, val, classes = D.load_digits(32)
+    assert (len(train), len(val)) == (1437, 360) and classes == [str(i) for i in range(10)]
+    x, y = train.load(0)
+    assert x.shape == (3, 32, 32) and x.dtype == torch.uint8 and 0 <= y < 10
+    assert torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])  # grey as 3 channels
+    train2, val2, _ = D.load_digits(32)
+    assert torch.equal(train.images, train2.images) and torch.equal(val.labels, val2.labels)
+    counts = torch.bincount(val.labels, minlength=10)
+    assert counts.min() >= 35 and counts.max() <= 37  # stratified: ~36 per digit
+    assert D.load_digits(48)[0].images.shape[-1] == 48
+
+
+def test_image_folder_scan_and_every_bad_layout(tmp_path):
+    root = write_folder(tmp_path / "ds")
+    s = D.build_splits(str(root), 32)
+    assert s.classes == ["cat", "dog"] and len(s.train) == 8 and len(s.val) == 8
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        D.build_splits(str(tmp_path / "nope"), 32)
+    with pytest.raises(FileNotFoundError, match="no val/ folder"):
+        D.build_splits(str(write_folder(tmp_path / "noval", splits=("train",))), 32)
+    (root / "train" / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty has no images"):
+        D.build_splits(str(root), 32)
+    (root / "train" / "empty").rmdir()
+    (root / "val" / "bird").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "val" / "bird" / "a.png")
+    with pytest.raises(ValueError, match="bird"):
+        D.build_splits(str(root), 32)
+
+
+def test_unreadable_image_is_skipped_not_fatal(tmp_path):
+    root = write_folder(tmp_path / "ds", per_class=2)
+    bad = root / "train" / "cat" / "zz_corrupt.png"
+    bad.write_bytes(b"this is not a png")
+    s = D.build_splits(str(root), 32)
+    ds = D.Transformed(s.train, D.eval_transform(32, D.IMAGENET_MEAN, D.IMAGENET_STD))
+    items = [ds[i] for i in range(len(ds))]
+    assert sum(p is not None for _, _, p in items) == 1
+    x, y, skipped = D.collate_skip(items)
+    assert x.shape == (4, 3, 32, 32) and y.tolist() == [0, 0, 1, 1] and skipped == [str(bad)]
+
+
+def test_augmentation_is_a_function_of_seed_epoch_index():
+    train, _, _ = D.load_digits(32)
+    tf = D.train_transform(32, D.DIGITS_MEAN, D.DIGITS_STD, crop_scale=(0.3, 1.0), rand_augment=9, reprob=0.5)
+    ds = D.Transformed(train, tf, seed=3)
+    state = torch.get_rng_state()
+    a = [ds[i][0] for i in (5, 6, 7)]
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is untouched
+    torch.manual_seed(123)
+    b = [ds[i][0] for i in (7, 6, 5)][::-1]  # other order, other global state: same images
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    ds.set_epoch(1)
+    assert not torch.equal(ds[5][0], a[0])
+    assert a[0].shape == (3, 32, 32) and a[0].dtype == torch.float32
+
+
+def test_shard_sampler_ranks_make_the_global_batch():
+    one = D.ShardSampler(103, 1, 0, seed=1)
+    two = [D.ShardSampler(103, 2, r, seed=1) for r in range(2)]
+    for s in (one, *two):
+        s.set_epoch(4)
+    full, parts = one.indices(), [s.indices() for s in two]
+    b = 8  # per-rank batch; the global batch is 16
+    for i in range(len(parts[0]) // b):
+        assert sorted(parts[0][i * b:(i + 1) * b] + parts[1][i * b:(i + 1) * b]) == sorted(full[i * 16:(i + 1) * 16])
+    two[0].set_epoch(4, start=10)
+    assert list(two[0]) == parts[0][10:] and len(two[0]) == len(parts[0]) - 10
+    one.set_epoch(5)
+    assert one.indices() != full
+
+
+def test_eval_transform_resize_crop_and_mix():
+    im = Image.new("RGB", (300, 200), (255, 0, 0))
+    x = D.eval_transform(224, D.IMAGENET_MEAN, D.IMAGENET_STD, 0.875)(im)
+    assert x.shape == (3, 224, 224)
+    assert torch.allclose(x[0], torch.full((224, 224), (1 - 0.485) / 0.229), atol=1e-3)
+    with pytest.raises(ValueError, match="eval_crop"):
+        D.eval_transform(224, D.IMAGENET_MEAN, D.IMAGENET_STD, 1.5)
+    mix = D.batch_mix(10, mixup=0.8, cutmix=1.0, switch_prob=0.5)
+    xb, yb = mix(torch.rand(6, 3, 16, 16), torch.arange(6))
+    assert yb.shape == (6, 10) and torch.allclose(yb.sum(1), torch.ones(6))
+    assert D.batch_mix(10, 0, 0, 0.5) is None
+
+
+def test_cifar_offline_is_one_clear_sentence(monkeypatch, tmp_path):
+    import torchvision.datasets as tvd
+
+    class Offline:
+        def __init__(self, root, train=True, download=False):
+            if download:
+                raise urllib.error.URLError("no route to host")
+            raise RuntimeError("Dataset not found or corrupted.")
+
+    monkeypatch.setattr(tvd, "CIFAR10", Offline)
+    with pytest.raises(FileNotFoundError, match=r"CIFAR-10 is not in .* could not be downloaded"):
+        D.build_splits("cifar10", 32, tmp_path)

@@ -1,0 +1,254 @@
+"""The Trainer: a real short run, exact resume, SIGKILL/SIGTERM/SIGINT, non-finite loss, skipped
+images, DDP equal to one process, and the recipe pieces (param groups, schedule, EMA)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import swin
+from swin.train import (NonFiniteLossError, TrainConfig, Trainer, lr_at, param_groups, small)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"embed_dim": 16, "depths": [2, 2], "num_heads": [1, 2]}  # patch 4, window 4: 8x8 then 4x4 tokens
+
+
+def tiny_cfg(tmp_path, **kw) -> TrainConfig:
+    base = dict(data="digits", model="swin_micro_p4", model_overrides=TINY, out_dir=str(tmp_path / "runs"),
+                batch_size=64, epochs=2, log_every=1, progress=False, threads=1, lr=4e-2)
+    base.update(kw)
+    return TrainConfig.from_dict(base, base=small())
+
+
+def losses(run_dir) -> dict[int, float]:
+    rows = [json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def env_for_subprocess() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def test_short_real_run_learns_and_writes_the_run(tmp_path):
+    """The demo's model and recipe (small preset), 2 of its epochs: the loss falls, val top-1 >> chance."""
+    cfg = TrainConfig.from_dict(dict(out_dir=str(tmp_path / "runs"), epochs=2, log_every=1, progress=False,
+                                     threads=1), base=small())
+    summary = Trainer(cfg).fit()
+    run = Path(summary["run_dir"])
+    steps = losses(run)
+    first, last = sum(list(steps.values())[:5]) / 5, sum(list(steps.values())[-5:]) / 5
+    assert len(steps) == 2 * 22 and last < 0.7 * first, (first, last)
+    assert summary["status"] == "finished" and summary["val_top1"] > 50.0  # 10 classes: chance is 10%
+    assert {p.name for p in run.iterdir()} >= {"config.yaml", "metrics.jsonl", "best.pt", "summary.json", "ckpt-0000044.pt"}
+    assert json.loads((run / "summary.json").read_text())["step"] == 44
+    ckpt = torch.load(run / "ckpt-0000044.pt", weights_only=True)  # everything loads weights-only
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 44 and set(ckpt) >= {"optimizer", "scheduler", "scaler", "ema", "rng"}
+    assert len(list(run.glob("ckpt-*.pt"))) <= cfg.keep_last
+    # a second run of the same name gets a new folder; nothing is overwritten
+    again = Trainer(cfg)
+    assert again.run_dir.name == run.name + "-2"
+
+
+def test_resume_is_exact(tmp_path):
+    """2 epochs straight == 1 epoch, stop, resume, 1 epoch (EMA, MixUp/CutMix, drop path all on)."""
+    kw = dict(ema=True, ema_decay=0.9, mixup=0.8, cutmix=1.0, drop_path=0.1, rand_augment=9, reprob=0.25)
+    straight = Trainer(tiny_cfg(tmp_path, name="straight", **kw))
+    straight.fit()
+    first = Trainer(tiny_cfg(tmp_path, name="split", max_steps=22, **kw))
+    assert first.fit()["status"] == "max_steps"
+    second = Trainer(tiny_cfg(tmp_path, name="split", **kw), resume=first.run_dir)
+    assert second.step == 22
+    second.fit()
+    a, b = losses(straight.run_dir), losses(second.run_dir)
+    assert a.keys() == b.keys() and len(a) == 44
+    assert max(abs(a[k] - b[k]) for k in a) <= 1e-6
+    for (n, p), q in zip(straight.model.state_dict().items(), second.model.state_dict().values()):
+        assert torch.equal(p, q), n
+    for p, q in zip(straight.ema.module.state_dict().values(), second.ema.module.state_dict().values()):
+        assert torch.equal(p, q)
+
+
+def _train_cmd(tmp_path, name, *extra):
+    return [sys.executable, "-m", "swin", "train", "--data", "digits", "--model", "swin_micro_p4",
+            "--out-dir", str(tmp_path / "runs"), "--name", name, "--epochs", "20", "--batch-size", "64",
+            "--log-every", "1", "--no-progress", "--threads", "1", *extra]
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    t0 = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < timeout, "timed out"
+        time.sleep(0.02)
+
+
+def test_sigkill_mid_epoch_then_resume_matches_straight_run(tmp_path):
+    proc = subprocess.Popen(_train_cmd(tmp_path, "killed", "--save-every", "5", "--max-steps", "30"),
+                            env=env_for_subprocess(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    run = tmp_path / "runs" / "killed"
+    _wait_for(run / "ckpt-0000010.pt", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not list(run.glob(".*tmp*"))  # no half-written files left behind
+    cfg = TrainConfig.from_dict(dict(data="digits", model="swin_micro_p4", epochs=20, batch_size=64, log_every=1,
+                                     save_every=5, max_steps=30, progress=False, threads=1,
+                                     out_dir=str(tmp_path / "runs")), base=small())
+    resumed = Trainer(cfg, resume=run)
+    assert resumed.step >= 10 and resumed.step % 5 == 0 and resumed.step_in_epoch == resumed.step % 22
+    resumed.fit()
+    straight = Trainer(TrainConfig.from_dict(dict(name="straight"), base=cfg))
+    straight.fit()
+    a, b = losses(straight.run_dir), losses(run)
+    assert a.keys() == b.keys() and len(a) == 30
+    assert max(abs(a[k] - b[k]) for k in a) <= 1e-6
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_sigint_sigterm_finish_the_step_save_and_exit_0(tmp_path, sig):
+    name = f"sig{int(sig)}"
+    proc = subprocess.Popen(_train_cmd(tmp_path, name, "--set", "model_overrides={embed_dim: 16}"),
+                            env=env_for_subprocess(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "runs" / name
+    _wait_for(run / "metrics.jsonl", proc)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert f"{sig.name} received" in out and "Continue with: swin train --resume" in out
+    ckpts = sorted(run.glob("ckpt-*.pt"))
+    assert len(ckpts) == 1
+    step = torch.load(ckpts[0], weights_only=True)["step"]
+    assert 1 <= step < 20 * 22 and max(losses(run)) == step  # the step it was on was finished and saved
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_last_checkpoint(tmp_path):
+    class Exploding(Trainer):
+        def forward_loss(self, x, y):
+            loss = super().forward_loss(x, y)
+            return loss * float("nan") if self.step == 4 else loss  # the 5th step
+
+    t = Exploding(tiny_cfg(tmp_path, save_every=3))
+    before = None
+    with pytest.raises(NonFiniteLossError, match="at step 5 "):
+        t.fit()
+    ckpts = sorted(t.run_dir.glob("ckpt-*.pt"))
+    assert [c.name for c in ckpts] == ["ckpt-0000003.pt"]
+    good = torch.load(ckpts[0], weights_only=True)
+    assert all(torch.isfinite(v).all() for v in good["model"].values())
+    assert all(torch.isfinite(p).all() for p in t.model.parameters())  # the bad step never updated the weights
+    assert t.step == 4
+    del before
+    # the CLI says it in one line and exits 1
+    from swin import cli
+
+    class Boom:
+        def __init__(self, *a, **k):
+            pass
+
+        def fit(self):
+            raise NonFiniteLossError("The loss became nan at step 7 (epoch 1).")
+
+        def close(self):
+            pass
+
+    import swin.train as st
+
+    orig = st.Trainer
+    st.Trainer = Boom
+    try:
+        assert cli.main(["train", "--out-dir", str(tmp_path / "r2")]) == 1
+    finally:
+        st.Trainer = orig
+
+
+def test_corrupt_images_are_skipped_and_counted_with_worker_processes(tmp_path, recwarn):
+    from test_data import write_folder
+
+    root = write_folder(tmp_path / "ds", per_class=8, size=36)
+    (root / "train" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (root / "val" / "dog" / "truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    cfg = tiny_cfg(tmp_path, data=str(root), epochs=2, batch_size=4, workers=2, img_size=32, eval_crop=0.875,
+                   hflip=0.5, rand_augment=9, reprob=0.25)
+    summary = Trainer(cfg).fit()
+    assert summary["status"] == "finished" and summary["skipped_images"] == 2
+    assert sorted(Path(p).name for p in summary["skipped_files"]) == ["broken.jpg", "truncated.png"]
+    assert sum("skipped unreadable image" in str(w.message) for w in recwarn) == 2  # once per file
+
+
+def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
+    common = ["--data", "digits", "--model", "swin_micro_p4", "--set", "model_overrides={embed_dim: 16, depths: [2, 2], num_heads: [1, 2]}",
+              "--batch-size", "32", "--epochs", "1", "--max-steps", "4", "--drop-path", "0", "--mixup", "0",
+              "--cutmix", "0", "--lr", "1e-3", "--warmup-epochs", "0", "--no-progress", "--device", "cpu", "--log-every", "1",
+              "--out-dir", str(tmp_path / "runs")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "swin", "train",
+           *common, "--name", "ddp"]
+    r = subprocess.run(cmd, env=env_for_subprocess(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    assert r.stdout.count("Training swin_micro_p4") == 1  # rank-0 logging only
+    from swin import cli
+
+    assert cli.main(["train", *common, "--name", "single", "--threads", "1"]) == 0
+    a = torch.load(tmp_path / "runs/ddp/ckpt-0000004.pt", weights_only=True)
+    b = torch.load(tmp_path / "runs/single/ckpt-0000004.pt", weights_only=True)
+    diff = max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"])
+    assert diff <= 1e-5, diff
+    la, lb = losses(tmp_path / "runs/ddp"), losses(tmp_path / "runs/single")
+    assert max(abs(la[k] - lb[k]) for k in la) <= 1e-5
+
+
+def test_param_groups_no_decay_and_layer_decay():
+    model = swin.create_model("swinv2_micro", num_classes=10)
+    groups = param_groups(model, 0.05)
+    decayed = {n for g in groups if g["weight_decay"] > 0 for n in g["names"]}
+    plain = {n for g in groups if g["weight_decay"] == 0 for n in g["names"]}
+    assert "layers.0.blocks.0.attn.qkv.weight" in decayed and "head.weight" in decayed
+    for n in plain:
+        p = dict(model.named_parameters())[n]
+        assert p.ndim <= 1 or "cpb_mlp" in n or "logit_scale" in n
+    assert any("cpb_mlp.0.weight" in n for n in plain) and any(n.endswith("q_bias") for n in plain)
+    assert len(decayed) + len(plain) == len(list(model.parameters()))
+    v1 = swin.create_model("swin_micro")
+    assert any("relative_position_bias_table" in n for g in param_groups(v1, 0.05) if g["weight_decay"] == 0
+               for n in g["names"])
+    ld = param_groups(v1, 0.05, layer_decay=0.5)
+    scale = {n: g["lr_scale"] for g in ld for n in g["names"]}
+    assert scale["head.weight"] == 1.0 and scale["patch_embed.proj.weight"] == 0.5 ** 7
+    assert scale["layers.0.blocks.1.mlp.fc1.weight"] == 0.5 ** 5 and scale["layers.2.blocks.1.norm1.weight"] == 0.5
+
+
+def test_schedule_warmup_then_cosine():
+    assert lr_at(0, 100, 10, 1e-3, 1e-6, 1e-5) == 1e-6
+    assert math.isclose(lr_at(5, 100, 10, 1e-3, 1e-6, 1e-5), 1e-6 + (1e-3 - 1e-6) / 2)
+    assert lr_at(10, 100, 10, 1e-3, 1e-6, 1e-5) == 1e-3
+    assert math.isclose(lr_at(55, 100, 10, 1e-3, 1e-6, 1e-5), (1e-3 + 1e-5) / 2)
+    assert math.isclose(lr_at(100, 100, 10, 1e-3, 1e-6, 1e-5), 1e-5)
+
+
+def test_bad_inputs_raise_before_any_work(tmp_path):
+    cases = [
+        (dict(data=str(tmp_path / "missing")), FileNotFoundError, "does not exist"),
+        (dict(num_classes=5), ValueError, "labels 5..9 would be out of range"),
+        (dict(img_size=6), ValueError, "too small for swin_micro_p4: it needs at least 8"),
+        (dict(batch_size=4096), ValueError, "larger than the 1437 training images"),
+        (dict(batch_size=63, accum_steps=2), ValueError, "divisible"),
+        (dict(model="swin_mikro"), ValueError, "Did you mean"),
+        (dict(data=""), ValueError, "No data given"),
+    ]
+    for kw, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            Trainer(tiny_cfg(tmp_path, **kw))
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    with pytest.raises(ValueError, match="Unknown training option"):
+        TrainConfig.from_dict({"epoch": 3})
+    with pytest.raises(FileNotFoundError, match="Nothing to resume"):
+        Trainer(tiny_cfg(tmp_path), resume=tmp_path / "nope.pt")
