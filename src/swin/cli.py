@@ -199,9 +199,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         data = _run_data(args.checkpoint)
         if data is None:
             raise ValueError("Give --data (digits, cifar10, cifar100 or a folder): the checkpoint does not name its data.")
-    dataset, classes, mean, std = D.eval_split(data, loaded.img_size, args.data_root, loaded.classes)
-    if loaded.source == "run" and data in D.BUILTIN:
-        mean, std = loaded.mean, loaded.std
+    # normalise as the model was trained (the run's statistics; ImageNet's for foreign weights)
+    dataset, classes, _, _ = D.eval_split(data, loaded.img_size, args.data_root, loaded.classes)
+    mean, std = loaded.mean, loaded.std
     check_labels(len(classes), loaded.model.num_classes, "the checkpoint's model")
     device = pick_device(args.device)
     ds = D.Transformed(dataset, D.eval_transform(loaded.img_size, mean, std, loaded.eval_crop))

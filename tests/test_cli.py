@@ -1,0 +1,193 @@
+"""Every `swin` subcommand end to end on small inputs, and every bad input as one line + exit 2."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import swin
+from swin import cli
+from swin import data as D
+from swin.train import TrainConfig, evaluate, imagenet_classes
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = "model_overrides={embed_dim: 16, depths: [2, 2], num_heads: [1, 2]}"
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    rc = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """One real (tiny, 1-epoch) digits run through `swin train`, shared by the tests below."""
+    out = tmp_path_factory.mktemp("cli") / "runs"
+    rc = cli.main(["train", "--set", TINY, "--epochs", "1", "--batch-size", "128", "--lr", "0.04",
+                   "--threads", "1", "--no-progress", "--out-dir", str(out), "--name", "tiny"])
+    assert rc == 0
+    return out / "tiny"
+
+
+def digit_pngs(folder: Path, n: int = 3) -> tuple[list[Path], list[int]]:
+    _, val, _ = D.load_digits(32)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        p = folder / f"digit{i}.png"
+        Image.fromarray(val.images[i].permute(1, 2, 0).numpy()).save(p)
+        paths.append(p)
+    return paths, val.labels[:n].tolist()
+
+
+def test_train_writes_a_run_that_eval_and_plot_read(run_dir, capsys):
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["step"] == 11
+    rc, out, _ = run_cli(capsys, "eval", "--checkpoint", run_dir, "--json", "--device", "cpu")
+    assert rc == 0
+    m = json.loads(out)
+    assert m["images"] == 360 and abs(m["top1"] - summary["val_top1"]) < 1e-9 and m["top1"] <= m["top5"]
+    assert m["img_s"] > 0 and m["loss"] == pytest.approx(summary["val_loss"], abs=1e-5)
+    rc, out, _ = run_cli(capsys, "eval", "--checkpoint", run_dir / "best.pt", "--data", "digits")
+    assert rc == 0 and out.startswith("top-1 ") and "360 images of digits" in out
+    rc, out, _ = run_cli(capsys, "plot", run_dir)
+    png = run_dir / "metrics.png"
+    assert rc == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_predict_prints_top5_with_the_runs_class_names(run_dir, tmp_path, capsys):
+    paths, _ = digit_pngs(tmp_path)
+    rc, out, _ = run_cli(capsys, "predict", *paths, "--checkpoint", run_dir, "--device", "cpu")
+    assert rc == 0
+    lines = out.splitlines()
+    assert len(lines) == 3 * 6 and lines[0] == str(paths[0])
+    rows = [ln.split() for ln in lines[1:6]]
+    probs = [float(r[0].rstrip("%")) for r in rows]
+    assert all(r[1] in [str(d) for d in range(10)] for r in rows)
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 100.01
+
+
+def test_foreign_checkpoint_convert_then_eval_and_predict(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = swin.create_model("swin_micro_p4", num_classes=10).eval()
+    torch.save(model.state_dict(), tmp_path / "ours.pth")
+    rc, out, _ = run_cli(capsys, "convert", tmp_path / "ours.pth", tmp_path / "timm.safetensors", "--to", "timm")
+    assert rc == 0 and "timm" in out
+    from safetensors.torch import load_file
+
+    assert "head.fc.weight" in load_file(str(tmp_path / "timm.safetensors"))
+    before = (tmp_path / "timm.safetensors").read_bytes()
+    rc, _, err = run_cli(capsys, "convert", tmp_path / "ours.pth", tmp_path / "timm.safetensors", "--to", "official")
+    assert rc == 2 and "already exists" in err and (tmp_path / "timm.safetensors").read_bytes() == before
+    rc, _, _ = run_cli(capsys, "convert", tmp_path / "timm.safetensors", tmp_path / "back.pth", "--to", "swin")
+    back = torch.load(tmp_path / "back.pth", weights_only=True)
+    assert rc == 0 and all(torch.equal(back[k], v) for k, v in model.state_dict().items())
+
+    rc, out, _ = run_cli(capsys, "eval", "--checkpoint", tmp_path / "timm.safetensors", "--model", "swin_micro_p4",
+                         "--data", "digits", "--json", "--device", "cpu")
+    assert rc == 0
+    _, val, _ = D.load_digits(32)
+    expected = evaluate(model, D.Transformed(val, D.eval_transform(32, D.IMAGENET_MEAN, D.IMAGENET_STD, 0.875)))
+    got = json.loads(out)
+    assert got["top1"] == expected["top1"] and got["loss"] == pytest.approx(expected["loss"], abs=1e-5)
+
+    big = swin.create_model("swin_micro_p4", num_classes=1000)
+    torch.save({"model": big.state_dict()}, tmp_path / "in1k.pth")
+    paths, _ = digit_pngs(tmp_path / "imgs", 1)
+    rc, out, _ = run_cli(capsys, "predict", paths[0], "--checkpoint", tmp_path / "in1k.pth", "--model", "swin_micro_p4")
+    names = set(imagenet_classes())
+    assert rc == 0 and len(names) == 1000
+    assert all(" ".join(ln.split()[1:]) in names for ln in out.splitlines()[1:6])
+
+
+def test_flops_models_and_python_m(capsys):
+    rc, out, _ = run_cli(capsys, "flops", "swin_t", "--img-size", "224", "224")
+    assert rc == 0 and "28,288,354 params" in out and "4,494,405,120 FLOPs" in out
+    rc, out, _ = run_cli(capsys, "flops", "swinv2_t_w8", "--img-size", "256")
+    assert rc == 0 and "5,925,697,536 FLOPs" in out
+    r = subprocess.run([sys.executable, "-m", "swin", "models"], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT / "src")), timeout=120)
+    assert r.returncode == 0 and "swin_micro_p4" in r.stdout.split() and "swin_t" in r.stdout.split()
+
+
+def test_bench_forwards_its_arguments(monkeypatch):
+    seen = []
+    fake = types.ModuleType("swin.bench")
+    fake.main = lambda argv=None: seen.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "swin.bench", fake)
+    assert cli.main(["bench", "--model", "swin_t", "--batch", "8"]) == 0
+    assert seen == [["--model", "swin_t", "--batch", "8"]]
+
+
+def test_config_file_presets_and_flag_precedence(tmp_path, run_dir):
+    parser = cli._parser()
+    f = tmp_path / "c.yaml"
+    f.write_text("preset: small\nepochs: 7\nlr: 0.01\nhflip: 0.25\n")
+    cfg, resume = cli.build_train_config(parser.parse_args(["train", "--config", str(f), "--epochs", "2",
+                                                            "--set", "hflip=0.5"]))
+    assert (cfg.epochs, cfg.lr, cfg.hflip, cfg.model, cfg.data, resume) == (2, 0.01, 0.5, "swin_micro_p4", "digits", None)
+    cfg, _ = cli.build_train_config(parser.parse_args(["train", "--data", str(tmp_path)]))
+    assert (cfg.model, cfg.epochs, cfg.batch_size, cfg.lr, cfg.mixup, cfg.rand_augment) == ("swin_t", 300, 1024, 5e-4, 0.8, 9)
+    cfg, _ = cli.build_train_config(parser.parse_args(["train", "--preset", "finetune", "--data", "x", "--layer-decay", "0.9"]))
+    assert (cfg.lr, cfg.weight_decay, cfg.epochs, cfg.layer_decay) == (2e-5, 1e-8, 30, 0.9)
+    # a run's config.yaml is a valid --config, and --resume starts from the run's config
+    cfg, _ = cli.build_train_config(parser.parse_args(["train", "--config", str(run_dir / "config.yaml")]))
+    assert cfg.model_overrides == {"embed_dim": 16, "depths": [2, 2], "num_heads": [1, 2]} and cfg.batch_size == 128
+    cfg, resume = cli.build_train_config(parser.parse_args(["train", "--resume", str(run_dir), "--epochs", "3"]))
+    assert resume.name == "ckpt-0000011.pt" and cfg.epochs == 3 and cfg.name == "tiny"
+
+
+def _bad_cases(tmp: Path, run_dir: Path) -> list[tuple[list, str]]:
+    from test_data import write_folder
+
+    noval = write_folder(tmp / "noval", splits=("train",))
+    empty = write_folder(tmp / "empty")
+    (empty / "train" / "ghost").mkdir()
+    twelve = write_folder(tmp / "twelve", classes=[str(i) for i in range(12)], per_class=1, splits=("val",))
+    torch.save(swin.create_model("swin_micro_p4").state_dict(), tmp / "foreign.pth")
+    (tmp / "bad.yaml").write_text("epochs: [unclosed\n")
+    out = ["--out-dir", tmp / "runs"]
+    return [
+        (["train", "--data", tmp / "missing", *out], "Data directory"),
+        (["train", "--data", noval, *out], "has no val/ folder"),
+        (["train", "--data", empty, *out], "ghost has no images"),
+        (["train", "--num-classes", "5", *out], "labels 5..9 would be out of range"),
+        (["train", "--img-size", "8", *out], "too small for swin_micro_p4: it needs at least 16"),
+        (["train", "--model", "swin_mikro", *out], "Unknown model"),
+        (["train", "--set", "epoch=3", *out], "Unknown training option"),
+        (["train", "--config", tmp / "nope.yaml", *out], "does not exist"),
+        (["train", "--config", tmp / "bad.yaml", *out], "not valid YAML"),
+        (["train", "--resume", tmp / "nope", *out], "Nothing to resume"),
+        (["train", "--data", "cifar10", "--data-root", tmp / "cifar", *out], "could not be downloaded"),
+        (["eval", "--checkpoint", tmp / "nope.pt", "--data", "digits"], "does not exist"),
+        (["eval", "--checkpoint", tmp / "foreign.pth", "--data", "digits"], "pass --model"),
+        (["eval", "--checkpoint", run_dir, "--data", twelve], "labels 10..11 would be out of range"),
+        (["predict", tmp / "nope.png", "--checkpoint", run_dir], "Image"),
+        (["convert", tmp / "nope.pth", tmp / "o.pth", "--to", "timm"], "does not exist"),
+        (["plot", tmp], "has no metrics.jsonl"),
+    ]
+
+
+def test_every_bad_input_is_one_line_and_exit_2(tmp_path, run_dir, capsys, monkeypatch):
+    import torchvision.datasets as tvd
+
+    class Offline:
+        def __init__(self, root, train=True, download=False):
+            if download:
+                raise OSError("network is unreachable")
+            raise RuntimeError("Dataset not found or corrupted.")
+
+    monkeypatch.setattr(tvd, "CIFAR10", Offline)
+    for argv, msg in _bad_cases(tmp_path, run_dir):
+        rc, out, err = run_cli(capsys, *argv)
+        assert rc == 2, (argv, out, err)
+        assert err.startswith("error: ") and msg in err and err.count("\n") == 1 and "Traceback" not in err, (argv, err)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # no work was started
