@@ -172,6 +172,21 @@ def test_sdpa_bias_cache_follows_weight_updates():
     assert rel_err(after, ref) <= 1e-5
 
 
+@pytest.mark.parametrize("name", ["swin_micro", "swinv2_micro"])
+def test_training_after_inference_mode_uses_cached_tensors_safely(name):
+    """Caches filled under inference_mode must not hold inference tensors that autograd later saves."""
+    model = swin.create_model(name, backend="sdpa").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        model(x)
+    for p in model.parameters():  # frozen bias: the eval cache is used while training
+        p.requires_grad_(False)
+    model.patch_embed.proj.weight.requires_grad_(True)
+    model.train()
+    model(x).sum().backward()
+    assert model.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
 def test_unknown_backend_is_a_value_error():
     with pytest.raises(ValueError, match="Unknown attention backend"):
         check_backend("flash9")

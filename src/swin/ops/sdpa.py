@@ -44,7 +44,9 @@ def _build_indices(height: int, width: int, window: int, shift: int, device: tor
 
 @lru_cache(maxsize=128)
 def _cached_indices(height, width, window, shift, device):
-    return _build_indices(height, width, window, shift, device)
+    # never inference tensors: the cache outlives an inference_mode block and autograd saves indices
+    with torch.inference_mode(False):
+        return _build_indices(height, width, window, shift, device)
 
 
 def window_indices(height: int, width: int, window: int, shift: int, device: torch.device):
@@ -75,7 +77,7 @@ def bias_and_mask(attn, height: int, width: int, window: int, shift: int, mask_p
     hit = cache.get(key)
     if hit is not None and hit[0] == versions:
         return hit[1]
-    with torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad():
         value = _build_bias_and_mask(attn, height, width, window, shift, mask_padding, dtype, device)
     if len(cache) > 32:
         cache.clear()

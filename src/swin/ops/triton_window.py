@@ -225,7 +225,7 @@ def _position_bias(attn, window: int) -> torch.Tensor:
     key = (window, params[0].device)
     hit = cache.get(key)
     if hit is None or hit[0] != versions:
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():
             hit = cache[key] = (versions, attn.position_bias(window).float().contiguous())
     return hit[1]
 
