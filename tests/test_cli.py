@@ -32,7 +32,7 @@ def run_dir(tmp_path_factory) -> Path:
     """One real (tiny, 1-epoch) digits run through `swin train`, shared by the tests below."""
     out = tmp_path_factory.mktemp("cli") / "runs"
     rc = cli.main(["train", "--set", TINY, "--epochs", "1", "--batch-size", "128", "--lr", "0.04",
-                   "--threads", "1", "--no-progress", "--out-dir", str(out), "--name", "tiny"])
+                   "--threads", "1", "--no-progress", "--device", "cpu", "--out-dir", str(out), "--name", "tiny"])
     assert rc == 0
     return out / "tiny"
 
@@ -56,7 +56,7 @@ def test_train_writes_a_run_that_eval_and_plot_read(run_dir, capsys):
     m = json.loads(out)
     assert m["images"] == 360 and abs(m["top1"] - summary["val_top1"]) < 1e-9 and m["top1"] <= m["top5"]
     assert m["img_s"] > 0 and m["loss"] == pytest.approx(summary["val_loss"], abs=1e-5)
-    rc, out, _ = run_cli(capsys, "eval", "--checkpoint", run_dir / "best.pt", "--data", "digits")
+    rc, out, _ = run_cli(capsys, "eval", "--checkpoint", run_dir / "best.pt", "--data", "digits", "--device", "cpu")
     assert rc == 0 and out.startswith("top-1 ") and "360 images of digits" in out
     rc, out, _ = run_cli(capsys, "plot", run_dir)
     png = run_dir / "metrics.png"
@@ -102,7 +102,8 @@ def test_foreign_checkpoint_convert_then_eval_and_predict(tmp_path, capsys):
     big = swin.create_model("swin_micro_p4", num_classes=1000)
     torch.save({"model": big.state_dict()}, tmp_path / "in1k.pth")
     paths, _ = digit_pngs(tmp_path / "imgs", 1)
-    rc, out, _ = run_cli(capsys, "predict", paths[0], "--checkpoint", tmp_path / "in1k.pth", "--model", "swin_micro_p4")
+    rc, out, _ = run_cli(capsys, "predict", paths[0], "--checkpoint", tmp_path / "in1k.pth", "--model", "swin_micro_p4",
+                         "--device", "cpu")
     names = set(imagenet_classes())
     assert rc == 0 and len(names) == 1000
     assert all(" ".join(ln.split()[1:]) in names for ln in out.splitlines()[1:6])

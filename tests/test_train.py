@@ -23,7 +23,7 @@ TINY = {"embed_dim": 16, "depths": [2, 2], "num_heads": [1, 2]}  # patch 4, wind
 
 def tiny_cfg(tmp_path, **kw) -> TrainConfig:
     base = dict(data="digits", model="swin_micro_p4", model_overrides=TINY, out_dir=str(tmp_path / "runs"),
-                batch_size=64, epochs=2, log_every=1, progress=False, threads=1, lr=4e-2)
+                batch_size=64, epochs=2, log_every=1, progress=False, threads=1, lr=4e-2, device="cpu")
     base.update(kw)
     return TrainConfig.from_dict(base, base=small())
 
@@ -42,7 +42,7 @@ def env_for_subprocess() -> dict:
 def test_short_real_run_learns_and_writes_the_run(tmp_path):
     """The demo's model and recipe (small preset), 2 of its epochs: the loss falls, val top-1 >> chance."""
     cfg = TrainConfig.from_dict(dict(out_dir=str(tmp_path / "runs"), epochs=2, log_every=1, progress=False,
-                                     threads=1), base=small())
+                                     threads=1, device="cpu"), base=small())
     summary = Trainer(cfg).fit()
     run = Path(summary["run_dir"])
     steps = losses(run)
@@ -81,7 +81,7 @@ def test_resume_is_exact(tmp_path):
 def _train_cmd(tmp_path, name, *extra):
     return [sys.executable, "-m", "swin", "train", "--data", "digits", "--model", "swin_micro_p4",
             "--out-dir", str(tmp_path / "runs"), "--name", name, "--epochs", "20", "--batch-size", "64",
-            "--log-every", "1", "--no-progress", "--threads", "1", *extra]
+            "--log-every", "1", "--no-progress", "--threads", "1", "--device", "cpu", *extra]
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -102,7 +102,7 @@ def test_sigkill_mid_epoch_then_resume_matches_straight_run(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert not list(run.glob(".*tmp*"))  # no half-written files left behind
     cfg = TrainConfig.from_dict(dict(data="digits", model="swin_micro_p4", epochs=20, batch_size=64, log_every=1,
-                                     save_every=5, max_steps=30, progress=False, threads=1,
+                                     save_every=5, max_steps=30, progress=False, threads=1, device="cpu",
                                      out_dir=str(tmp_path / "runs")), base=small())
     resumed = Trainer(cfg, resume=run)
     assert resumed.step >= 10 and resumed.step % 5 == 0 and resumed.step_in_epoch == resumed.step % 22

@@ -152,10 +152,11 @@ def small() -> TrainConfig:
     """Small images from scratch: the embedded digits default (and a CIFAR starting point).
 
     Run:    swin train            (= swin train --preset small --data digits)
-    Reaches: >= 95% val top-1 on scikit-learn's digits (360 val images) in about 3 minutes on 2 CPU cores.
+    Reaches: 98.3% val top-1 on scikit-learn's digits (360 val images; >= 95% from epoch 6) in 1.1 min of
+             training, 1.4 min for all of `make demo`, on 2 shared CPU cores (load average ~4).
     For CIFAR: swin train --data cifar10 --epochs 100 --set hflip=0.5 --set rand_augment=9 --set mixup=0.8
     """
-    return TrainConfig(data="digits", model="swin_micro_p4", epochs=12, warmup_epochs=1, batch_size=64, lr=4e-3,
+    return TrainConfig(data="digits", model="swin_micro_p4", epochs=20, warmup_epochs=1, batch_size=64, lr=4e-3,
                        warmup_lr=1e-5, min_lr=1e-5, weight_decay=0.05, drop_path=0.0, crop_scale=(0.6, 1.0),
                        hflip=0.0, rand_augment=0, color_jitter=0.0, reprob=0.0, mixup=0.0, cutmix=0.0,
                        label_smoothing=0.1, eval_crop=1.0, workers=2, log_every=5)
