@@ -11,7 +11,8 @@ from PIL import Image
 from swin import data as D
 
 
-def write_folder(root: Path, classes=("cat", "dog"), per_class: int = 4, size: int = 40, splits=("train", "val")) -> Path:
+def write_folder(root: Path, classes=("cat", "dog"), per_class: int = 4, size: int = 40,
+                 splits=("train", "val")) -> Path:
     g = torch.Generator().manual_seed(0)
     for split in splits:
         for c in classes:

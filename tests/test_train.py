@@ -49,7 +49,8 @@ def test_short_real_run_learns_and_writes_the_run(tmp_path):
     first, last = sum(list(steps.values())[:5]) / 5, sum(list(steps.values())[-5:]) / 5
     assert len(steps) == 2 * 22 and last < 0.7 * first, (first, last)
     assert summary["status"] == "finished" and summary["val_top1"] > 50.0  # 10 classes: chance is 10%
-    assert {p.name for p in run.iterdir()} >= {"config.yaml", "metrics.jsonl", "best.pt", "summary.json", "ckpt-0000044.pt"}
+    files = {"config.yaml", "metrics.jsonl", "best.pt", "summary.json", "ckpt-0000044.pt"}
+    assert {p.name for p in run.iterdir()} >= files
     assert json.loads((run / "summary.json").read_text())["step"] == 44
     ckpt = torch.load(run / "ckpt-0000044.pt", weights_only=True)  # everything loads weights-only
     assert ckpt["epoch"] == 2 and ckpt["step"] == 44 and set(ckpt) >= {"optimizer", "scheduler", "scaler", "ema", "rng"}
@@ -138,7 +139,6 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_last_checkpoint(tmp_pat
             return loss * float("nan") if self.step == 4 else loss  # the 5th step
 
     t = Exploding(tiny_cfg(tmp_path, save_every=3))
-    before = None
     with pytest.raises(NonFiniteLossError, match="at step 5 "):
         t.fit()
     ckpts = sorted(t.run_dir.glob("ckpt-*.pt"))
@@ -147,7 +147,6 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_last_checkpoint(tmp_pat
     assert all(torch.isfinite(v).all() for v in good["model"].values())
     assert all(torch.isfinite(p).all() for p in t.model.parameters())  # the bad step never updated the weights
     assert t.step == 4
-    del before
     # the CLI says it in one line and exits 1
     from swin import cli
 
@@ -186,10 +185,11 @@ def test_corrupt_images_are_skipped_and_counted_with_worker_processes(tmp_path, 
 
 
 def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
-    common = ["--data", "digits", "--model", "swin_micro_p4", "--set", "model_overrides={embed_dim: 16, depths: [2, 2], num_heads: [1, 2]}",
+    common = ["--data", "digits", "--model", "swin_micro_p4",
+              "--set", "model_overrides={embed_dim: 16, depths: [2, 2], num_heads: [1, 2]}",
               "--batch-size", "32", "--epochs", "1", "--max-steps", "4", "--drop-path", "0", "--mixup", "0",
-              "--cutmix", "0", "--lr", "1e-3", "--warmup-epochs", "0", "--no-progress", "--device", "cpu", "--log-every", "1",
-              "--out-dir", str(tmp_path / "runs")]
+              "--cutmix", "0", "--lr", "1e-3", "--warmup-epochs", "0", "--no-progress", "--device", "cpu",
+              "--log-every", "1", "--out-dir", str(tmp_path / "runs")]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "swin", "train",
            *common, "--name", "ddp"]
     r = subprocess.run(cmd, env=env_for_subprocess(), capture_output=True, text=True, timeout=300)

@@ -56,13 +56,15 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train or fine-tune (no arguments: the digits demo)",
                        description="Train a Swin model. With no arguments: swin_micro_p4 on the bundled digits. "
-                                   "Precedence: preset < --config file < flags. Multi-GPU: torchrun --nproc_per_node=N -m swin train ...")
+                                   "Precedence: preset < --config file < flags. "
+                                   "Multi-GPU: torchrun --nproc_per_node=N -m swin train ...")
     t.add_argument("--config", help="a YAML file of TrainConfig fields (e.g. a run's config.yaml)")
     t.add_argument("--preset", choices=["small", "imagenet", "finetune"],
                    help="recipe defaults (default: small for digits/CIFAR, imagenet for folders)")
     for flag, typ, hlp in _TRAIN_FLAGS:
         t.add_argument(flag, type=typ, help=hlp, default=argparse.SUPPRESS)
-    t.add_argument("--ema", action="store_true", default=argparse.SUPPRESS, help="keep and evaluate an EMA of the weights")
+    t.add_argument("--ema", action="store_true", default=argparse.SUPPRESS,
+                   help="keep and evaluate an EMA of the weights")
     t.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
                    help="no progress bar")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -191,19 +193,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from . import data as D
-    from .train import amp_dtype, check_labels, evaluate, load_for_inference, pick_device
+    from .train import amp_dtype, check_labels, evaluate, load_for_inference
 
     loaded = load_for_inference(args.checkpoint, model=args.model, img_size=args.img_size, use_ema=args.ema)
     data = args.data
     if data is None:
         data = _run_data(args.checkpoint)
         if data is None:
-            raise ValueError("Give --data (digits, cifar10, cifar100 or a folder): the checkpoint does not name its data.")
+            raise ValueError("Give --data (digits, cifar10, cifar100 or a folder): "
+                             "the checkpoint does not name its data.")
     # normalise as the model was trained (the run's statistics; ImageNet's for foreign weights)
     dataset, classes, _, _ = D.eval_split(data, loaded.img_size, args.data_root, loaded.classes)
     mean, std = loaded.mean, loaded.std
     check_labels(len(classes), loaded.model.num_classes, "the checkpoint's model")
-    device = pick_device(args.device)
+    device = _device(args.device)
     ds = D.Transformed(dataset, D.eval_transform(loaded.img_size, mean, std, loaded.eval_crop))
     skipped: list[str] = []
     m = evaluate(loaded.model.to(device), ds, batch_size=args.batch_size, device=device,
@@ -218,6 +221,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  loss {m['loss']:.4f}  {m['img_s']:.0f} img/s  "
               f"({m['images']} images of {data}, {loaded.img_size}px, {device})")
     return 0
+
+
+def _device(name: str):
+    import torch
+
+    from .train import auto_threads, pick_device
+
+    device = pick_device(name)
+    if device.type == "cpu":
+        torch.set_num_threads(auto_threads())
+    return device
 
 
 def _run_data(checkpoint: str) -> str | None:
@@ -239,10 +253,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from . import data as D
-    from .train import load_for_inference, pick_device
+    from .train import load_for_inference
 
     loaded = load_for_inference(args.checkpoint, model=args.model, img_size=args.img_size, use_ema=args.ema)
-    device = pick_device(args.device)
+    device = _device(args.device)
     model = loaded.model.to(device)
     tf = D.eval_transform(loaded.img_size, loaded.mean, loaded.std, loaded.eval_crop)
     images = []

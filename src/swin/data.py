@@ -124,7 +124,8 @@ def load_cifar(name: str, root: str | os.PathLike) -> tuple[PILArrays, PILArrays
     return PILArrays(train.data, train.targets), PILArrays(val.data, val.targets), list(train.classes)
 
 
-def scan_image_folder(root: str | os.PathLike, classes: list[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
+def scan_image_folder(root: str | os.PathLike,
+                      classes: list[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
     """(path, label) pairs of ``root/<class>/*.<image ext>``; labels index ``classes`` (default: sorted folders)."""
     root = Path(root)
     if not root.is_dir():

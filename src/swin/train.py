@@ -708,12 +708,14 @@ class Trainer:
                 self.train_seconds += dt
                 images += sum(len(y) for _, y in micro) * self.world
                 lr = max(g["lr"] for g in self.optimizer.param_groups)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images / max(time.perf_counter() - t_log, 1e-9):.0f}")
+                speed = images / max(time.perf_counter() - t_log, 1e-9)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.0f}")
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step_in_epoch == self.steps_per_epoch:
                     now = time.perf_counter()
-                    self.write_metrics({"step": self.step, "epoch": round(self.epoch + self.step_in_epoch / self.steps_per_epoch, 4),
-                                        "loss": loss, "lr": lr, "img_s": round(images / max(now - t_log, 1e-9), 2)})
+                    epoch = round(self.epoch + self.step_in_epoch / self.steps_per_epoch, 4)
+                    self.write_metrics({"step": self.step, "epoch": epoch, "loss": loss, "lr": lr,
+                                        "img_s": round(images / max(now - t_log, 1e-9), 2)})
                     t_log, images = now, 0
                 if self._should_stop():
                     self.save_checkpoint()
@@ -783,9 +785,14 @@ class Trainer:
 
     def finish(self, status: str) -> dict[str, Any]:
         v = self.last_val
+        if self.world > 1:  # each rank saw its own shard's unreadable files
+            everyone: list = [None] * self.world
+            dist.all_gather_object(everyone, sorted(self.skipped))
+            self.skipped = set().union(*everyone)
         summary = {"status": status, "run_dir": str(self.run_dir), "model": self.cfg.model, "data": self.splits.name,
                    "epochs_done": self.epoch, "step": self.step, "val_top1": v.get("top1"), "val_top5": v.get("top5"),
-                   "val_loss": v.get("loss"), "ema_top1": v.get("ema_top1"), "best_top1": self.best_top1 if self.best_top1 >= 0 else None,
+                   "val_loss": v.get("loss"), "ema_top1": v.get("ema_top1"),
+                   "best_top1": self.best_top1 if self.best_top1 >= 0 else None,
                    "train_minutes": round(self.train_seconds / 60, 3), "skipped_images": len(self.skipped),
                    "skipped_files": sorted(self.skipped)[:100], "world_size": self.world, "device": str(self.device)}
         if self.is_main:
@@ -864,11 +871,8 @@ def load_for_inference(checkpoint: str | os.PathLike, *, model: str | None = Non
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint {path} does not exist.")
     ours = None
-    if path.suffix in (".pt", ".pth", ".bin", ".ckpt", ".tar"):
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"Could not read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}).") from None
+    if path.suffix != ".safetensors":
+        obj = _torch_load(path)
         if isinstance(obj, dict) and obj.get("format") == RUN_FORMAT:
             ours = obj
     if ours is not None:
@@ -900,20 +904,28 @@ def load_for_inference(checkpoint: str | os.PathLike, *, model: str | None = Non
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The tensors of a .safetensors file or a torch checkpoint (unwrapped from "model"/"state_dict")."""
     path = Path(path)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
+        try:
             return load_file(str(path))
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"Could not read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}).") from None
+        except Exception as e:
+            raise ValueError(f"Could not read checkpoint {path} ({type(e).__name__}).") from None
+    obj = _torch_load(path)
     for key in ("model", "state_dict", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path} holds no state dict (a mapping of parameter names to tensors).")
     return obj
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        raise ValueError(f"Could not read checkpoint {path} ({type(e).__name__}: {first}).") from None
 
 
 def _head_classes(sd: dict) -> int | None:
