@@ -120,7 +120,15 @@ def window_attention_sdpa(attn, x: torch.Tensor, window: int, shift: int, mask_p
     mask = bias_and_mask(attn, H, Wd, window, shift, mask_padding, q.dtype, x.device)  # (nW or 1, heads, N, N)
     p = attn.attn_drop.p if attn.training else 0.0
 
-    if x.is_cuda:
+    if not x.is_cuda and mask.requires_grad:
+        # training the bias on CPU: SDPA's CPU kernel has no gradient for the mask and falls back to
+        # its generic math path (extra scaling, -inf checks); plain batched matmuls with the
+        # (nW, heads, N, N) bias broadcast over the batch are faster and exactly the reference math
+        q, k, v = (t.transpose(2, 3) for t in (q, k, v))  # (B, nW, heads, N, d) views
+        logits = (q * scale) @ k.transpose(-2, -1) + mask  # (B, nW, heads, N, N)
+        probs = F.dropout(logits.softmax(dim=-1), p, training=p > 0)
+        out = (probs @ v).transpose(2, 3)  # (B, nW, N, heads, d)
+    elif x.is_cuda:
         # one copy to (B, nW*heads, N, d) so that the per-window mask broadcasts over the batch
         q, k, v = (t.permute(0, 1, 3, 2, 4).reshape(B, nW * heads, N, d) for t in (q, k, v))
         m = mask.expand(nW, heads, N, N).reshape(1, nW * heads, N, N)
