@@ -55,7 +55,8 @@ class Entry:
     samples: list[float] = field(default_factory=list)
     median: float | None = None
     spread: float | None = None  # (max - min) / median over rounds
-    vs_best_peer: float | None = None  # > 1 is better than the best peer, for both units
+    vs_best_peer: float | None = None  # median / best peer's median; > 1 is better, for both units
+    paired_vs_best_peer: float | None = None  # median over rounds of the same-round ratio (robust to drift)
     peak_gib: float | None = None
     mem_vs_timm: float | None = None
     parity_rel_err: float | None = None
@@ -284,9 +285,12 @@ def _summarise(entries: list[Entry]) -> None:
     lower_better = entries[0].unit == "ms"
     best = min(e.median for e in peers) if lower_better else max(e.median for e in peers)
     timm_mem = [e.peak_gib for e in entries if e.peak_gib and e.impl.split("+")[0] == "timm"]
+    best_e = next(e for e in peers if e.median == best)
     for e in entries:
         if e.median:
             e.vs_best_peer = best / e.median if lower_better else e.median / best
+            pairs = [(b / a if lower_better else a / b) for a, b in zip(e.samples, best_e.samples)]
+            e.paired_vs_best_peer = statistics.median(pairs) if pairs else None
         if e.peak_gib and timm_mem:
             e.mem_vs_timm = e.peak_gib / min(timm_mem)
 
@@ -319,13 +323,13 @@ def to_markdown(entries: list[Entry], info: dict, args) -> str:
         if (e.model, e.mode) != key:
             key = (e.model, e.mode)
             lines += ["", f"**{e.model} {e.mode}, batch {e.batch}** ({e.unit}; median of rounds; spread = (max-min)/median)", "",
-                      "| impl | median | spread | vs best peer | peak GiB | mem vs timm | parity rel err |",
-                      "|---|---|---|---|---|---|---|"]
+                      "| impl | median | spread | vs best peer | paired | peak GiB | mem vs timm | parity rel err |",
+                      "|---|---|---|---|---|---|---|---|"]
         if e.median is None:
-            lines.append(f"| {e.impl} | {e.error or 'n/a'} | | | | | |")
+            lines.append(f"| {e.impl} | {e.error or 'n/a'} | | | | | | |")
             continue
         f = (lambda v, p=2: "" if v is None else f"{v:.{p}f}")
-        lines.append(f"| {e.impl} | {e.median:,.2f} | {e.spread:.0%} | {f(e.vs_best_peer)}x | {f(e.peak_gib)} | "
+        lines.append(f"| {e.impl} | {e.median:,.2f} | {e.spread:.0%} | {f(e.vs_best_peer)}x | {f(e.paired_vs_best_peer)}x | {f(e.peak_gib)} | "
                      f"{f(e.mem_vs_timm)} | {'' if e.parity_rel_err is None else f'{e.parity_rel_err:.1e}'} |")
     return "\n".join(lines) + "\n"
 
