@@ -195,3 +195,25 @@ def test_every_bad_input_is_one_line_and_exit_2(tmp_path, run_dir, capsys, monke
         assert rc == 2, (argv, out, err)
         assert err.startswith("error: ") and msg in err and err.count("\n") == 1 and "Traceback" not in err, (argv, err)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # no work was started
+
+
+def test_convert_v2_to_torchvision_needs_and_takes_model(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = swin.create_model("swinv2_micro", num_classes=10).eval()
+    torch.save(model.state_dict(), tmp_path / "v2.pth")
+    rc, _, err = run_cli(capsys, "convert", tmp_path / "v2.pth", tmp_path / "tv.pth", "--to", "torchvision")
+    assert rc == 2 and "--model" in err and not (tmp_path / "tv.pth").exists()
+    rc, _, _ = run_cli(capsys, "convert", tmp_path / "v2.pth", tmp_path / "tv.pth", "--to", "torchvision",
+                       "--model", "swinv2_micro")
+    assert rc == 0
+    tv = torch.load(tmp_path / "tv.pth", weights_only=True)
+    assert any(k.startswith("features.") for k in tv)
+    back = swin.convert_state_dict(tv, dst="swin")
+    assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
+
+
+def test_junk_checkpoint_is_one_clear_error(tmp_path, capsys):
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"\x00\x01not a checkpoint")
+    rc, _, err = run_cli(capsys, "convert", junk, tmp_path / "out.pth", "--to", "timm")
+    assert rc == 2 and "Could not read checkpoint" in err and "Traceback" not in err

@@ -105,6 +105,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--to", required=True, choices=["swin", "official", "timm", "torchvision", "hf", "mmdet"])
     c.add_argument("--from", dest="src", default="auto")
     c.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
+    c.add_argument("--model", help="architecture name (swin models); needed to write V2 weights for "
+                                   "torchvision/official, whose buffers depend on the window size")
 
     pl = sub.add_parser("plot", help="PNG of a run's loss, accuracy and lr")
     pl.add_argument("run_dir")
@@ -312,7 +314,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if out.resolve() == src.resolve():
         raise ValueError("OUTPUT must differ from INPUT.")
     sd = read_state_dict(src)
-    converted = swin.convert_state_dict(sd, src=args.src, dst=args.to)
+    config = swin.get_config(args.model) if args.model else None
+    converted = swin.convert_state_dict(sd, src=args.src, dst=args.to, config=config)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_state_dict(converted, out)
     print(f"Wrote {len(converted)} tensors in the {args.to} layout to {out}")

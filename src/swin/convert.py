@@ -412,7 +412,7 @@ def _window_of(sd, i: int, j: int, version: int, window_size: int | None, fmt: s
         return (side + 1) // 2
     if window_size is None:
         raise ValueError(f"Writing SwinV2 weights in the '{fmt}' layout needs the window size (its buffers depend "
-                         f"on it and V2 weights do not record it): pass config= or window_size=.")
+                         f"on it and V2 weights do not record it): pass config= or window_size= (swin convert: --model NAME).")
     return window_size
 
 
@@ -619,16 +619,27 @@ def _read_file(path: str | os.PathLike) -> Any:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:
+            raise ValueError(f"Could not read {str(path)!r} as safetensors ({type(e).__name__}); "
+                             "is the file complete and really a .safetensors file?") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "GLOBAL" not in str(e) and "global" not in str(e):  # not code, just not a pickle torch can read
+            raise ValueError(f"Could not read checkpoint {str(path)!r} (it is not a PyTorch or safetensors "
+                             "checkpoint, or it is truncated).") from None
         raise ValueError(
             f"Refused to load {str(path)!r}: it holds Python objects other than tensors (loading them could run "
             f"code), so it was not unpickled for safety; if you trust its source, load it once with "
             f"torch.load(path, weights_only=False) and re-save only the state dict (names -> tensors) with "
             f"torch.save or safetensors."
         ) from e
+    except Exception as e:  # truncated or foreign files: zip errors, struct errors, EOF
+        first = str(e).splitlines()[0][:160] if str(e) else ""
+        raise ValueError(f"Could not read checkpoint {str(path)!r} ({type(e).__name__}: {first}); "
+                         "is the file complete and a PyTorch or safetensors checkpoint?") from None
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:

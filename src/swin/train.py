@@ -903,21 +903,12 @@ def load_for_inference(checkpoint: str | os.PathLike, *, model: str | None = Non
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The tensors of a .safetensors file or a torch checkpoint (unwrapped from "model"/"state_dict")."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from .convert import read_checkpoint
 
-        try:
-            return load_file(str(path))
-        except Exception as e:
-            raise ValueError(f"Could not read checkpoint {path} ({type(e).__name__}).") from None
-    obj = _torch_load(path)
-    for key in ("model", "state_dict", "module"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
+    sd = read_checkpoint(path)
+    if not isinstance(sd, dict) or not any(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"{path} holds no state dict (a mapping of parameter names to tensors).")
-    return obj
+    return sd
 
 
 def _torch_load(path: Path) -> Any:
@@ -929,14 +920,11 @@ def _torch_load(path: Path) -> Any:
 
 
 def _head_classes(sd: dict) -> int | None:
-    """The number of classes of a state dict's classifier, in any key scheme we know."""
-    for key in ("head.weight", "head.fc.weight", "classifier.weight", "model.head.weight", "head.fc.fc.weight"):
-        if key in sd and getattr(sd[key], "ndim", 0) == 2:
-            return int(sd[key].shape[0])
-    for key, v in sd.items():
-        if key.endswith(("head.weight", "head.fc.weight", "classifier.weight")) and getattr(v, "ndim", 0) == 2:
-            return int(v.shape[0])
-    return None
+    """The number of classes of a state dict's classifier, whatever its key scheme (None: no head)."""
+    from .convert import convert_state_dict
+
+    head = convert_state_dict(sd).get("head.weight")
+    return int(head.shape[0]) if head is not None and head.ndim == 2 else None
 
 
 def imagenet_classes() -> list[str]:
