@@ -145,6 +145,8 @@ def _prepare(impl: str, name: str, mode: str, device: str, dtype: torch.dtype, b
         fwd = torch.compile(fwd)
     elif "ro" in flags:
         fwd = torch.compile(fwd, mode="reduce-overhead")
+    elif "freeze" in flags:  # inference only: weights become constants (prepacked, folded) for inductor
+        fwd = torch.compile(fwd, options={"freezing": True})
     info: dict = {"model": model}
     if mode == "train":
         model.train()
@@ -220,7 +222,7 @@ def run_mode(name: str, mode: str, impls: list[str], args, log) -> list[Entry]:
     for impl in impls:
         if mode != "latency" and "graph" in impl:
             continue
-        if mode == "train" and ("graph" in impl or "ro" in impl.split("+")[1:]):
+        if mode == "train" and ({"graph", "ro", "freeze"} & set(impl.split("+")[1:])):
             continue
         e = Entry(name, mode, impl, batch, unit)
         entries.append(e)
@@ -350,7 +352,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--modes", default="infer,train,latency", help="comma list of infer, train, latency")
     p.add_argument("--impls", default=None,
                    help="comma list, e.g. ours,ours-ref,ours-sdpa,ours-triton,ours+graph,timm,timm+compile,tv,hf "
-                        "(+compile: torch.compile, +ro: compile reduce-overhead, +graph: our CUDA-graph runner)")
+                        "(+compile: torch.compile, +ro: compile reduce-overhead, +freeze: compile with inductor freezing (inference), +graph: our CUDA-graph runner)")
     p.add_argument("--compile", action="store_true", help="add +compile variants of ours, timm and hf")
     p.add_argument("--batch-infer", type=int, default=None)
     p.add_argument("--batch-train", type=int, default=None)
