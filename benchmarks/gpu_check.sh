@@ -35,9 +35,9 @@ section parity 150 "$PY" -m pytest tests/test_ops.py -q -p no:cacheprovider -k "
 # 2. Swin-T 224, bf16 autocast: ours (auto = Triton kernels) vs peers, eager and compiled
 B="$PY benchmarks/bench.py --device cuda --dtype bf16 --rounds 5 --iters 8 --warmup 3"
 section t_infer 170 $B --models swin_t --modes infer --budget-s 120 --out "$OUT/t_infer" \
-  --impls ours,ours+compile,timm+compile,timm,timm-sdpa,tv,hf,ours-sdpa,ours-sdpa+compile
+  --impls ours,ours-sdpa,timm,timm-sdpa,tv,hf,ours+compile,timm+compile,ours-sdpa+compile
 section t_train 190 $B --models swin_t --modes train --budget-s 140 --out "$OUT/t_train" \
-  --impls ours,ours+compile,timm-sdpa+compile,timm,tv,hf,ours-sdpa,ours-sdpa+compile
+  --impls ours,ours-sdpa,timm,timm-sdpa,tv,hf,ours+compile,timm-sdpa+compile,ours-sdpa+compile
 section t_latency 60 $B --models swin_t --modes latency --iters 20 --out "$OUT/t_latency" \
   --impls ours,ours+graph,ours-sdpa+graph,timm,timm-sdpa,tv,hf
 

@@ -19,6 +19,7 @@ import gc
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import time
@@ -226,7 +227,10 @@ def run_mode(name: str, mode: str, impls: list[str], args, log) -> list[Entry]:
             continue
         e = Entry(name, mode, impl, batch, unit)
         entries.append(e)
-        if _over_budget(args):
+        _LIVE.append(e)
+        compiled = bool({"compile", "ro", "freeze"} & set(impl.split("+")[1:]))
+        # past the budget, skip what compiles (slow to prepare); cheap eager entries still run
+        if _over_budget(args, 1.0 if compiled else 1.3):
             e.error = "skipped: time budget"
             continue
         try:
@@ -340,8 +344,11 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _START = [0.0]
 
 
-def _over_budget(args) -> bool:
-    return args.budget_s > 0 and time.perf_counter() - _START[0] > args.budget_s
+_LIVE: list[Entry] = []  # every entry created so far, for a partial report if the run is killed
+
+
+def _over_budget(args, factor: float = 1.0) -> bool:
+    return args.budget_s > 0 and time.perf_counter() - _START[0] > args.budget_s * factor
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -405,21 +412,37 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info(args.device)
     log(f"bench: {json.dumps(info)}")
     impls = [s.strip() for s in args.impls.split(",") if s.strip()]
-    entries: list[Entry] = []
-    for name in args.models.split(","):
-        for mode in args.modes.split(","):
-            log(f"== {name} {mode}")
-            try:
-                entries += run_mode(name, mode, impls, args, log)
-            except Exception:
-                log(traceback.format_exc())
-            if out:  # keep partial results if a later section dies
-                (out / "bench.json").write_text(json.dumps({"machine": info, "args": vars(args),
-                                                            "entries": [asdict(e) for e in entries]}, indent=1))
-    md = to_markdown(entries, info, args)
-    if out:
-        (out / "bench.md").write_text(md)
-    print(md)
+    _LIVE.clear()
+
+    def write() -> str:
+        by_mode: dict = {}
+        for e in _LIVE:  # summarise what was measured so far (also after a kill)
+            by_mode.setdefault((e.model, e.mode), []).append(e)
+        for group in by_mode.values():
+            _summarise(group)
+        md = to_markdown(_LIVE, info, args)
+        if out:
+            (out / "bench.json").write_text(json.dumps({"machine": info, "args": vars(args),
+                                                        "entries": [asdict(e) for e in _LIVE]}, indent=1))
+            (out / "bench.md").write_text(md)
+        return md
+
+    def on_term(signum, frame):  # `timeout` sends SIGTERM: keep the rounds measured so far
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        for name in args.models.split(","):
+            for mode in args.modes.split(","):
+                log(f"== {name} {mode}")
+                try:
+                    run_mode(name, mode, impls, args, log)
+                except Exception:
+                    log(traceback.format_exc())
+                write()
+    except KeyboardInterrupt:
+        log("interrupted: writing partial results")
+    print(write())
     return 0
 
 

@@ -66,7 +66,7 @@ def _logits(q, k, bias_ptrs, valid, ys, xs, inside, Hp, Wp, shift, scale,
         # the official region labels of the shifted padded map, 3 x 3 slices per axis
         ry = tl.where(ys < Hp - WIN, 0, tl.where(ys < Hp - shift, 1, 2))
         rx = tl.where(xs < Wp - WIN, 0, tl.where(xs < Wp - shift, 1, 2))
-        label = (ry * 3 + rx) * (shift > 0)
+        label = tl.where(shift > 0, ry * 3 + rx, 0)
         if MASK_PAD:
             label = label + tl.where(inside, 0, 100)
         s = s + tl.where(label[:, None] != label[None, :], MASK_VALUE, 0.0)
