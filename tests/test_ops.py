@@ -202,9 +202,10 @@ def test_auto_resolves_to_sdpa_on_cpu():
     assert resolve_backend("sdpa", x, 4) == "sdpa"
 
 
-def test_compile_fullgraph_sdpa_cpu():
+@pytest.mark.parametrize("backend", ["sdpa", "auto"])
+def test_compile_fullgraph_cpu(backend):
     torch.manual_seed(0)
-    model = swin.create_model("swin_micro", backend="sdpa").eval()
+    model = swin.create_model("swin_micro", backend=backend).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         ref = model(x)
