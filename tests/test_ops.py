@@ -103,9 +103,12 @@ def test_sdpa_matches_reference_bf16(version, case, device):
     check_parity("sdpa", version, case, False, device, torch.bfloat16, 1e-2)
 
 
+# mask_padding only changes padded maps: pair it with those (fewer kernel compilations on the GPU)
+TRITON_CASES = [(c, False) for c in CASES] + [(c, True) for c in CASES if c[0] % c[2] or c[1] % c[2]]
+
+
 @pytest.mark.skipif(not (CUDA and triton_available()), reason="needs CUDA and Triton")
-@pytest.mark.parametrize("mask_padding", [False, True])
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case,mask_padding", TRITON_CASES)
 @pytest.mark.parametrize("version", [1, 2])
 def test_triton_matches_reference_fp32_cuda(version, case, mask_padding):
     check_parity("triton", version, case, mask_padding, "cuda", torch.float32, 1e-4)
