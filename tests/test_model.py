@@ -85,7 +85,8 @@ def test_any_size_forward_and_intermediates(version, size):
         assert f.shape == (2, 16 * 2**i, h, w), (i, f.shape)
         h, w = math.ceil(h / 2), math.ceil(w / 2)
     # the last map, normalised and pooled, is exactly what the head sees
-    last = model.forward_intermediates(x, indices=(3,), norm=True)[0]
+    with torch.no_grad():  # the same (no-grad) attention path as `pooled`
+        last = model.forward_intermediates(x, indices=(3,), norm=True)[0]
     torch.testing.assert_close(last.mean(dim=(2, 3)), pooled, rtol=0, atol=1e-6)
 
 

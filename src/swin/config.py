@@ -33,8 +33,9 @@ class SwinConfig:
     # Mask attention to the zero tokens added when a map is padded to a window multiple.
     # False reproduces the official/torchvision/HF numbers; True makes the output independent of padding.
     mask_padding: bool = False
-    # Which implementation of window attention to use: "auto", "reference", "sdpa" or "triton".
-    backend: str = "reference"
+    # Which implementation of window attention to use: "auto" (fastest available), "reference" (the plain
+    # PyTorch spec in model.py), "sdpa" or "triton"; see swin.ops. All compute the same function.
+    backend: str = "auto"
 
     @property
     def num_layers(self) -> int:

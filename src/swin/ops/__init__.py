@@ -12,7 +12,8 @@ Backends:
 - ``"triton"``: fused Triton kernels (CUDA) that read q/k/v in token layout with the shift and
   window partition folded into index arithmetic, add bias and shift mask in the kernel, and write
   the output back in token layout (forward and backward). Windows of up to 64 tokens.
-- ``"auto"``: triton on CUDA when Triton is importable and the window fits, sdpa otherwise.
+- ``"auto"`` (the default): triton on CUDA in eager mode when Triton is importable and the window
+  fits, sdpa otherwise (CPU, larger windows, inside torch.compile).
 """
 from __future__ import annotations
 
@@ -53,6 +54,10 @@ def resolve_backend(name: str, x: torch.Tensor, window: int) -> str:
     """The backend that actually runs for ``name`` on input ``x``: auto/triton fall back cleanly."""
     if name in ("auto", "triton"):
         if not (x.is_cuda or _INTERPRET) or not triton_available():
+            return "sdpa"
+        if name == "auto" and torch.compiler.is_compiling():
+            # Inside torch.compile "auto" takes the SDPA path, the one measured compiled on a GPU;
+            # backend="triton" still puts the kernels into the graph.
             return "sdpa"
         from .triton_window import supports
 

@@ -30,7 +30,7 @@ import triton.language as tl
 from .. import windows as W
 
 MAX_TOKENS = 64
-MASK_VALUE = -100.0
+MASK_VALUE = tl.constexpr(W.MASK_VALUE)  # a constexpr global: kernels may not read plain globals
 
 
 def supports(x: torch.Tensor, window: int) -> bool:
