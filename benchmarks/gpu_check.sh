@@ -32,14 +32,14 @@ tail -n 1 "$OUT/env.txt"
 # 1. parity on the GPU (CUDA parametrisations run because a GPU is present) + the interpreter check
 # (Triton under torch.compile is exercised by the bench's ours+compile entries instead of a test here)
 section parity 150 "$PY" -m pytest tests/test_ops.py -q -p no:cacheprovider -rfE \
-  -k "(cuda or whole_model or interpreted) and not under_torch_compile" --junitxml="$OUT/parity.xml"
+  -k "(cuda or whole_model) and not under_torch_compile" --junitxml="$OUT/parity.xml"
 
 # 2. Swin-T 224, bf16 autocast: ours (auto = Triton kernels) vs peers, eager and compiled
 B="$PY benchmarks/bench.py --device cuda --dtype bf16 --rounds 5 --iters 8 --warmup 3"
 section t_infer 170 $B --models swin_t --modes infer --budget-s 120 --out "$OUT/t_infer" \
-  --impls ours,ours-sdpa,timm,timm-sdpa,tv,hf,ours+compile,timm+compile,ours-sdpa+compile
+  --impls ours,ours-sdpa,timm,timm-sdpa,tv,hf,ours+compile,timm+compile,ours-triton+compile
 section t_train 190 $B --models swin_t --modes train --budget-s 140 --out "$OUT/t_train" \
-  --impls ours,ours-sdpa,timm,timm-sdpa,tv,hf,ours+compile,timm-sdpa+compile,ours-sdpa+compile
+  --impls ours,ours-sdpa,timm,timm-sdpa,tv,hf,ours+compile,timm-sdpa+compile,ours-triton+compile
 section t_latency 60 $B --models swin_t --modes latency --iters 20 --out "$OUT/t_latency" \
   --impls ours,ours+graph,ours-sdpa+graph,timm,timm-sdpa,tv,hf
 
