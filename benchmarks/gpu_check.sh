@@ -29,7 +29,7 @@ section() {  # section NAME MAX_SECONDS CMD... ; runs CMD with a timeout of min(
 { date; nvidia-smi; "$PY" -c "import torch, triton, timm, transformers, torchvision; print('torch', torch.__version__, 'triton', triton.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name())"; } > "$OUT/env.txt" 2>&1
 tail -n 1 "$OUT/env.txt"
 
-# 1. parity on the GPU (CUDA parametrisations run because a GPU is present) + the interpreter check
+# 1. parity on the GPU (the CUDA parametrisations run because a GPU is present)
 # (Triton under torch.compile is exercised by the bench's ours+compile entries instead of a test here)
 section parity 150 "$PY" -m pytest tests/test_ops.py -q -p no:cacheprovider -rfE \
   -k "(cuda or whole_model) and not under_torch_compile" --junitxml="$OUT/parity.xml"
