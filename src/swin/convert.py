@@ -612,7 +612,8 @@ def convert_state_dict(state_dict: Mapping[str, Any], src: str = "auto", dst: st
 # ---------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------
-def _read_file(path: str | os.PathLike) -> Any:
+def read_file(path: str | os.PathLike) -> Any:
+    """What a checkpoint file holds, read safely (weights_only / safetensors), before any unwrapping."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint file {str(path)!r} does not exist; check the path.")
@@ -648,7 +649,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     ``.safetensors`` or a torch pickle read with ``weights_only=True`` (a pickle holding other
     Python objects is refused with ValueError); a missing file raises FileNotFoundError.
     """
-    return _unwrap(_read_file(path))
+    return _unwrap(read_file(path))
 
 
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:

@@ -872,7 +872,9 @@ def load_for_inference(checkpoint: str | os.PathLike, *, model: str | None = Non
         raise FileNotFoundError(f"Checkpoint {path} does not exist.")
     ours = None
     if path.suffix != ".safetensors":
-        obj = _torch_load(path)
+        from .convert import read_file
+
+        obj = read_file(path)
         if isinstance(obj, dict) and obj.get("format") == RUN_FORMAT:
             ours = obj
     if ours is not None:
@@ -909,14 +911,6 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(sd, dict) or not any(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"{path} holds no state dict (a mapping of parameter names to tensors).")
     return sd
-
-
-def _torch_load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = str(e).splitlines()[0][:200] if str(e) else ""
-        raise ValueError(f"Could not read checkpoint {path} ({type(e).__name__}: {first}).") from None
 
 
 def _head_classes(sd: dict) -> int | None:

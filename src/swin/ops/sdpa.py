@@ -57,11 +57,7 @@ def window_indices(height: int, width: int, window: int, shift: int, device: tor
 
 
 def _bias_versions(attn) -> tuple:
-    if attn.version == 1:
-        params = (attn.relative_position_bias_table,)
-    else:
-        params = tuple(attn.cpb_mlp.parameters())
-    return tuple((p.data_ptr(), p._version) for p in params)
+    return tuple((p.data_ptr(), p._version) for p in _bias_params(attn))
 
 
 def bias_and_mask(attn, height: int, width: int, window: int, shift: int, mask_padding: bool,
