@@ -148,6 +148,107 @@ def test_whole_model_logits_equal_reference(name, size):
         model.set_backend("reference")
 
 
+# -- CPU inference, chunk by chunk in cache (swin.ops.cpu_tiled) -------------------------------
+def _random_model(name: str, **kw) -> torch.nn.Module:
+    """A model with every parameter random (LayerNorm affine, biases, tables, logit scales too)."""
+    torch.manual_seed(0)
+    model = swin.create_model(name, **kw).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.add_(torch.randn(p.shape, generator=g) * (0.3 if "logit_scale" not in n else 0.1))
+    return model
+
+
+@pytest.mark.parametrize("chunk_tokens", [16, 100, 2048])  # one window / a few / whole images per chunk
+@pytest.mark.parametrize("name,size,mask_padding", [
+    ("swin_micro", (32, 32), False), ("swin_micro", (46, 30), False), ("swin_micro", (46, 30), True),
+    ("swinv2_micro", (32, 32), False), ("swinv2_micro", (38, 54), False), ("swinv2_micro", (38, 54), True),
+    ("swin_micro", (10, 14), False)])  # maps smaller than the window
+def test_cpu_tiled_inference_equals_reference(name, size, mask_padding, chunk_tokens, monkeypatch):
+    from swin.ops import cpu_tiled
+
+    monkeypatch.setattr(cpu_tiled, "CHUNK_TOKENS", chunk_tokens)
+    calls = []
+    run = cpu_tiled.run_blocks
+    monkeypatch.setattr(cpu_tiled, "run_blocks", lambda blocks, x: calls.append(x.shape) or run(blocks, x))
+    model = _random_model(name, mask_padding=mask_padding)
+    x = torch.randn(3, 3, *size)
+    with torch.inference_mode():
+        fast = model(x)
+        feats = model.forward_intermediates(x)
+        model.set_backend("reference")
+        ref = model(x)
+        feats_ref = model.forward_intermediates(x)
+    assert len(calls) == 2 * len(model.layers)  # every stage ran tiled, in both calls
+    assert rel_err(fast, ref) <= 1e-5 and (fast - ref).abs().max() <= 1e-4 * ref.abs().max()
+    for f, r in zip(feats, feats_ref):
+        assert rel_err(f, r) <= 1e-5
+
+
+def test_cpu_tiled_full_size_swin_t_and_bf16():
+    model = _random_model("swin_t", num_classes=10)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        fast = model(x)
+        model.set_backend("reference")
+        ref = model(x)
+        ref64 = model.double()(x.double())
+    # 12 blocks of perturbed weights amplify fp32 rounding (the reference is 3e-4 from fp64 here):
+    # the tiled path must be as close to the fp64 truth as the reference path is
+    assert rel_err(fast, ref64) <= 1.2 * rel_err(ref, ref64)
+    assert rel_err(fast, ref) <= 1e-3
+    # a bf16 model end to end (default init: random perturbed weights amplify bf16 rounding chaotically)
+    torch.manual_seed(0)
+    model = swin.create_model("swin_t", num_classes=10).eval().bfloat16()
+    with torch.inference_mode():
+        fast16 = model(x.bfloat16()).float()
+        model.float().set_backend("reference")
+        ref = model(x)  # the same (bf16-rounded) weights, in fp32
+    assert rel_err(fast16, ref) <= 3e-2
+
+
+def test_cpu_tiled_fc1_gelu_both_ways_and_model_still_copies(monkeypatch):
+    from swin.ops import cpu_tiled
+
+    model = _random_model("swin_micro")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        outs = []
+        for flag in (False, True):  # plain addmm + GELU, then oneDNN's fused call where present
+            monkeypatch.setattr(cpu_tiled, "USE_ONEDNN", flag)
+            outs.append(model(x))
+        model.set_backend("reference")
+        ref = model(x)
+    for out in outs:
+        assert rel_err(out, ref) <= 1e-5
+    copy.deepcopy(model)  # no opaque oneDNN tensors on the modules
+    torch.save(model, __import__("io").BytesIO())
+    with torch.no_grad():  # a weight update invalidates the packed copy
+        model.layers[0].blocks[0].mlp.fc1.weight.mul_(2.0)
+        model.set_backend("auto")
+        fast = model(x)
+        model.set_backend("reference")
+        assert rel_err(fast, model(x)) <= 1e-5
+
+
+def test_cpu_tiled_only_where_it_is_the_same_function():
+    from swin.ops import cpu_tiled
+
+    model = swin.create_model("swin_micro").eval()
+    layer, x = model.layers[0], torch.randn(1, 16, 16, 48)
+    with torch.no_grad():
+        assert cpu_tiled.eligible(layer, x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not cpu_tiled.eligible(layer, x)
+        model.train()
+        assert not cpu_tiled.eligible(layer, x)  # dropout / drop path are live in training mode
+        model.eval().set_backend("reference")
+        assert not cpu_tiled.eligible(layer, x)
+    model.set_backend("sdpa")
+    assert not cpu_tiled.eligible(layer, x)  # autograd on: the per-block path saves what backward needs
+
+
 def test_training_step_grads_equal_reference():
     torch.manual_seed(0)
     ref = swin.create_model("swin_micro", drop_path_rate=0.0).train()

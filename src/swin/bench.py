@@ -201,7 +201,7 @@ def _parity(name: str, impl: str, device: str, dtype: torch.dtype, x: torch.Tens
 
     backend = impl.split("+")[0].split("-", 1)[1] if "-" in impl.split("+")[0] else "auto"
     torch.manual_seed(0)
-    ref = swin.create_model(name).to(device).eval()
+    ref = swin.create_model(name, backend="reference").to(device).eval()
     fast = copy.deepcopy(ref)
     fast.set_backend("reference" if backend == "ref" else backend)
     with torch.inference_mode():

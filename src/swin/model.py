@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import windows as W
 from .config import SwinConfig
+from .ops import cpu_tiled
 
 
 class SwinTransformer(nn.Module):
@@ -80,7 +81,7 @@ class SwinTransformer(nn.Module):
         """(B, in_chans, H, W) -> logits (B, num_classes)."""
         return self.forward_head(self.forward_features(x))
 
-    def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int] = (0, 1, 2, 3),
+    def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int] | None = None,
                               norm: bool = False) -> list[torch.Tensor]:
         """NCHW feature maps of the chosen stages (strides 4, 8, 16, 32; widths C, 2C, 4C, 8C).
 
@@ -88,6 +89,7 @@ class SwinTransformer(nn.Module):
         the final LayerNorm to the last stage's map (as the classifier sees it).
         """
         n = self.config.num_layers
+        indices = range(n) if indices is None else indices
         wanted = sorted({i % n if -n <= i < n else _bad_index(i, n) for i in indices})
         x = self._stem(x)
         out = []
@@ -143,11 +145,14 @@ class BasicLayer(nn.Module):
         self.downsample = PatchMerging(dim, config.version) if downsample else None
 
     def forward(self, x: torch.Tensor, grad_checkpointing: bool = False, return_before_merge: bool = False):
-        for blk in self.blocks:
-            if grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
+        if cpu_tiled.eligible(self, x):  # CPU inference: the same blocks, chunk by chunk in cache
+            x = cpu_tiled.run_blocks(self.blocks, x)
+        else:
+            for blk in self.blocks:
+                if grad_checkpointing and torch.is_grad_enabled():
+                    x = checkpoint(blk, x, use_reentrant=False)
+                else:
+                    x = blk(x)
         before_merge = x
         if self.downsample is not None:
             x = self.downsample(x)

@@ -94,6 +94,17 @@ def _build_bias_and_mask(attn, height, width, window, shift, mask_padding, dtype
     return (bias.unsqueeze(0) + mask.unsqueeze(1)).to(dtype).contiguous()  # (nW, heads, N, N)
 
 
+def split_qkv(attn, qkv: torch.Tensor):
+    """(..., 3, heads, d) qkv projection -> strided views q, k, v of shape (..., heads, d) and the
+    scale SDPA applies. V2 (cosine attention): q and k unit-normalised, q times exp(logit_scale)."""
+    q, k, v = qkv.unbind(-3)
+    if attn.version == 1:
+        return q, k, v, attn.scale
+    logit = torch.clamp(attn.logit_scale, max=math.log(100.0)).exp().view(attn.num_heads, 1)  # (heads, 1)
+    q = (F.normalize(q, dim=-1) * logit).to(v.dtype)  # autocast: logit is fp32, SDPA wants one dtype
+    return q, F.normalize(k, dim=-1).to(v.dtype), v, 1.0
+
+
 def window_attention_sdpa(attn, x: torch.Tensor, window: int, shift: int, mask_padding: bool = False) -> torch.Tensor:
     """(B, H, W, C) -> (B, H, W, C); the same function as ``attn``'s reference path."""
     B, H, Wd, C = x.shape
@@ -105,14 +116,7 @@ def window_attention_sdpa(attn, x: torch.Tensor, window: int, shift: int, mask_p
     x = W.pad_to_window(x, window)  # zeros, as the reference: padded tokens get qkv = qkv bias
     tokens = x.reshape(B, Hp * Wp, C).index_select(1, fwd)  # (B, nW*N, C) in window order
     qkv = F.linear(tokens, attn.qkv.weight, attn.qkv_bias())  # (B, nW*N, 3C)
-    qkv = qkv.view(B, nW, N, 3, heads, d)
-    q, k, v = qkv.unbind(3)  # each (B, nW, N, heads, d), strided views
-    scale = attn.scale
-    if attn.version == 2:
-        logit = torch.clamp(attn.logit_scale, max=math.log(100.0)).exp().view(heads, 1)  # (heads, 1)
-        q = (F.normalize(q, dim=-1) * logit).to(v.dtype)  # autocast: logit is fp32, SDPA wants one dtype
-        k = F.normalize(k, dim=-1).to(v.dtype)
-        scale = 1.0
+    q, k, v, scale = split_qkv(attn, qkv.view(B, nW, N, 3, heads, d))  # each (B, nW, N, heads, d)
     mask = bias_and_mask(attn, H, Wd, window, shift, mask_padding, q.dtype, x.device)  # (nW or 1, heads, N, N)
     p = attn.attn_drop.p if attn.training else 0.0
 

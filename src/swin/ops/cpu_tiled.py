@@ -1,0 +1,182 @@
+"""CPU inference: run a stage's blocks a chunk of whole windows at a time, in cache and in place.
+
+Why. On CPU, eager Swin inference spends a quarter of its time outside the matrix products, and
+most of that on tensors far larger than the caches: each block allocates several (tokens x 3C)
+and (tokens x 4C) buffers (glibc maps those fresh from the kernel on every call, so each page is
+faulted in again), then LayerNorm, bias, GELU and the residual adds stream through them one at a
+time. Windows are independent and everything but attention is per token, so a whole block can run
+on ~2k tokens of whole windows at a time, all of which stay in the L2 cache:
+
+    rows = the chunk's tokens, gathered in window order (pad + cyclic shift + partition = a row index)
+    V1: rows += proj(attn(LN1(rows)));  rows += fc2(GELU(fc1(LN2(rows))))
+    V2: rows += LN1(proj(attn(rows)));  rows += LN2(fc2(GELU(fc1(rows))))
+    scatter rows back to the same positions of the stage's one token buffer
+
+Blocks write back to the rows they read, so a stage runs in place on one buffer (no per-block
+allocation). The arithmetic per token is the reference's (same operations, same order, the
+residual add folded into the projection's accumulate), so the logits match the reference to
+float rounding (tests/test_ops.py).
+
+Used only where it is the same function as the reference and faster: CPU, no autograd, eval mode,
+not inside torch.compile or autocast, backend "auto" or "sdpa" (:func:`eligible`).
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from .. import windows as W
+from .sdpa import bias_and_mask, split_qkv, window_indices
+
+CHUNK_TOKENS = 2048  # tokens per chunk: fc1's (tokens x 4C) output then fits the L2 cache for C <= 96
+
+
+def eligible(layer, x: torch.Tensor) -> bool:
+    """True when :func:`run_blocks` computes exactly what ``layer``'s blocks compute, faster."""
+    if x.device.type != "cpu" or torch.is_grad_enabled() or layer.training:
+        return False
+    if torch.compiler.is_compiling() or _autocast_on():
+        return False
+    return all(blk.attn.backend in ("auto", "sdpa") for blk in layer.blocks)
+
+
+def _autocast_on() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4 has no device argument
+        return torch.is_autocast_cpu_enabled()
+
+
+def chunk_windows(num_windows: int, tokens_per_window: int) -> int:
+    """Windows per chunk: a divisor of the image's window count (chunks stay inside one image) or a
+    multiple of it (chunks hold whole images), so each chunk's shift mask is a slice."""
+    want = max(1, CHUNK_TOKENS // tokens_per_window)
+    if want >= num_windows:
+        return (want // num_windows) * num_windows
+    return max(d for d in range(1, want + 1) if num_windows % d == 0)
+
+
+def run_blocks(blocks, x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) -> (B, H, W, C): ``blocks`` (one stage's) applied in order, inference only."""
+    B, H, Wd, C = x.shape
+    window = W.window_and_shift(H, Wd, blocks[0].window_size, 0)[0]
+    Hp, Wp = W.padded_size(H, Wd, window)
+    padded = (Hp, Wp) != (H, Wd)
+    # the stage's token buffer, padded map, flattened; padded rows stay zero throughout
+    tokens = W.pad_to_window(x, window).reshape(B * Hp * Wp, C)
+    tokens = tokens.clone() if tokens.data_ptr() == x.data_ptr() else tokens.contiguous()
+    for blk in blocks:
+        _run_block(blk, tokens, B, H, Wd, Hp, Wp, padded)
+    out = tokens.view(B, Hp, Wp, C)
+    return out[:, :H, :Wd].contiguous() if padded else out
+
+
+def _run_block(blk, tokens: torch.Tensor, B: int, H: int, Wd: int, Hp: int, Wp: int, padded: bool) -> None:
+    attn = blk.attn
+    C, heads, d = tokens.shape[1], attn.num_heads, attn.head_dim
+    window, shift = W.window_and_shift(H, Wd, blk.window_size, blk.shift_size)
+    N, nW = window * window, (Hp // window) * (Wp // window)
+    fwd, _ = window_indices(H, Wd, window, shift, tokens.device)  # window-order slot -> padded-map position
+    rows = (torch.arange(B, device=tokens.device).view(B, 1) * (Hp * Wp) + fwd.view(1, -1)).reshape(-1)
+    real = None
+    if padded:  # (nW*N, 1): 1 for a real token, 0 for padding, in window order
+        real = torch.zeros(Hp, Wp, dtype=tokens.dtype, device=tokens.device)
+        real[:H, :Wd] = 1
+        real = real.view(-1)[fwd].view(-1, 1)
+    mask = bias_and_mask(attn, H, Wd, window, shift, blk.mask_padding, tokens.dtype, tokens.device)
+    k = chunk_windows(nW, N)
+    if mask.shape[0] > 1 and k > nW:  # chunks of whole images: the mask repeated per image
+        mask_k = mask.repeat(k // nW, 1, 1, 1)
+
+    qkv_w, qkv_b = attn.qkv.weight.t(), attn.qkv_bias()
+    proj_w, proj_b = attn.proj.weight.t(), attn.proj.bias
+    fc1, fc2 = blk.mlp.fc1, blk.mlp.fc2
+    n1, n2 = blk.norm1, blk.norm2
+
+    def attention(h: torch.Tensor, w0: int, kk: int) -> torch.Tensor:
+        """(kk*N, C) normed tokens of windows w0..w0+kk -> (kk*N, C) attention output before proj."""
+        qkv = torch.addmm(qkv_b, h, qkv_w) if qkv_b is not None else h @ qkv_w
+        q, k_, v, scale = split_qkv(attn, qkv.view(kk, N, 3, heads, d))  # (kk, N, heads, d) views
+        if mask.shape[0] == 1:
+            m = mask
+        elif k > nW:
+            m = mask_k[:kk]
+        else:
+            m = mask[w0 % nW:w0 % nW + kk]
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k_.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=m, scale=scale)  # (kk, heads, N, d)
+        return o.transpose(1, 2).reshape(kk * N, C)
+
+    total = B * nW
+    for w0 in range(0, total, k):
+        kk = min(k, total - w0)
+        idx = rows[w0 * N:(w0 + kk) * N]
+        xc = tokens.index_select(0, idx)  # (kk*N, C), in cache from here on
+        keep = None
+        if real is not None:  # this chunk's rows of `real`: a slice of one image's, or whole images'
+            keep = real[(w0 % nW) * N:(w0 % nW + kk) * N] if k <= nW else real.repeat(kk // nW, 1)
+        if not blk.post_norm:  # V1: pre-norm
+            h = F.layer_norm(xc, (C,), n1.weight, n1.bias, n1.eps)
+            if keep is not None:
+                h.mul_(keep)  # the reference pads after norm1: padded tokens enter attention as zeros
+            xc.add_(proj_b).addmm_(attention(h, w0, kk), proj_w)
+            h = F.layer_norm(xc, (C,), n2.weight, n2.bias, n2.eps)
+            xc.add_(fc2.bias).addmm_(fc1_gelu(fc1, h), fc2.weight.t())
+        else:  # V2: res-post-norm
+            a = torch.addmm(proj_b, attention(xc, w0, kk), proj_w)
+            xc.add_(F.layer_norm(a, (C,), n1.weight, n1.bias, n1.eps))
+            y = torch.addmm(fc2.bias, fc1_gelu(fc1, xc), fc2.weight.t())
+            xc.add_(F.layer_norm(y, (C,), n2.weight, n2.bias, n2.eps))
+        if keep is not None:
+            xc.mul_(keep)  # padded rows go back as zeros (V2 feeds the raw map to attention)
+        tokens.index_copy_(0, idx, xc)
+
+
+# -- fc1 + GELU as one oneDNN call ------------------------------------------------------------
+USE_ONEDNN = True  # set False to always take the plain addmm + GELU below
+
+
+def fc1_gelu(fc1, h: torch.Tensor) -> torch.Tensor:
+    """GELU(fc1(h)) for (tokens, C) ``h``. Where PyTorch's oneDNN build is present, one call with
+    the bias and the exact (erf) GELU fused into the matrix product on a weight prepacked once
+    (what inductor's freezing pass uses); otherwise addmm then GELU. Same values either way."""
+    packed = _packed_weight(fc1, h) if USE_ONEDNN else None
+    if packed is None:
+        return F.gelu(torch.addmm(fc1.bias, h, fc1.weight.t()))
+    return torch.ops.mkldnn._linear_pointwise(h, packed, fc1.bias, "gelu", [], "none")
+
+
+def _onednn_ok(dtype: torch.dtype) -> bool:
+    try:
+        if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+            return False
+        return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# Linear module -> (weight version key, packed weight or None). Kept outside the module so that
+# copying, pickling or saving a model never meets an opaque oneDNN tensor.
+_PACKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _packed_weight(linear, h: torch.Tensor):
+    """``linear``'s weight in oneDNN's blocked layout, cached until the weight changes; None where
+    not applicable (no oneDNN, no bias, dtype mismatch, or the op failed here once)."""
+    w = linear.weight
+    if linear.bias is None or w.dtype != h.dtype or not _onednn_ok(h.dtype):
+        return None
+    key = (w.data_ptr(), w._version, w.dtype, tuple(w.shape))
+    hit = _PACKED.get(linear)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), CHUNK_TOKENS)
+            torch.ops.mkldnn._linear_pointwise(h[:1], packed, linear.bias, "gelu", [], "none")  # runs here?
+    except (RuntimeError, NotImplementedError):
+        packed = None
+    _PACKED[linear] = (key, packed)
+    return packed
