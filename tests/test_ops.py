@@ -249,6 +249,69 @@ def test_cpu_tiled_only_where_it_is_the_same_function():
     assert not cpu_tiled.eligible(layer, x)  # autograd on: the per-block path saves what backward needs
 
 
+# -- training MLP with GELU recomputed in backward (swin.ops.mlp) -------------------------------
+def _saved_bytes(fn) -> int:
+    """Bytes of distinct tensor storages autograd saves while running fn() (parameters excluded)."""
+    seen: dict = {}
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+@pytest.mark.parametrize("chunk", [7, 4096])  # several chunks with a partial last one / one chunk
+def test_recompute_gelu_mlp_equals_plain_mlp(chunk, monkeypatch):
+    from swin.model import Mlp
+    from swin.ops import mlp as mlp_ops
+
+    monkeypatch.setattr(mlp_ops, "CPU_CHUNK_TOKENS", chunk)
+    torch.manual_seed(0)
+    plain = Mlp(24, 96, backend="reference")
+    fast = copy.deepcopy(plain)
+    fast.backend = "auto"
+    x = torch.randn(2, 5, 6, 24)
+    results = []
+    for m in (plain, fast):
+        xi = x.clone().requires_grad_(True)
+        nbytes, out = _saved_bytes(lambda: m(xi))
+        (out * torch.linspace(-1, 1, 24)).sum().backward()
+        results.append((nbytes, out, xi.grad, [p.grad for p in m.parameters()]))
+    (b_plain, o_p, gx_p, gp_p), (b_fast, o_f, gx_f, gp_f) = results
+    assert rel_err(o_f, o_p) <= 1e-6 and rel_err(gx_f, gx_p) <= 1e-5
+    for a, b in zip(gp_f, gp_p):
+        assert rel_err(a, b) <= 1e-5
+    hidden = 2 * 5 * 6 * 96 * 4
+    assert b_plain - b_fast >= hidden  # GELU's output (tokens x 4C) is no longer kept
+
+
+def test_recompute_gelu_mlp_frozen_weights_and_autocast():
+    from swin.model import Mlp
+
+    torch.manual_seed(0)
+    plain = Mlp(16, 64, backend="reference")
+    fast = copy.deepcopy(plain)
+    fast.backend = "sdpa"
+    for p in list(plain.fc1.parameters()) + list(fast.fc1.parameters()):
+        p.requires_grad_(False)
+    x = torch.randn(40, 16)
+    outs = []
+    for m in (plain, fast):
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(xi)
+        assert out.dtype == torch.bfloat16
+        out.float().square().sum().backward()
+        outs.append((out.float(), xi.grad, m.fc2.weight.grad))
+        assert m.fc1.weight.grad is None
+    for a, b in zip(*outs):
+        assert rel_err(a, b) <= 2e-2
+
+
 def test_training_step_grads_equal_reference():
     torch.manual_seed(0)
     ref = swin.create_model("swin_micro", drop_path_rate=0.0).train()

@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from . import windows as W
 from .config import SwinConfig
 from .ops import cpu_tiled
+from .ops import mlp as mlp_ops
 
 
 class SwinTransformer(nn.Module):
@@ -64,7 +65,7 @@ class SwinTransformer(nn.Module):
         check_backend(backend)
         for layer in self.layers:
             for blk in layer.blocks:
-                blk.attn.backend = backend
+                blk.attn.backend = blk.mlp.backend = backend
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> pooled features (B, num_features)."""
@@ -175,7 +176,7 @@ class SwinTransformerBlock(nn.Module):
                                     pretrained_window, config.attn_drop_rate, config.drop_rate, config.backend)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * config.mlp_ratio), config.drop_rate)
+        self.mlp = Mlp(dim, int(dim * config.mlp_ratio), config.drop_rate, config.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
         if self.post_norm:
@@ -293,8 +294,9 @@ class WindowAttention(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0, backend: str = "reference"):
         super().__init__()
+        self.backend = backend  # any fast backend: GELU recomputed in backward (swin.ops.mlp)
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
         self.drop1 = nn.Dropout(drop)
@@ -302,6 +304,8 @@ class Mlp(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if mlp_ops.eligible(self, x):  # training: the same function, saving one hidden tensor, not two
+            return mlp_ops.mlp_recompute_gelu(self, x)
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 

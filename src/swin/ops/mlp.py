@@ -1,0 +1,86 @@
+"""Training-time MLP, fc2(GELU(fc1(x))), that keeps one hidden tensor instead of two.
+
+Autograd on the plain MLP saves fc1's output for GELU's backward *and* GELU's output for fc2's
+backward: two (tokens x 4C) tensors per block, the largest activations of the model. This
+function saves only fc1's output and recomputes GELU from it in the backward pass (one cheap
+elementwise pass), so training stores 4C fewer values per token per block.
+
+On CPU it also walks the tokens in chunks: GELU, fc2 and the whole backward (GELU again, its
+gradient, the three products) then run on chunk-sized buffers that stay in cache, instead of
+allocating fresh (tokens x 4C) tensors (each page faulted in from the OS) and streaming GELU and its
+gradient through memory. On CUDA one chunk is the whole batch.
+
+The values are the reference MLP's (same products, same GELU); gradients equal it to float
+rounding (tests/test_ops.py). Used for the "auto"/"sdpa"/"triton" backends when autograd is on and
+the MLP has no dropout; not inside torch.compile (inductor makes its own recompute choices).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+CPU_CHUNK_TOKENS = 2048
+
+
+def eligible(mlp, x: torch.Tensor) -> bool:
+    return (torch.is_grad_enabled() and mlp.backend != "reference" and not torch.compiler.is_compiling()
+            and not (mlp.training and (mlp.drop1.p > 0 or mlp.drop2.p > 0)))
+
+
+def mlp_recompute_gelu(mlp, x: torch.Tensor) -> torch.Tensor:
+    """(..., C) -> (..., C): ``mlp.fc2(GELU(mlp.fc1(x)))`` with GELU recomputed in the backward."""
+    fc1, fc2 = mlp.fc1, mlp.fc2
+    params = (fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+    dtype = _autocast_dtype(x.device.type)
+    if dtype is not None:  # run the function at autocast's precision, as F.linear would
+        x, params = x.to(dtype), tuple(None if p is None else p.to(dtype) for p in params)
+    chunk = x.numel() // x.shape[-1] if x.is_cuda else CPU_CHUNK_TOKENS
+    with torch.autocast(x.device.type, enabled=False):
+        out = _RecomputeGeluMlp.apply(x.reshape(-1, x.shape[-1]), *params, chunk)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    if device_type not in ("cpu", "cuda"):
+        return None
+    try:
+        on, dtype = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    except (TypeError, AttributeError):  # torch < 2.4
+        cpu = device_type == "cpu"
+        on = torch.is_autocast_cpu_enabled() if cpu else torch.is_autocast_enabled()
+        dtype = torch.get_autocast_cpu_dtype() if cpu else torch.get_autocast_gpu_dtype()
+    return dtype if on else None
+
+
+class _RecomputeGeluMlp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, chunk):
+        h = F.linear(x, w1, b1)  # (M, 4C): the one hidden tensor kept for backward
+        out = x.new_empty(x.shape[0], w2.shape[0])
+        for s in range(0, x.shape[0], chunk):
+            out[s:s + chunk] = F.linear(F.gelu(h[s:s + chunk]), w2, b2)
+        ctx.save_for_backward(x, h, w1, w2)
+        ctx.chunk, ctx.has_b1, ctx.has_b2 = chunk, b1 is not None, b2 is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, h, w1, w2 = ctx.saved_tensors
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+        grad = grad.contiguous()
+        dx = torch.empty_like(x) if need_x else None
+        dw1 = dw2 = db1 = db2 = None
+        for s in range(0, x.shape[0], ctx.chunk):
+            g, hs = grad[s:s + ctx.chunk], h[s:s + ctx.chunk]
+            if need_w2:  # (C, 4C), summed over chunks
+                dw2 = g.t() @ F.gelu(hs) if dw2 is None else dw2.addmm_(g.t(), F.gelu(hs))
+            if need_b2:
+                db2 = g.sum(0) if db2 is None else db2.add_(g.sum(0))
+            dh = torch.ops.aten.gelu_backward(g @ w2, hs)  # (chunk, 4C)
+            if need_w1:
+                dw1 = dh.t() @ x[s:s + ctx.chunk] if dw1 is None else dw1.addmm_(dh.t(), x[s:s + ctx.chunk])
+            if need_b1:
+                db1 = dh.sum(0) if db1 is None else db1.add_(dh.sum(0))
+            if need_x:
+                torch.mm(dh, w1, out=dx[s:s + ctx.chunk])
+        return dx, dw1, db1 if ctx.has_b1 else None, dw2, db2 if ctx.has_b2 else None, None
