@@ -55,12 +55,12 @@ out = Path(sys.argv[1]); rows = []
 for f in sorted(out.glob("*/bench.json")):
     for e in json.loads(f.read_text())["entries"]:
         rows.append(e)
-md = ["| model | mode | batch | impl | median | unit | vs best peer | paired | peak GiB | mem vs timm | parity |", "|" + "---|" * 11]
+md = ["| model | mode | batch | impl | median | unit | vs best peer | paired | peak GiB | mem vs timm | saved GiB | parity |", "|" + "---|" * 12]
 for e in rows:
     fmt = lambda v, p=2: "" if v is None else f"{v:.{p}f}"
     md.append(f"| {e['model']} | {e['mode']} | {e['batch']} | {e['impl']} | "
               f"{fmt(e['median']) if e['median'] else (e['error'] or '')[:60]} | {e['unit']} | {fmt(e['vs_best_peer'])} | {fmt(e.get('paired_vs_best_peer'))} | "
-              f"{fmt(e['peak_gib'])} | {fmt(e['mem_vs_timm'])} | {'' if e['parity_rel_err'] is None else '%.1e' % e['parity_rel_err']} |")
+              f"{fmt(e['peak_gib'])} | {fmt(e['mem_vs_timm'])} | {fmt(e.get('saved_gib'))} | {'' if e['parity_rel_err'] is None else '%.1e' % e['parity_rel_err']} |")
 (out / "summary.md").write_text("\n".join(md) + "\n")
 print("\n".join(md))
 PYEOF

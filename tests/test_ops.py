@@ -264,22 +264,23 @@ def _saved_bytes(fn) -> int:
     return sum(seen.values()), out
 
 
-@pytest.mark.parametrize("chunk", [7, 4096])  # several chunks with a partial last one / one chunk
-def test_recompute_gelu_mlp_equals_plain_mlp(chunk, monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("chunk", [7, 4096])  # CPU: several chunks with a partial last one / one chunk
+def test_recompute_gelu_mlp_equals_plain_mlp(chunk, device, monkeypatch):
     from swin.model import Mlp
     from swin.ops import mlp as mlp_ops
 
     monkeypatch.setattr(mlp_ops, "CPU_CHUNK_TOKENS", chunk)
     torch.manual_seed(0)
-    plain = Mlp(24, 96, backend="reference")
+    plain = Mlp(24, 96, backend="reference").to(device)
     fast = copy.deepcopy(plain)
     fast.backend = "auto"
-    x = torch.randn(2, 5, 6, 24)
+    x = torch.randn(2, 5, 6, 24, device=device)
     results = []
     for m in (plain, fast):
         xi = x.clone().requires_grad_(True)
         nbytes, out = _saved_bytes(lambda: m(xi))
-        (out * torch.linspace(-1, 1, 24)).sum().backward()
+        (out * torch.linspace(-1, 1, 24, device=device)).sum().backward()
         results.append((nbytes, out, xi.grad, [p.grad for p in m.parameters()]))
     (b_plain, o_p, gx_p, gp_p), (b_fast, o_f, gx_f, gp_f) = results
     assert rel_err(o_f, o_p) <= 1e-6 and rel_err(gx_f, gx_p) <= 1e-5

@@ -60,6 +60,8 @@ class Entry:
     paired_vs_best_peer: float | None = None  # median over rounds of the same-round ratio (robust to drift)
     peak_gib: float | None = None
     mem_vs_timm: float | None = None
+    saved_gib: float | None = None  # training: activations autograd keeps for backward (any device)
+    saved_vs_timm: float | None = None
     parity_rel_err: float | None = None
     error: str | None = None
 
@@ -148,7 +150,7 @@ def _prepare(impl: str, name: str, mode: str, device: str, dtype: torch.dtype, b
         fwd = torch.compile(fwd, mode="reduce-overhead")
     elif "freeze" in flags:  # inference only: weights become constants (prepacked, folded) for inductor
         fwd = torch.compile(fwd, options={"freezing": True})
-    info: dict = {"model": model}
+    info: dict = {"model": model, "fwd": fwd}
     if mode == "train":
         model.train()
         labels = [torch.randint(0, 1000, (batch,), device=device) for _ in inputs]
@@ -182,6 +184,25 @@ def _prepare(impl: str, name: str, mode: str, device: str, dtype: torch.dtype, b
                 if i == 0 and not torch.isfinite(out.float()).all():
                     raise RuntimeError(f"{impl}: non-finite logits")
     return step, info
+
+
+def _saved_activation_bytes(info: dict, x: torch.Tensor, dtype: torch.dtype) -> int:
+    """Bytes of the distinct tensors autograd saves for backward in one training forward
+    (parameters excluded): the activation memory of a step, deterministic and on any device."""
+    model, seen = info["model"], {}
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _autocast(x.device.type, dtype):
+        out = info["fwd"](x)
+    out.float().sum().backward()
+    model.zero_grad(set_to_none=True)
+    return sum(seen.values())
 
 
 def _param_and_state_bytes(info: dict) -> int:
@@ -251,6 +272,8 @@ def run_mode(name: str, mode: str, impls: list[str], args, log) -> list[Entry]:
                         step(i)
                     torch.cuda.synchronize()
                     e.peak_gib = (torch.cuda.max_memory_allocated() - before + _param_and_state_bytes(info)) / 2**30
+            if mode == "train" and not compiled:
+                e.saved_gib = _saved_activation_bytes(info, inputs[0], dtype) / 2**30
             if impl.startswith("ours") and mode != "train" and args.parity:
                 e.parity_rel_err = _parity(name, impl, device, dtype, inputs[0])
             steps[impl] = step
@@ -299,6 +322,9 @@ def _summarise(entries: list[Entry]) -> None:
             e.paired_vs_best_peer = statistics.median(pairs) if pairs else None
         if e.peak_gib and timm_mem:
             e.mem_vs_timm = e.peak_gib / min(timm_mem)
+        timm_saved = [t.saved_gib for t in entries if t.saved_gib and t.impl.split("+")[0] == "timm"]
+        if e.saved_gib and timm_saved:
+            e.saved_vs_timm = e.saved_gib / min(timm_saved)
 
 
 # -- reporting -------------------------------------------------------------------------------
@@ -329,14 +355,14 @@ def to_markdown(entries: list[Entry], info: dict, args) -> str:
         if (e.model, e.mode) != key:
             key = (e.model, e.mode)
             lines += ["", f"**{e.model} {e.mode}, batch {e.batch}** ({e.unit}; median of rounds; spread = (max-min)/median)", "",
-                      "| impl | median | spread | vs best peer | paired | peak GiB | mem vs timm | parity rel err |",
-                      "|---|---|---|---|---|---|---|---|"]
+                      "| impl | median | spread | vs best peer | paired | peak GiB | mem vs timm | saved GiB | saved vs timm | parity rel err |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]
         if e.median is None:
-            lines.append(f"| {e.impl} | {e.error or 'n/a'} | | | | | | |")
+            lines.append(f"| {e.impl} | {e.error or 'n/a'} | | | | | | | | |")
             continue
         f = (lambda v, p=2: "" if v is None else f"{v:.{p}f}")
         lines.append(f"| {e.impl} | {e.median:,.2f} | {e.spread:.0%} | {f(e.vs_best_peer)}x | {f(e.paired_vs_best_peer)}x | {f(e.peak_gib)} | "
-                     f"{f(e.mem_vs_timm)} | {'' if e.parity_rel_err is None else f'{e.parity_rel_err:.1e}'} |")
+                     f"{f(e.mem_vs_timm)} | {f(e.saved_gib)} | {f(e.saved_vs_timm)} | {'' if e.parity_rel_err is None else f'{e.parity_rel_err:.1e}'} |")
     return "\n".join(lines) + "\n"
 
 
