@@ -249,6 +249,20 @@ def test_cpu_tiled_only_where_it_is_the_same_function():
     assert not cpu_tiled.eligible(layer, x)  # autograd on: the per-block path saves what backward needs
 
 
+def test_fast_paths_step_aside_for_forward_hooks():
+    """A hook on a block or on an MLP layer still fires (the fast paths would skip those calls)."""
+    model = swin.create_model("swin_micro", drop_path_rate=0.0, drop_rate=0.0)
+    seen = []
+    model.layers[0].blocks[1].register_forward_hook(lambda m, i, o: seen.append("block"))
+    model.layers[1].blocks[0].mlp.fc1.register_forward_hook(lambda m, i, o: seen.append("fc1"))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.inference_mode():
+        model.eval()(x)
+    assert seen == ["block", "fc1"]
+    model.train()(x).sum().backward()  # training: the MLP with the hook takes the plain path
+    assert seen == ["block", "fc1", "block", "fc1"]
+
+
 # -- training MLP with GELU recomputed in backward (swin.ops.mlp) -------------------------------
 def _saved_bytes(fn) -> int:
     """Bytes of distinct tensor storages autograd saves while running fn() (parameters excluded)."""

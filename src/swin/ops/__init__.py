@@ -65,6 +65,16 @@ def resolve_backend(name: str, x: torch.Tensor, window: int) -> str:
     return name
 
 
+def has_hooks(module: torch.nn.Module) -> bool:
+    """True if ``module`` or anything inside it has forward (pre-)hooks, or global module hooks
+    are registered: fast paths that skip submodule calls then step aside, so hooks still fire."""
+    from torch.nn.modules import module as _m
+
+    if _m._global_forward_hooks or _m._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
 def window_attention(attn, x: torch.Tensor, window: int, shift: int, mask_padding: bool = False) -> torch.Tensor:
     """(B, H, W, C) -> (B, H, W, C): the shifted-window attention of ``attn`` (a WindowAttention),
     by the backend it names; the same function as its reference path."""
@@ -82,5 +92,5 @@ def window_attention(attn, x: torch.Tensor, window: int, shift: int, mask_paddin
 
 from .latency import compile_for_inference, CudaGraphRunner  # noqa: E402
 
-__all__ = ["BACKENDS", "check_backend", "resolve_backend", "window_attention", "triton_available",
+__all__ = ["BACKENDS", "check_backend", "resolve_backend", "window_attention", "triton_available", "has_hooks",
            "compile_for_inference", "CudaGraphRunner"]

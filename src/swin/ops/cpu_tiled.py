@@ -18,7 +18,8 @@ residual add folded into the projection's accumulate), so the logits match the r
 float rounding (tests/test_ops.py).
 
 Used only where it is the same function as the reference and faster: CPU, no autograd, eval mode,
-not inside torch.compile or autocast, backend "auto" or "sdpa" (:func:`eligible`).
+not inside torch.compile or autocast, backend "auto" or "sdpa", and no forward hooks on the blocks
+or anything in them (they would not fire) (:func:`eligible`).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import windows as W
+from . import has_hooks
 from .sdpa import bias_and_mask, split_qkv, window_indices
 
 CHUNK_TOKENS = 2048  # tokens per chunk: fc1's (tokens x 4C) output then fits the L2 cache for C <= 96
@@ -39,7 +41,7 @@ def eligible(layer, x: torch.Tensor) -> bool:
         return False
     if torch.compiler.is_compiling() or _autocast_on():
         return False
-    return all(blk.attn.backend in ("auto", "sdpa") for blk in layer.blocks)
+    return all(blk.attn.backend in ("auto", "sdpa") for blk in layer.blocks) and not has_hooks(layer.blocks)
 
 
 def _autocast_on() -> bool:

@@ -11,20 +11,23 @@ allocating fresh (tokens x 4C) tensors (each page faulted in from the OS) and st
 gradient through memory. On CUDA one chunk is the whole batch.
 
 The values are the reference MLP's (same products, same GELU); gradients equal it to float
-rounding (tests/test_ops.py). Used for the "auto"/"sdpa"/"triton" backends when autograd is on and
-the MLP has no dropout; not inside torch.compile (inductor makes its own recompute choices).
+rounding (tests/test_ops.py). Used for the "auto"/"sdpa"/"triton" backends when autograd is on, the
+MLP has no dropout and no forward hooks; not inside torch.compile (inductor makes its own
+recompute choices).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from . import has_hooks
+
 CPU_CHUNK_TOKENS = 2048
 
 
 def eligible(mlp, x: torch.Tensor) -> bool:
     return (torch.is_grad_enabled() and mlp.backend != "reference" and not torch.compiler.is_compiling()
-            and not (mlp.training and (mlp.drop1.p > 0 or mlp.drop2.p > 0)))
+            and not (mlp.training and (mlp.drop1.p > 0 or mlp.drop2.p > 0)) and not has_hooks(mlp))
 
 
 def mlp_recompute_gelu(mlp, x: torch.Tensor) -> torch.Tensor:
