@@ -403,7 +403,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--device cuda but torch.cuda.is_available() is False")
     a.dtype = a.dtype or ("bf16" if cuda else "fp32")
     a.batch_infer = a.batch_infer or (256 if cuda else 8)
-    a.batch_train = a.batch_train or (128 if cuda else 4)
+    a.batch_train = a.batch_train or (128 if cuda else 8)
     a.iters = a.iters or (10 if cuda else 2)
     if a.impls is None:
         a.impls = ("ours,ours-sdpa,ours+graph,timm,timm-sdpa,tv,hf" if cuda else "ours,ours-ref,timm,tv,hf")

@@ -14,6 +14,10 @@ Backends:
   the output back in token layout (forward and backward). Windows of up to 64 tokens.
 - ``"auto"`` (the default): triton on CUDA in eager mode when Triton is importable and the window
   fits, sdpa otherwise (CPU, larger windows, inside torch.compile).
+
+Beside attention, every backend but "reference" also gets (each tested against the plain modules):
+- ``mlp.py``: in training, the MLP keeps one hidden tensor (GELU recomputed in the backward).
+- ``cpu_tiled.py``: CPU inference runs a stage's blocks a chunk of whole windows at a time, in cache.
 """
 from __future__ import annotations
 
