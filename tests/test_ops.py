@@ -327,6 +327,22 @@ def test_recompute_gelu_mlp_frozen_weights_and_autocast():
         assert rel_err(a, b) <= 2e-2
 
 
+def test_unit_rows_equals_f_normalize_forward_and_backward():
+    from swin.ops.sdpa import unit_rows
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 5, 7, 3, 8, dtype=torch.float64)
+    x[0, 0, 0, 0] = 0.0  # a zero row: the norm is clamped there
+    x = x.transpose(2, 3).requires_grad_(True)  # strided, as q and k are
+    g = torch.randn(x.shape, dtype=torch.float64)
+    ref = torch.nn.functional.normalize(x, dim=-1)
+    out = unit_rows(x)
+    assert (out - ref).abs().max() == 0
+    (gr,) = torch.autograd.grad(ref, x, g)
+    (go,) = torch.autograd.grad(out, x, g)
+    assert (go - gr).abs().max() <= 1e-12
+
+
 def test_training_step_grads_equal_reference():
     torch.manual_seed(0)
     ref = swin.create_model("swin_micro", drop_path_rate=0.0).train()
