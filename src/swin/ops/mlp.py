@@ -37,7 +37,7 @@ def mlp_recompute_gelu(mlp, x: torch.Tensor) -> torch.Tensor:
     dtype = _autocast_dtype(x.device.type)
     if dtype is not None:  # run the function at autocast's precision, as F.linear would
         x, params = x.to(dtype), tuple(None if p is None else p.to(dtype) for p in params)
-    chunk = x.numel() // x.shape[-1] if x.is_cuda else CPU_CHUNK_TOKENS
+    chunk = max(1, x.numel() // x.shape[-1]) if x.is_cuda else CPU_CHUNK_TOKENS
     with torch.autocast(x.device.type, enabled=False):
         out = _RecomputeGeluMlp.apply(x.reshape(-1, x.shape[-1]), *params, chunk)
     return out.view(*x.shape[:-1], out.shape[-1])
