@@ -387,8 +387,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="comma list, e.g. ours,ours-ref,ours-sdpa,ours-triton,ours+graph,timm,timm+compile,tv,hf "
                         "(+compile: torch.compile, +ro: compile reduce-overhead, +freeze: compile with inductor freezing (inference), +graph: our CUDA-graph runner)")
     p.add_argument("--compile", action="store_true", help="add +compile variants of ours, timm and hf")
-    p.add_argument("--batch-infer", type=int, default=None)
-    p.add_argument("--batch-train", type=int, default=None)
+    p.add_argument("--batch-infer", type=int, default=None, help="default: 256 on CUDA, 8 on CPU")
+    p.add_argument("--batch-train", type=int, default=None, help="default: 128 on CUDA, 8 on CPU")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--iters", type=int, default=None, help="calls per round (latency: 5x this)")
     p.add_argument("--warmup", type=int, default=3)
@@ -406,7 +406,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.batch_train = a.batch_train or (128 if cuda else 8)
     a.iters = a.iters or (10 if cuda else 2)
     if a.impls is None:
-        a.impls = ("ours,ours-sdpa,ours+graph,timm,timm-sdpa,tv,hf" if cuda else "ours,ours-ref,timm,tv,hf")
+        a.impls = ("ours,ours-sdpa,ours+graph,timm,timm-sdpa,tv,hf" if cuda else "ours,ours-ref,timm,timm-sdpa,tv,hf")
         if a.compile:
             a.impls += ",ours+compile,timm+compile,hf+compile"
     for m in a.models.split(","):
