@@ -247,6 +247,9 @@ def test_cpu_tiled_only_where_it_is_the_same_function():
         assert not cpu_tiled.eligible(layer, x)
     model.set_backend("sdpa")
     assert not cpu_tiled.eligible(layer, x)  # autograd on: the per-block path saves what backward needs
+    model.requires_grad_(False)  # a frozen backbone: nothing to differentiate, grad mode or not
+    assert cpu_tiled.eligible(layer, x)
+    assert not cpu_tiled.eligible(layer, x.clone().requires_grad_(True))
 
 
 def test_fast_paths_step_aside_for_forward_hooks():

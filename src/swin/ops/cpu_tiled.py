@@ -17,7 +17,8 @@ allocation). The arithmetic per token is the reference's (same operations, same 
 residual add folded into the projection's accumulate), so the logits match the reference to
 float rounding (tests/test_ops.py).
 
-Used only where it is the same function as the reference and faster: CPU, no autograd, eval mode,
+Used only where it is the same function as the reference and faster: CPU, nothing to differentiate
+(no_grad / inference_mode, or a frozen model and an input without grad), eval mode,
 not inside torch.compile or autocast, backend "auto" or "sdpa", and no forward hooks on the blocks
 or anything in them (they would not fire) (:func:`eligible`).
 """
@@ -37,8 +38,10 @@ CHUNK_TOKENS = 2048  # tokens per chunk: fc1's (tokens x 4C) output then fits th
 
 def eligible(layer, x: torch.Tensor) -> bool:
     """True when :func:`run_blocks` computes exactly what ``layer``'s blocks compute, faster."""
-    if x.device.type != "cpu" or torch.is_grad_enabled() or layer.training:
+    if x.device.type != "cpu" or layer.training:
         return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.blocks.parameters())):
+        return False  # autograd would need what the per-block path saves (a frozen model needs nothing)
     if torch.compiler.is_compiling() or _autocast_on():
         return False
     return all(blk.attn.backend in ("auto", "sdpa") for blk in layer.blocks) and not has_hooks(layer.blocks)
