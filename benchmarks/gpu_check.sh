@@ -39,7 +39,7 @@ B="$PY benchmarks/bench.py --device cuda --dtype bf16 --rounds 5 --iters 8 --war
 section t_infer 170 $B --models swin_t --modes infer --budget-s 120 --out "$OUT/t_infer" \
   --impls ours,ours-sdpa,timm,timm-sdpa,tv,hf,ours+compile,timm+compile,ours-triton+compile
 section t_train 190 $B --models swin_t --modes train --budget-s 140 --out "$OUT/t_train" \
-  --impls ours,ours-sdpa,timm,timm-sdpa,tv,hf,ours+compile,timm-sdpa+compile,ours-triton+compile
+  --impls ours,ours+plainmlp,ours-sdpa,timm,timm-sdpa,tv,hf,ours+compile,timm-sdpa+compile,ours-triton+compile
 section t_latency 60 $B --models swin_t --modes latency --iters 20 --out "$OUT/t_latency" \
   --impls ours,ours+graph,ours-sdpa+graph,timm,timm-sdpa,tv,hf
 

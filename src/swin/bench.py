@@ -144,6 +144,12 @@ def _prepare(impl: str, name: str, mode: str, device: str, dtype: torch.dtype, b
     model, fwd = _build(impl, name, drop_path)
     model.to(device)
     flags = impl.split("+")[1:]
+    if "plainmlp" in flags:  # ours with autograd's plain MLP (GELU output kept): A/B of swin.ops.mlp
+        if not impl.startswith("ours"):
+            raise ValueError(f"+plainmlp applies to ours only, not {impl!r}")
+        for m in model.modules():
+            if hasattr(m, "fc1") and hasattr(m, "backend"):
+                m.backend = "reference"
     if "compile" in flags:
         fwd = torch.compile(fwd)
     elif "ro" in flags:
@@ -384,7 +390,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--modes", default="infer,train,latency", help="comma list of infer, train, latency")
     p.add_argument("--impls", default=None,
                    help="comma list, e.g. ours,ours-ref,ours-sdpa,ours-triton,ours+graph,timm,timm+compile,tv,hf "
-                        "(+compile: torch.compile, +ro: compile reduce-overhead, +freeze: compile with inductor freezing (inference), +graph: our CUDA-graph runner)")
+                        "(+compile: torch.compile, +ro: compile reduce-overhead, +freeze: compile with inductor freezing (inference), +graph: our CUDA-graph runner, "
+                        "+plainmlp: ours with the plain MLP instead of GELU recomputation)")
     p.add_argument("--compile", action="store_true", help="add +compile variants of ours, timm and hf")
     p.add_argument("--batch-infer", type=int, default=None, help="default: 256 on CUDA, 8 on CPU")
     p.add_argument("--batch-train", type=int, default=None, help="default: 128 on CUDA, 8 on CPU")
