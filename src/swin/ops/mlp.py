@@ -59,9 +59,13 @@ class _RecomputeGeluMlp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, chunk):
         h = F.linear(x, w1, b1)  # (M, 4C): the one hidden tensor kept for backward
-        out = x.new_empty(x.shape[0], w2.shape[0])
-        for s in range(0, x.shape[0], chunk):
-            out[s:s + chunk] = F.linear(F.gelu(h[s:s + chunk]), w2, b2)
+        if chunk >= x.shape[0]:
+            out = F.linear(F.gelu(h), w2, b2)
+        else:  # each chunk's product written straight into its rows of the output
+            out = x.new_empty(x.shape[0], w2.shape[0])
+            for s in range(0, x.shape[0], chunk):
+                a, o = F.gelu(h[s:s + chunk]), out[s:s + chunk]
+                torch.addmm(b2, a, w2.t(), out=o) if b2 is not None else torch.mm(a, w2.t(), out=o)
         ctx.save_for_backward(x, h, w1, w2)
         ctx.chunk, ctx.has_b1, ctx.has_b2 = chunk, b1 is not None, b2 is not None
         return out
