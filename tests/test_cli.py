@@ -136,6 +136,9 @@ def test_config_file_presets_and_flag_precedence(tmp_path, run_dir):
                                                             "--set", "hflip=0.5"]))
     assert (cfg.epochs, cfg.lr, cfg.hflip, cfg.model, cfg.data) == (2, 0.01, 0.5, "swin_micro_p4", "digits")
     assert resume is None
+    f.write_text("lr: 3e-3\nname: 1e5x\n")  # YAML 1.1 would read 3e-3 as a string
+    cfg, _ = cli.build_train_config(parser.parse_args(["train", "--config", str(f), "--set", "weight_decay=2e-2"]))
+    assert (cfg.lr, cfg.weight_decay, cfg.name) == (3e-3, 2e-2, "1e5x")
     cfg, _ = cli.build_train_config(parser.parse_args(["train", "--data", str(tmp_path)]))
     assert (cfg.model, cfg.epochs, cfg.batch_size, cfg.lr, cfg.mixup, cfg.rand_augment) == \
         ("swin_t", 300, 1024, 5e-4, 0.8, 9)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -127,8 +128,15 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ValueError(f"--set takes KEY=VALUE, got {item!r}.")
         k, v = item.split("=", 1)
-        out[k.strip().replace("-", "_")] = yaml.safe_load(v)
+        out[k.strip().replace("-", "_")] = _number(yaml.safe_load(v))
     return out
+
+
+def _number(value: Any) -> Any:
+    """YAML 1.1 reads exponent notation without a dot ("2e-3") as a string: make it the float meant."""
+    if isinstance(value, str) and re.fullmatch(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+", value.strip()):
+        return float(value)
+    return value
 
 
 def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
@@ -143,7 +151,7 @@ def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"Config file {p} is not valid YAML ({str(e).splitlines()[0]}).") from None
     if not isinstance(d, dict):
         raise ValueError(f"Config file {p} must hold a mapping of option: value.")
-    return d
+    return {k: _number(v) for k, v in d.items()}
 
 
 def build_train_config(args: argparse.Namespace):
