@@ -346,6 +346,33 @@ def test_unit_rows_equals_f_normalize_forward_and_backward():
     assert (go - gr).abs().max() <= 1e-12
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["swin_micro", "swinv2_micro"])
+def test_eval_caches_follow_fused_optimizer_steps(name, device):
+    """AdamW(fused=True) writes the weights without bumping their version counters: an evaluation after
+    a step must still see the new weights (eval bias caches, CPU-prepacked fc1 weights)."""
+    from swin.ops import invalidate_caches
+
+    model = _random_model(name).to(device)
+    x = torch.randn(2, 3, 32, 32, device=device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    with torch.inference_mode():
+        before = model(x)  # fills the caches
+    model.train()
+    model(x).square().mean().backward()
+    opt.step()
+    model.eval()
+    with torch.no_grad():  # a write PyTorch does not record either: needs invalidate_caches()
+        model.layers[0].blocks[0].mlp.fc1.weight.data.mul_(1.5)
+    invalidate_caches()
+    with torch.inference_mode():
+        fast = model(x)
+        model.set_backend("reference")
+        ref = model(x)
+    assert rel_err(fast, before) > 1e-3  # the weights did change
+    assert rel_err(fast, ref) <= 1e-5
+
+
 def test_training_step_grads_equal_reference():
     torch.manual_seed(0)
     ref = swin.create_model("swin_micro", drop_path_rate=0.0).train()

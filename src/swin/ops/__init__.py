@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 # Read once at import: Triton itself reads it when the kernels are defined.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -69,6 +70,32 @@ def resolve_backend(name: str, x: torch.Tensor, window: int) -> str:
     return name
 
 
+# Caches derived from parameters (the eval-time attention bias, CPU-prepacked weights) are keyed on
+# each parameter's (data_ptr, _version) and on a count of optimizer steps taken anywhere in the
+# process: fused optimizers (e.g. AdamW(fused=True)) update parameters in place without bumping
+# their version counters.
+_OPTIMIZER_STEPS = [0]
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_step)
+
+
+def params_key(params) -> tuple:
+    """What a cache derived from ``params`` must match to be current."""
+    return (_OPTIMIZER_STEPS[0],) + tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+
+
+def invalidate_caches() -> None:
+    """Drop every parameter-derived cache; needed only after changing weights in a way PyTorch does
+    not record (writing through ``param.data`` or raw storage). Optimizer steps and in-place
+    tensor ops (``load_state_dict``, ``copy_`` under no_grad) are seen without it."""
+    _OPTIMIZER_STEPS[0] += 1
+
+
 def has_hooks(module: torch.nn.Module) -> bool:
     """True if ``module`` or anything inside it has forward (pre-)hooks, or global module hooks
     are registered: fast paths that skip submodule calls then step aside, so hooks still fire."""
@@ -97,4 +124,5 @@ def window_attention(attn, x: torch.Tensor, window: int, shift: int, mask_paddin
 from .latency import compile_for_inference, CudaGraphRunner  # noqa: E402
 
 __all__ = ["BACKENDS", "check_backend", "resolve_backend", "window_attention", "triton_available", "has_hooks",
+           "params_key", "invalidate_caches",
            "compile_for_inference", "CudaGraphRunner"]

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import windows as W
-from . import has_hooks
+from . import has_hooks, params_key
 from .sdpa import bias_and_mask, split_qkv, window_indices
 
 CHUNK_TOKENS = 2048  # tokens per chunk: fc1's (tokens x 4C) output then fits the L2 cache for C <= 96
@@ -173,7 +173,7 @@ def _packed_weight(linear, h: torch.Tensor):
     w = linear.weight
     if linear.bias is None or w.dtype != h.dtype or not _onednn_ok(h.dtype):
         return None
-    key = (w.data_ptr(), w._version, w.dtype, tuple(w.shape))
+    key = params_key((w, linear.bias)) + (tuple(w.shape),)
     hit = _PACKED.get(linear)
     if hit is not None and hit[0] == key:
         return hit[1]

@@ -57,7 +57,9 @@ def window_indices(height: int, width: int, window: int, shift: int, device: tor
 
 
 def _bias_versions(attn) -> tuple:
-    return tuple((p.data_ptr(), p._version) for p in _bias_params(attn))
+    from . import params_key
+
+    return params_key(_bias_params(attn))
 
 
 def bias_and_mask(attn, height: int, width: int, window: int, shift: int, mask_padding: bool,

@@ -219,7 +219,9 @@ def _position_bias(attn, window: int) -> torch.Tensor:
     if (torch.is_grad_enabled() and any(p.requires_grad for p in params)) or torch.compiler.is_compiling():
         return attn.position_bias(window).float()
     cache = attn.__dict__.setdefault("_triton_bias_cache", {})
-    versions = tuple((p.data_ptr(), p._version) for p in params)
+    from . import params_key
+
+    versions = params_key(params)
     key = (window, params[0].device)
     hit = cache.get(key)
     if hit is None or hit[0] != versions:
