@@ -190,12 +190,13 @@ class _SoftmaxFlushTiny(torch.autograd.Function):
     def forward(ctx, logits):
         probs = F.threshold(torch.softmax(logits, -1), TINY, 0.0, inplace=True)
         ctx.save_for_backward(probs)
+        ctx.input_dtype = logits.dtype  # autocast may give fp32 probabilities for bf16 logits
         return probs
 
     @staticmethod
     def backward(ctx, grad):
         (probs,) = ctx.saved_tensors
-        return torch._softmax_backward_data(grad, probs, -1, probs.dtype)
+        return torch._softmax_backward_data(grad.to(probs.dtype), probs, -1, ctx.input_dtype)
 
 
 def softmax_flush_tiny(logits: torch.Tensor) -> torch.Tensor:
