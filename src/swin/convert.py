@@ -256,12 +256,11 @@ _HF_V2 = {**{k: v for k, v in _HF4_V1.items() if "relative_position" not in k},
           "attention.self.continuous_position_bias_mlp.0.bias": "attn.cpb_mlp.0.bias",
           "attention.self.continuous_position_bias_mlp.2.weight": "attn.cpb_mlp.2.weight",
           "attention.self.query.bias": "attn.q_bias", "attention.self.value.bias": "attn.v_bias"}
-_HF_V2_QKV = {"attention.self.query": 0, "attention.self.key": 1, "attention.self.value": 2}
 
 
 def _hf_tables(version: int, hf_version: int | None):
     if version == 2:
-        return _HF_V2, _HF_V2_QKV
+        return _HF_V2, _HF4_QKV  # V2 kept the 4.x q/k/v names
     return (_HF4_V1, _HF4_QKV) if hf_version == 4 else (_HF5_V1, _HF5_QKV)
 
 

@@ -22,6 +22,7 @@ Beside attention, every backend but "reference" also gets (each tested against t
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -89,6 +90,27 @@ def params_key(params) -> tuple:
     return (_OPTIMIZER_STEPS[0],) + tuple((p.data_ptr(), p._version, p.dtype) for p in params)
 
 
+# module -> {slot: (params_key, value)}. Outside the modules, so that copying, pickling or saving a
+# model never carries a cache (nor an opaque oneDNN tensor).
+_CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def cached(module: torch.nn.Module, slot, params, build):
+    """``build()`` (a value derived from ``params``), computed once per state of those parameters and
+    kept per (module, slot); built outside autograd and inference mode. At most 32 slots a module."""
+    key = params_key(params)
+    store = _CACHES.setdefault(module, {})
+    hit = store.get(slot)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    with torch.inference_mode(False), torch.no_grad():  # not inference tensors: autograd may save them
+        value = build()
+    if len(store) >= 32:
+        store.clear()
+    store[slot] = (key, value)
+    return value
+
+
 def invalidate_caches() -> None:
     """Drop every parameter-derived cache; needed only after changing weights in a way PyTorch does
     not record (writing through ``param.data`` or raw storage). Optimizer steps and in-place
@@ -124,5 +146,5 @@ def window_attention(attn, x: torch.Tensor, window: int, shift: int, mask_paddin
 from .latency import compile_for_inference, CudaGraphRunner  # noqa: E402
 
 __all__ = ["BACKENDS", "check_backend", "resolve_backend", "window_attention", "triton_available", "has_hooks",
-           "params_key", "invalidate_caches",
+           "params_key", "cached", "invalidate_caches",
            "compile_for_inference", "CudaGraphRunner"]

@@ -24,13 +24,11 @@ or anything in them (they would not fire) (:func:`eligible`).
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn.functional as F
 
 from .. import windows as W
-from . import has_hooks, params_key
+from . import cached, has_hooks
 from .sdpa import bias_and_mask, split_qkv, window_indices
 
 CHUNK_TOKENS = 2048  # tokens per chunk: fc1's (tokens x 4C) output then fits the L2 cache for C <= 96
@@ -162,26 +160,19 @@ def _onednn_ok(dtype: torch.dtype) -> bool:
         return False
 
 
-# Linear module -> (weight version key, packed weight or None). Kept outside the module so that
-# copying, pickling or saving a model never meets an opaque oneDNN tensor.
-_PACKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
 def _packed_weight(linear, h: torch.Tensor):
     """``linear``'s weight in oneDNN's blocked layout, cached until the weight changes; None where
     not applicable (no oneDNN, no bias, dtype mismatch, or the op failed here once)."""
     w = linear.weight
     if linear.bias is None or w.dtype != h.dtype or not _onednn_ok(h.dtype):
         return None
-    key = params_key((w, linear.bias)) + (tuple(w.shape),)
-    hit = _PACKED.get(linear)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    try:
-        with torch.inference_mode(False), torch.no_grad():
+
+    def build():
+        try:
             packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), CHUNK_TOKENS)
             torch.ops.mkldnn._linear_pointwise(h[:1], packed, linear.bias, "gelu", [], "none")  # runs here?
-    except (RuntimeError, NotImplementedError):
-        packed = None
-    _PACKED[linear] = (key, packed)
-    return packed
+            return packed
+        except (RuntimeError, NotImplementedError):
+            return None
+
+    return cached(linear, ("onednn", tuple(w.shape)), (w, linear.bias), build)

@@ -4,8 +4,8 @@ The reference path copies the map five times (pad, roll, partition, reverse, rol
 pad+shift+partition is one ``index_select`` of token rows and the reverse+unshift+crop is another:
 the index tensors depend only on (map size, window, shift) and are cached. The relative position
 bias and the shift mask are summed once into one additive (nW, heads, N, N) tensor per
-(map size, window, shift) that SDPA broadcasts over the batch; in eval (no grad) it is cached on
-the module and rebuilt only when the bias parameters change.
+(map size, window, shift) that SDPA broadcasts over the batch; in eval (no grad) it is cached per
+module (swin.ops.cached) and rebuilt only when the bias parameters change.
 
 Two layouts, chosen by device:
 - CPU: q/k/v are strided views of the qkv projection (no copy); SDPA runs once per image with the
@@ -56,34 +56,21 @@ def window_indices(height: int, width: int, window: int, shift: int, device: tor
     return _cached_indices(height, width, window, shift, torch.device(device))
 
 
-def _bias_versions(attn) -> tuple:
-    from . import params_key
-
-    return params_key(_bias_params(attn))
-
-
 def bias_and_mask(attn, height: int, width: int, window: int, shift: int, mask_padding: bool,
                   dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(nW', heads, N, N) additive attention bias = relative position bias + shift mask, where nW'
     is the number of windows if a mask is needed and 1 otherwise. Cached when no grad is needed."""
-    needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in _bias_params(attn))
-    if needs_grad or torch.compiler.is_compiling():
-        return _build_bias_and_mask(attn, height, width, window, shift, mask_padding, dtype, device)
-    cache = attn.__dict__.setdefault("_sdpa_bias_cache", {})
-    key = (height, width, window, shift, mask_padding, dtype, device)
-    versions = _bias_versions(attn)
-    hit = cache.get(key)
-    if hit is not None and hit[0] == versions:
-        return hit[1]
-    with torch.inference_mode(False), torch.no_grad():
-        value = _build_bias_and_mask(attn, height, width, window, shift, mask_padding, dtype, device)
-    if len(cache) > 32:
-        cache.clear()
-    cache[key] = (versions, value)
-    return value
+    params = bias_params(attn)
+    build = lambda: _build_bias_and_mask(attn, height, width, window, shift, mask_padding, dtype, device)  # noqa: E731
+    if (torch.is_grad_enabled() and any(p.requires_grad for p in params)) or torch.compiler.is_compiling():
+        return build()
+    from . import cached
+
+    return cached(attn, ("sdpa", height, width, window, shift, mask_padding, dtype, device), params, build)
 
 
-def _bias_params(attn):
+def bias_params(attn) -> tuple:
+    """The parameters the relative position bias is computed from."""
     return (attn.relative_position_bias_table,) if attn.version == 1 else tuple(attn.cpb_mlp.parameters())
 
 

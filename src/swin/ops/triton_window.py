@@ -214,20 +214,15 @@ def fused_window_attention(qkv: torch.Tensor, bias: torch.Tensor, heads: int, he
 
 
 def _position_bias(attn, window: int) -> torch.Tensor:
-    """(heads, N, N) fp32 bias, cached on the module while nothing needs its gradient."""
-    params = (attn.relative_position_bias_table,) if attn.version == 1 else tuple(attn.cpb_mlp.parameters())
-    if (torch.is_grad_enabled() and any(p.requires_grad for p in params)) or torch.compiler.is_compiling():
-        return attn.position_bias(window).float()
-    cache = attn.__dict__.setdefault("_triton_bias_cache", {})
-    from . import params_key
+    """(heads, N, N) fp32 bias, cached while nothing needs its gradient."""
+    from . import cached
+    from .sdpa import bias_params
 
-    versions = params_key(params)
-    key = (window, params[0].device)
-    hit = cache.get(key)
-    if hit is None or hit[0] != versions:
-        with torch.inference_mode(False), torch.no_grad():
-            hit = cache[key] = (versions, attn.position_bias(window).float().contiguous())
-    return hit[1]
+    params = bias_params(attn)
+    build = lambda: attn.position_bias(window).float().contiguous()  # noqa: E731
+    if (torch.is_grad_enabled() and any(p.requires_grad for p in params)) or torch.compiler.is_compiling():
+        return build()
+    return cached(attn, ("triton", window, params[0].device), params, build)
 
 
 def window_attention_triton(attn, x: torch.Tensor, window: int, shift: int, mask_padding: bool = False) -> torch.Tensor:
