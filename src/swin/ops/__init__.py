@@ -118,6 +118,19 @@ def invalidate_caches() -> None:
     _OPTIMIZER_STEPS[0] += 1
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast runs at on ``device_type`` right now, or None when it is off."""
+    if device_type not in ("cpu", "cuda"):
+        return None
+    try:
+        on, dtype = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    except (TypeError, AttributeError):  # torch < 2.4
+        cpu = device_type == "cpu"
+        on = torch.is_autocast_cpu_enabled() if cpu else torch.is_autocast_enabled()
+        dtype = torch.get_autocast_cpu_dtype() if cpu else torch.get_autocast_gpu_dtype()
+    return dtype if on else None
+
+
 def has_hooks(module: torch.nn.Module) -> bool:
     """True if ``module`` or anything inside it has forward (pre-)hooks, or global module hooks
     are registered: fast paths that skip submodule calls then step aside, so hooks still fire."""

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import windows as W
-from . import cached, has_hooks
+from . import autocast_dtype, cached, has_hooks
 from .sdpa import bias_and_mask, split_qkv, window_indices
 
 CHUNK_TOKENS = 2048  # tokens per chunk: fc1's (tokens x 4C) output then fits the L2 cache for C <= 96
@@ -40,16 +40,9 @@ def eligible(layer, x: torch.Tensor) -> bool:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.blocks.parameters())):
         return False  # autograd would need what the per-block path saves (a frozen model needs nothing)
-    if torch.compiler.is_compiling() or _autocast_on():
+    if torch.compiler.is_compiling() or autocast_dtype("cpu") is not None:
         return False
     return all(blk.attn.backend in ("auto", "sdpa") for blk in layer.blocks) and not has_hooks(layer.blocks)
-
-
-def _autocast_on() -> bool:
-    try:
-        return torch.is_autocast_enabled("cpu")
-    except TypeError:  # torch < 2.4 has no device argument
-        return torch.is_autocast_cpu_enabled()
 
 
 def chunk_windows(num_windows: int, tokens_per_window: int) -> int:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import has_hooks
+from . import autocast_dtype, has_hooks
 
 CPU_CHUNK_TOKENS = 2048
 
@@ -34,25 +34,13 @@ def mlp_recompute_gelu(mlp, x: torch.Tensor) -> torch.Tensor:
     """(..., C) -> (..., C): ``mlp.fc2(GELU(mlp.fc1(x)))`` with GELU recomputed in the backward."""
     fc1, fc2 = mlp.fc1, mlp.fc2
     params = (fc1.weight, fc1.bias, fc2.weight, fc2.bias)
-    dtype = _autocast_dtype(x.device.type)
+    dtype = autocast_dtype(x.device.type)
     if dtype is not None:  # run the function at autocast's precision, as F.linear would
         x, params = x.to(dtype), tuple(None if p is None else p.to(dtype) for p in params)
     chunk = max(1, x.numel() // x.shape[-1]) if x.is_cuda else CPU_CHUNK_TOKENS
     with torch.autocast(x.device.type, enabled=False):
         out = _RecomputeGeluMlp.apply(x.reshape(-1, x.shape[-1]), *params, chunk)
     return out.view(*x.shape[:-1], out.shape[-1])
-
-
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    if device_type not in ("cpu", "cuda"):
-        return None
-    try:
-        on, dtype = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
-    except (TypeError, AttributeError):  # torch < 2.4
-        cpu = device_type == "cpu"
-        on = torch.is_autocast_cpu_enabled() if cpu else torch.is_autocast_enabled()
-        dtype = torch.get_autocast_cpu_dtype() if cpu else torch.get_autocast_gpu_dtype()
-    return dtype if on else None
 
 
 class _RecomputeGeluMlp(torch.autograd.Function):
