@@ -258,12 +258,101 @@ def test_fast_paths_step_aside_for_forward_hooks():
     seen = []
     model.layers[0].blocks[1].register_forward_hook(lambda m, i, o: seen.append("block"))
     model.layers[1].blocks[0].mlp.fc1.register_forward_hook(lambda m, i, o: seen.append("fc1"))
+    model.layers[2].blocks[1].attn.qkv.register_forward_hook(lambda m, i, o: seen.append("qkv"))
     x = torch.randn(1, 3, 32, 32)
+    for backend in ("auto", "sdpa", "reference"):
+        seen.clear()
+        model.set_backend(backend)
+        with torch.inference_mode():
+            model.eval()(x)
+        assert seen == ["block", "fc1", "qkv"], backend
+        model.train()(x).sum().backward()  # training: the MLP with the hook takes the plain path
+        assert seen == ["block", "fc1", "qkv"] * 2, backend
+
+
+class _LoRA(torch.nn.Module):
+    """A LoRA layer as peft and loralib build one: the base nn.Linear (whose weight and bias it
+    exposes, as they do) plus a trainable low-rank product."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 4):
+        super().__init__()
+        self.base = base
+        self.A = torch.nn.Parameter(torch.randn(rank, base.in_features) * 0.2)
+        self.B = torch.nn.Parameter(torch.randn(base.out_features, rank) * 0.2)
+
+    @property
+    def weight(self):
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return self.base.bias
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.A.t()) @ self.B.t()
+
+    def merged(self) -> torch.nn.Linear:
+        lin = copy.deepcopy(self.base)
+        with torch.no_grad():
+            lin.weight.add_(self.B @ self.A)
+        return lin
+
+
+@pytest.mark.parametrize("name", ["swin_micro", "swinv2_micro"])
+def test_replaced_linears_are_called_on_every_path(name):
+    """qkv/proj/fc1/fc2 replaced by LoRA layers: every backend, in inference (the CPU chunked path)
+    and training (the recompute MLP), computes what the model with the merged weights computes,
+    and the LoRA parameters get gradients. (The fast paths used to read `.weight` and skip them.)"""
+    torch.manual_seed(0)
+    model = swin.create_model(name, drop_path_rate=0.0)
+    wrapped = copy.deepcopy(model)
+    for blk in (b for layer in wrapped.layers for b in layer.blocks):
+        blk.attn.qkv, blk.attn.proj = _LoRA(blk.attn.qkv), _LoRA(blk.attn.proj)
+        blk.mlp.fc1, blk.mlp.fc2 = _LoRA(blk.mlp.fc1), _LoRA(blk.mlp.fc2)
+    merged = copy.deepcopy(wrapped)
+    for blk in (b for layer in merged.layers for b in layer.blocks):
+        blk.attn.qkv, blk.attn.proj = blk.attn.qkv.merged(), blk.attn.proj.merged()
+        blk.mlp.fc1, blk.mlp.fc2 = blk.mlp.fc1.merged(), blk.mlp.fc2.merged()
+    x = torch.randn(2, 3, 40, 36)  # padded maps too
     with torch.inference_mode():
-        model.eval()(x)
-    assert seen == ["block", "fc1"]
-    model.train()(x).sum().backward()  # training: the MLP with the hook takes the plain path
-    assert seen == ["block", "fc1", "block", "fc1"]
+        base = model.eval()(x)
+    for backend in ("reference", "sdpa", "auto"):
+        wrapped.set_backend(backend)
+        merged.set_backend(backend)
+        with torch.inference_mode():
+            out, ref = wrapped.eval()(x), merged.eval()(x)
+        assert rel_err(out, ref) <= 1e-5, backend
+        assert rel_err(out, base) > 1e-2, backend  # the LoRA layers did change the output
+        wrapped.zero_grad()
+        out = wrapped.train()(x)
+        assert rel_err(out, merged.train()(x)) <= 1e-5, backend
+        out.square().mean().backward()
+        lora_grads = [p.grad for n, p in wrapped.named_parameters() if n.endswith((".A", ".B"))]
+        assert len(lora_grads) == 4 * sum(len(layer.blocks) for layer in wrapped.layers) * 2
+        assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in lora_grads), backend
+
+
+def test_dynamic_int8_quantization_runs_on_every_path():
+    """torch.ao's dynamic int8 quantization replaces every nn.Linear; the model runs with it (it
+    used to fail: the fast paths read `.weight`, a method on a quantized layer) and stays close."""
+    quantize_dynamic = getattr(getattr(torch, "ao", None) and torch.ao.quantization, "quantize_dynamic", None)
+    if quantize_dynamic is None:
+        pytest.skip("this torch has no torch.ao.quantization.quantize_dynamic")
+    torch.manual_seed(0)
+    model = swin.create_model("swin_micro").eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.inference_mode():
+        ref = model(x)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecated in favour of torchao, still present
+        qmodel = quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+    for backend in ("reference", "sdpa", "auto"):
+        qmodel.set_backend(backend)
+        with torch.inference_mode():
+            out = qmodel(x)
+        assert rel_err(out, ref) <= 0.05, (backend, rel_err(out, ref))
 
 
 # -- training MLP with GELU recomputed in backward (swin.ops.mlp) -------------------------------

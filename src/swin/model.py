@@ -240,6 +240,18 @@ class WindowAttention(nn.Module):
             return None
         return torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
 
+    def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., C) -> (..., 3C). A plain ``nn.Linear`` runs as one product with the whole bias;
+        anything in its place (a LoRA wrapper, a quantized or pruned layer, a hooked one) is called
+        as a module, and V2's q/v biases are added after it."""
+        from .ops import is_plain
+
+        if is_plain(self.qkv, nn.Linear):
+            return F.linear(x, self.qkv.weight, self.qkv_bias())
+        qkv = self.qkv(x)
+        bias = None if self.version == 1 else self.qkv_bias()
+        return qkv if bias is None else qkv + bias.to(qkv.dtype)
+
     def position_bias(self, window: int) -> torch.Tensor:
         """(heads, N, N) relative position bias for a window x window window."""
         N = window * window

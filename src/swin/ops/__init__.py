@@ -141,6 +141,13 @@ def has_hooks(module: torch.nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
+def is_plain(module: torch.nn.Module, cls: type) -> bool:
+    """True if ``module`` is exactly a ``cls`` with no hooks. Only then may a fast path use its
+    weights directly instead of calling it: a subclass or a replacement (a LoRA wrapper, a quantized,
+    pruned or parametrized layer) computes something else and is called as a module."""
+    return type(module) is cls and not has_hooks(module)
+
+
 def window_attention(attn, x: torch.Tensor, window: int, shift: int, mask_padding: bool = False) -> torch.Tensor:
     """(B, H, W, C) -> (B, H, W, C): the shifted-window attention of ``attn`` (a WindowAttention),
     by the backend it names; the same function as its reference path."""
@@ -159,5 +166,6 @@ def window_attention(attn, x: torch.Tensor, window: int, shift: int, mask_paddin
 from .latency import compile_for_inference, CudaGraphRunner  # noqa: E402
 
 __all__ = ["BACKENDS", "check_backend", "resolve_backend", "window_attention", "triton_available", "has_hooks",
+           "is_plain",
            "params_key", "cached", "invalidate_caches",
            "compile_for_inference", "CudaGraphRunner"]

@@ -19,8 +19,9 @@ float rounding (tests/test_ops.py).
 
 Used only where it is the same function as the reference and faster: CPU, nothing to differentiate
 (no_grad / inference_mode, or a frozen model and an input without grad), eval mode,
-not inside torch.compile or autocast, backend "auto" or "sdpa", and no forward hooks on the blocks
-or anything in them (they would not fire) (:func:`eligible`).
+not inside torch.compile or autocast, backend "auto" or "sdpa", no forward hooks on the blocks
+or anything in them (they would not fire), and every LayerNorm/Linear/GELU the plain module (a LoRA
+wrapper or a quantized layer in their place is called as itself on the per-block path) (:func:`eligible`).
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import windows as W
-from . import autocast_dtype, cached, has_hooks
+from . import autocast_dtype, cached, has_hooks, is_plain
+from .mlp import plain_mlp
 from .sdpa import bias_and_mask, split_qkv, window_indices
 
 CHUNK_TOKENS = 2048  # tokens per chunk: fc1's (tokens x 4C) output then fits the L2 cache for C <= 96
@@ -42,7 +44,15 @@ def eligible(layer, x: torch.Tensor) -> bool:
         return False  # autograd would need what the per-block path saves (a frozen model needs nothing)
     if torch.compiler.is_compiling() or autocast_dtype("cpu") is not None:
         return False
-    return all(blk.attn.backend in ("auto", "sdpa") for blk in layer.blocks) and not has_hooks(layer.blocks)
+    return (all(blk.attn.backend in ("auto", "sdpa") and _plain_block(blk) for blk in layer.blocks)
+            and not has_hooks(layer.blocks))
+
+
+def _plain_block(blk) -> bool:
+    """Every layer this path reads weights from is the plain PyTorch module (see swin.ops.is_plain)."""
+    return (is_plain(blk.norm1, torch.nn.LayerNorm) and is_plain(blk.norm2, torch.nn.LayerNorm)
+            and is_plain(blk.attn.qkv, torch.nn.Linear) and is_plain(blk.attn.proj, torch.nn.Linear)
+            and plain_mlp(blk.mlp))
 
 
 def chunk_windows(num_windows: int, tokens_per_window: int) -> int:

@@ -128,7 +128,7 @@ def window_attention_sdpa(attn, x: torch.Tensor, window: int, shift: int, mask_p
 
     x = W.pad_to_window(x, window)  # zeros, as the reference: padded tokens get qkv = qkv bias
     tokens = x.reshape(B, Hp * Wp, C).index_select(1, fwd)  # (B, nW*N, C) in window order
-    qkv = F.linear(tokens, attn.qkv.weight, attn.qkv_bias())  # (B, nW*N, 3C)
+    qkv = attn.project_qkv(tokens)  # (B, nW*N, 3C)
     q, k, v, scale = split_qkv(attn, qkv.view(B, nW, N, 3, heads, d))  # each (B, nW, N, heads, d)
     mask = bias_and_mask(attn, H, Wd, window, shift, mask_padding, q.dtype, x.device)  # (nW or 1, heads, N, N)
     p = attn.attn_drop.p if attn.training else 0.0
@@ -160,7 +160,7 @@ def window_attention_sdpa(attn, x: torch.Tensor, window: int, shift: int, mask_p
                 for b in range(B)]  # each (nW, N, heads, d)
         out = torch.stack(outs)
     out = out.reshape(B, nW * N, C).index_select(1, rev).view(B, H, Wd, C)  # reverse, unshift, crop
-    return attn.proj_drop(F.linear(out, attn.proj.weight, attn.proj.bias))
+    return attn.proj_drop(attn.proj(out))
 
 
 # Probabilities below this are set to exactly 0 after the softmax. The official shift mask adds -100

@@ -235,7 +235,7 @@ def window_attention_triton(attn, x: torch.Tensor, window: int, shift: int, mask
     heads, d = attn.num_heads, attn.head_dim
     xp = W.pad_to_window(x, window)  # zeros, as the reference: padded tokens get qkv = qkv bias
     Hp, Wp = xp.shape[1], xp.shape[2]
-    qkv = F.linear(xp, attn.qkv.weight, attn.qkv_bias())  # (B, Hp, Wp, 3C)
+    qkv = attn.project_qkv(xp)  # (B, Hp, Wp, 3C)
     scale = attn.scale
     if attn.version == 2:
         q, k, v = qkv.view(B, Hp, Wp, 3, heads, d).unbind(3)
@@ -246,4 +246,4 @@ def window_attention_triton(attn, x: torch.Tensor, window: int, shift: int, mask
         scale = 1.0
     out = fused_window_attention(qkv, _position_bias(attn, window), heads, H, Wd, window, shift, mask_padding,
                                  scale)
-    return attn.proj_drop(F.linear(out, attn.proj.weight, attn.proj.bias))
+    return attn.proj_drop(attn.proj(out))
