@@ -287,8 +287,7 @@ class WindowAttention(nn.Module):
     def attend(self, windows: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Plain attention over (B*nW, N, C) windows with a (heads, N, N) bias and a (nW, N, N) mask."""
         Bw, N, C = windows.shape
-        qkv = F.linear(windows, self.qkv.weight, self.qkv_bias())
-        qkv = qkv.view(Bw, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self.project_qkv(windows).view(Bw, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B*nW, heads, N, d)
         if self.version == 1:
             attn = (q * self.scale) @ k.transpose(-2, -1)
@@ -349,11 +348,14 @@ class PatchMerging(nn.Module):
         self.norm = nn.LayerNorm(2 * dim if self.post_norm else 4 * dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _, H, Wd, _ = x.shape
+        B, H, Wd, C = x.shape
         if H % 2 or Wd % 2:
             x = F.pad(x, (0, 0, 0, Wd % 2, 0, H % 2))
-        # official order: (0,0), (1,0), (0,1), (1,1) = x[0::2,0::2], x[1::2,0::2], x[0::2,1::2], x[1::2,1::2]
-        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+            H, Wd = H + H % 2, Wd + Wd % 2
+        # each 2x2 neighbourhood's four tokens side by side, in the official order (0,0), (1,0), (0,1),
+        # (1,1) = cat(x[0::2,0::2], x[1::2,0::2], x[0::2,1::2], x[1::2,1::2]): one permuted copy
+        # (its backward is one copy too; the four strided slices' is four zero-filled maps)
+        x = x.reshape(B, H // 2, 2, Wd // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, H // 2, Wd // 2, 4 * C)
         if self.post_norm:
             return self.norm(self.reduction(x))
         return self.reduction(self.norm(x))  # (B, H/2, W/2, 2C)
