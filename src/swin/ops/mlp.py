@@ -54,14 +54,16 @@ def mlp_recompute_gelu(mlp, x: torch.Tensor) -> torch.Tensor:
 class _RecomputeGeluMlp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, chunk):
-        h = F.linear(x, w1, b1)  # (M, 4C): the one hidden tensor kept for backward
         if chunk >= x.shape[0]:
+            h = F.linear(x, w1, b1)  # (M, 4C): the one hidden tensor kept for backward
             out = F.linear(F.gelu(h), w2, b2)
-        else:  # each chunk's product written straight into its rows of the output
+        else:  # fc1, GELU and fc2 chunk by chunk, each product written straight into its rows
+            h = x.new_empty(x.shape[0], w1.shape[0])
             out = x.new_empty(x.shape[0], w2.shape[0])
             for s in range(0, x.shape[0], chunk):
-                a, o = F.gelu(h[s:s + chunk]), out[s:s + chunk]
-                torch.addmm(b2, a, w2.t(), out=o) if b2 is not None else torch.mm(a, w2.t(), out=o)
+                hs, o = h[s:s + chunk], out[s:s + chunk]
+                _linear_into(hs, x[s:s + chunk], w1, b1)
+                _linear_into(o, F.gelu(hs), w2, b2)
         ctx.save_for_backward(x, h, w1, w2)
         ctx.chunk, ctx.has_b1, ctx.has_b2 = chunk, b1 is not None, b2 is not None
         return out
@@ -87,3 +89,7 @@ class _RecomputeGeluMlp(torch.autograd.Function):
             if need_x:
                 torch.mm(dh, w1, out=dx[s:s + ctx.chunk])
         return dx, dw1, db1 if ctx.has_b1 else None, dw2, db2 if ctx.has_b2 else None, None
+
+
+def _linear_into(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
+    torch.addmm(b, x, w.t(), out=out) if b is not None else torch.mm(x, w.t(), out=out)
