@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu_check.sh            # results under $OUT (default /tmp/swin_gpu_check)
 # 1. the ops parity tests on the GPU (fp32 and bf16, forward and backward), 2. Swin-T 224 bf16:
 # inference b256, training step b128 with peak memory, latency b1, ours vs timm / torchvision / HF,
-# 3. Swin-B and SwinV2-T if time is left. Each section is separate and time-boxed: a failure is
+# 3. Swin-B and SwinV2-T if time is left, 4. a profile of ours and timm-sdpa (benchmarks/gpu_profile.py).
+# Each section is separate and time-boxed: a failure is
 # logged and the rest still runs. Whole script: < 8 minutes. A short table is printed last.
 set -u
 cd "$(dirname "$0")/.."
@@ -46,6 +47,10 @@ section t_latency 60 $B --models swin_t --modes latency --iters 20 --out "$OUT/t
 # 3. Swin-B and SwinV2-T, eager only (no compile warm-ups), if time is left
 section bv2 100 $B --models swin_b,swinv2_t_w8 --modes infer,train --batch-infer 128 --batch-train 64 --iters 5 \
   --rounds 3 --budget-s 70 --out "$OUT/bv2" --impls ours,ours-sdpa,timm,tv,hf
+
+# 4. where the time goes (torch.profiler, top kernels and their groups), if time is left
+section profile 60 "$PY" benchmarks/gpu_profile.py --device cuda --impls ours,timm-sdpa --modes infer,train \
+  --steps 3 --out "$OUT/profile"
 
 # short table last
 "$PY" - "$OUT" <<'PYEOF'

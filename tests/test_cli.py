@@ -239,3 +239,22 @@ def test_bench_runs_ours_against_timm_on_cpu(tmp_path):
     # GELU's output is not kept (swin.ops.mlp): 4C values per token per block fewer than timm
     assert ours["saved_vs_timm"] < 0.9 and timm["saved_vs_timm"] == 1.0
     assert "| ours |" in (out / "bench.md").read_text()
+
+
+def test_profile_script_groups_the_time(tmp_path):
+    """benchmarks/gpu_profile.py (run by benchmarks/gpu_check.sh on a GPU) on the CPU, smallest sizes:
+    a table per implementation and mode, with group shares that add up to the whole."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_profile", ROOT / "benchmarks" / "gpu_profile.py")
+    prof = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prof)
+    assert prof.group_of("aten::addmm") == "matmul" and prof.group_of("aten::native_layer_norm") == "norm"
+    assert prof.main(["--device", "cpu", "--size", "64", "--impls", "ours", "--modes", "infer,train",
+                      "--batch-infer", "1", "--batch-train", "1", "--warmup", "1", "--steps", "1",
+                      "--out", str(tmp_path)]) == 0
+    for mode in ("infer", "train"):
+        text = (tmp_path / f"ours_{mode}.txt").read_text()
+        shares = [float(line.split("|")[2].strip().rstrip("%")) for line in text.splitlines()
+                  if line.startswith("| ") and line.count("|") == 3 and "%" in line]
+        assert abs(sum(shares) - 100.0) < 0.5 and "matmul" in text, text
