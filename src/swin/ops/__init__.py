@@ -63,7 +63,7 @@ def resolve_backend(name: str, x: torch.Tensor, window: int) -> str:
             return "sdpa"
         if name == "auto" and torch.compiler.is_compiling():
             # Inside torch.compile "auto" takes the SDPA path, the one measured compiled on a GPU;
-            # backend="triton" still puts the kernels into the graph.
+            # backend="triton" puts the kernels into the graph as two custom operators.
             return "sdpa"
         from .triton_window import supports
 

@@ -17,6 +17,10 @@ V2 (cosine attention) normalises q and k in PyTorch, folds exp(logit_scale) into
 same kernel with scale 1.
 
 Windows of up to 64 tokens (window <= 8) take this path; larger windows fall back to SDPA.
+
+The forward and backward launches are registered as custom operators (``swin::window_attention_fwd``
+and ``_bwd``) with their output shapes, so torch.compile captures a model on this backend in one
+graph, never tracing into Triton, and fuses the rest around the two calls.
 """
 from __future__ import annotations
 
@@ -164,43 +168,78 @@ def _meta(qkv: torch.Tensor, heads: int, window: int):
                 BLOCK_D=max(16, triton.next_power_of_2(D)), IEEE=qkv.dtype == torch.float32)
 
 
-class _WindowAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, qkv, bias, heads, height, width, window, shift, mask_pad, scale):
-        B, Hp, Wp, C3 = qkv.shape
-        C = C3 // 3
-        meta = _meta(qkv, heads, window)
-        nWx = Wp // window
-        nW = (Hp // window) * nWx
-        has_mask = shift > 0 or mask_pad
-        out = torch.empty(B, height, width, C, device=qkv.device, dtype=qkv.dtype)
-        lse = torch.empty(B * nW, heads, meta["BLOCK"], device=qkv.device, dtype=torch.float32)
-        _fwd_kernel[(B * nW, heads)](
-            qkv, bias, out, lse, nW, nWx, Hp, Wp, height, width, shift, scale,
-            qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1), out.stride(2), C,
-            HAS_MASK=has_mask, MASK_PAD=mask_pad, num_warps=4, **meta)
-        ctx.save_for_backward(qkv, bias, out, lse)
-        ctx.geom = (heads, height, width, window, shift, mask_pad, scale, nW, nWx)
-        return out
+def _geometry(qkv: torch.Tensor, heads: int, window: int):
+    B, Hp, Wp, C3 = qkv.shape
+    nWx = Wp // window
+    return B, C3 // 3, (Hp // window) * nWx, nWx
 
-    @staticmethod
-    def backward(ctx, dout):
-        qkv, bias, out, lse = ctx.saved_tensors
-        heads, height, width, window, shift, mask_pad, scale, nW, nWx = ctx.geom
-        B, Hp, Wp, C3 = qkv.shape
-        meta = _meta(qkv, heads, window)
-        dout = dout.contiguous()
-        dqkv = torch.empty_like(qkv)
-        dbias = torch.zeros(bias.shape, device=bias.device, dtype=torch.float32)
-        total = B * nW
-        # each program walks many windows, summing dBias in registers: one atomic add per program
-        # ~8 programs per SM of an H100/H200 (132 SMs) over all heads; no device query (compile-friendly)
-        nprog = max(1, min(total, 1056 // heads)) if qkv.is_cuda else min(total, 4)
-        _bwd_kernel[(nprog, heads)](
-            qkv, bias, out, dout, lse, dqkv, dbias, nW, nWx, Hp, Wp, height, width, shift, scale, total, nprog,
-            qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1), out.stride(2), C3 // 3,
-            HAS_MASK=shift > 0 or mask_pad, MASK_PAD=mask_pad, num_warps=4, **meta)
-        return dqkv, dbias.to(bias.dtype), None, None, None, None, None, None, None
+
+# The forward and the backward are custom operators: torch.compile (dynamo, inductor) treats each as
+# one opaque call with a known output shape and fuses everything around it, and never traces into
+# the Triton launch. Eager mode pays one dispatch per call.
+@torch.library.custom_op("swin::window_attention_fwd", mutates_args=())
+def _fwd_op(qkv: torch.Tensor, bias: torch.Tensor, heads: int, height: int, width: int, window: int, shift: int,
+            mask_pad: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, Hp, Wp, 3C) contiguous qkv, (heads, N, N) fp32 bias -> (B, height, width, C) output and the
+    (B*nW, heads, BLOCK) fp32 log-sum-exp the backward needs."""
+    B, C, nW, nWx = _geometry(qkv, heads, window)
+    meta = _meta(qkv, heads, window)
+    out = torch.empty(B, height, width, C, device=qkv.device, dtype=qkv.dtype)
+    lse = torch.empty(B * nW, heads, meta["BLOCK"], device=qkv.device, dtype=torch.float32)
+    _fwd_kernel[(B * nW, heads)](
+        qkv, bias, out, lse, nW, nWx, qkv.shape[1], qkv.shape[2], height, width, shift, scale,
+        qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1), out.stride(2), C,
+        HAS_MASK=shift > 0 or mask_pad, MASK_PAD=mask_pad, num_warps=4, **meta)
+    return out, lse
+
+
+@_fwd_op.register_fake
+def _(qkv, bias, heads, height, width, window, shift, mask_pad, scale):
+    B, C, nW, _ = _geometry(qkv, heads, window)
+    block = max(16, triton.next_power_of_2(window * window))
+    return qkv.new_empty(B, height, width, C), qkv.new_empty(B * nW, heads, block, dtype=torch.float32)
+
+
+@torch.library.custom_op("swin::window_attention_bwd", mutates_args=())
+def _bwd_op(qkv: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
+            heads: int, height: int, width: int, window: int, shift: int, mask_pad: bool,
+            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of the forward: (dqkv in qkv's layout and dtype, dbias in fp32)."""
+    B, C, nW, nWx = _geometry(qkv, heads, window)
+    meta = _meta(qkv, heads, window)
+    dout = dout.contiguous()
+    dqkv = torch.empty_like(qkv)
+    dbias = torch.zeros(bias.shape, device=bias.device, dtype=torch.float32)
+    total = B * nW
+    # each program walks many windows, summing dBias in registers: one atomic add per program
+    # ~8 programs per SM of an H100/H200 (132 SMs) over all heads; no device query (compile-friendly)
+    nprog = max(1, min(total, 1056 // heads)) if qkv.is_cuda else min(total, 4)
+    _bwd_kernel[(nprog, heads)](
+        qkv, bias, out, dout, lse, dqkv, dbias, nW, nWx, qkv.shape[1], qkv.shape[2], height, width, shift, scale,
+        total, nprog, qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1), out.stride(2), C,
+        HAS_MASK=shift > 0 or mask_pad, MASK_PAD=mask_pad, num_warps=4, **meta)
+    return dqkv, dbias
+
+
+@_bwd_op.register_fake
+def _(qkv, bias, out, lse, dout, heads, height, width, window, shift, mask_pad, scale):
+    return torch.empty_like(qkv), bias.new_empty(bias.shape, dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    qkv, bias, *geom = inputs
+    ctx.save_for_backward(qkv, bias, *output)
+    ctx.geom = geom
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, dout, _dlse):
+    qkv, bias, out, lse = ctx.saved_tensors
+    dqkv, dbias = _bwd_op(qkv, bias, out, lse, dout, *ctx.geom)
+    return (dqkv, dbias.to(bias.dtype)) + (None,) * len(ctx.geom)
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_window_attention(qkv: torch.Tensor, bias: torch.Tensor, heads: int, height: int, width: int,
@@ -209,8 +248,9 @@ def fused_window_attention(qkv: torch.Tensor, bias: torch.Tensor, heads: int, he
     (heads, N, N) bias -> (B, height, width, C) attention output, before the output projection."""
     Hp, Wp = qkv.shape[1], qkv.shape[2]
     mask_pad = bool(mask_padding and (Hp != height or Wp != width))
-    return _WindowAttention.apply(qkv.contiguous(), bias.float().contiguous(), heads, height, width, window,
-                                  shift, mask_pad, float(scale))
+    out, _ = _fwd_op(qkv.contiguous(), bias.float().contiguous(), heads, height, width, window, shift, mask_pad,
+                     float(scale))
+    return out
 
 
 def _position_bias(attn, window: int) -> torch.Tensor:
