@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import windows as W
 from .config import SwinConfig
-from .ops import cpu_tiled
+from .ops import cpu_tiled, is_plain
 from .ops import mlp as mlp_ops
 
 
@@ -244,8 +244,6 @@ class WindowAttention(nn.Module):
         """(..., C) -> (..., 3C). A plain ``nn.Linear`` runs as one product with the whole bias;
         anything in its place (a LoRA wrapper, a quantized or pruned layer, a hooked one) is called
         as a module, and V2's q/v biases are added after it."""
-        from .ops import is_plain
-
         if is_plain(self.qkv, nn.Linear):
             return F.linear(x, self.qkv.weight, self.qkv_bias())
         qkv = self.qkv(x)
