@@ -156,6 +156,19 @@ def test_torch_compile_fullgraph_two_sizes(version):
             torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_torch_export_with_a_dynamic_batch(version):
+    """Deployment: torch.export of the default backend, batch size left dynamic (the spatial size is
+    fixed: padding depends on it), runs other batch sizes and equals eager."""
+    model = tiny(version).eval()
+    x = torch.randn(2, 3, 36, 52)  # padded maps in every stage
+    program = torch.export.export(model, (x,), dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=64)}})
+    with torch.no_grad():
+        for batch in (2, 5, 1):
+            xb = torch.randn(batch, 3, 36, 52)
+            torch.testing.assert_close(program.module()(xb), model(xb), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("bad,match", [
     (torch.randn(3, 64, 64), "4-D"),
     (torch.randn(1, 1, 64, 64), "3 input channels"),
