@@ -13,8 +13,10 @@ layout, and reduces dBias over all windows in registers before one atomic add pe
 
 Padding (maps not a multiple of the window) is done by PyTorch *before* the qkv projection, exactly
 like the reference, so padded tokens carry q/k/v = the qkv bias and gradients reach that bias.
-V2 (cosine attention) normalises q and k in PyTorch, folds exp(logit_scale) into q and runs the
-same kernel with scale 1.
+V2 (cosine attention) runs the same kernels with q and k unit-normalised in registers (fp32) and
+exp(logit_scale) as a per-head scale; the backward goes back through the normalisation in registers
+and sums d(scale) per head in fp32 (one atomic add per program), so nothing is normalised, scaled or
+restacked in PyTorch.
 
 Windows of up to 64 tokens (window <= 8) take this path; larger windows fall back to SDPA.
 
@@ -25,9 +27,9 @@ graph, never tracing into Triton, and fuses the rest around the two calls.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -58,14 +60,23 @@ def _token_offsets(pid, nW, nWx, Hp, Wp, H, W, shift, WIN: tl.constexpr, N: tl.c
 
 
 @triton.jit
+def _unit_rows(x):
+    """x / max(||x||, 1e-12) per row, in fp32, and the clamped norms: F.normalize(x, dim=-1)."""
+    xf = x.to(tl.float32)
+    n = tl.maximum(tl.sqrt(tl.sum(xf * xf, axis=1)), 1e-12)
+    return xf / n[:, None], n
+
+
+@triton.jit
 def _logits(q, k, bias_ptrs, valid, ys, xs, inside, Hp, Wp, shift, scale,
             WIN: tl.constexpr, HAS_MASK: tl.constexpr, MASK_PAD: tl.constexpr, IEEE: tl.constexpr):
+    """(scale * q k^T + bias + shift mask, with -inf past N; and q k^T itself)."""
     if IEEE:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        c = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
-        s = tl.dot(q, tl.trans(k))
+        c = tl.dot(q, tl.trans(k))
     both = valid[:, None] & valid[None, :]
-    s = s * scale + tl.load(bias_ptrs, mask=both, other=0.0).to(tl.float32)
+    s = c * scale + tl.load(bias_ptrs, mask=both, other=0.0).to(tl.float32)
     if HAS_MASK:
         # the official region labels of the shifted padded map, 3 x 3 slices per axis
         ry = tl.where(ys < Hp - WIN, 0, tl.where(ys < Hp - shift, 1, 2))
@@ -75,15 +86,15 @@ def _logits(q, k, bias_ptrs, valid, ys, xs, inside, Hp, Wp, shift, scale,
             label = label + tl.where(inside, 0, 100)
         s = s + tl.where(label[:, None] != label[None, :], MASK_VALUE, 0.0)
     s = tl.where(valid[None, :], s, float("-inf"))
-    return s
+    return s, c
 
 
 @triton.jit
-def _fwd_kernel(QKV, BIAS, O, LSE, nW, nWx, Hp, Wp, H, W, shift, scale,
+def _fwd_kernel(QKV, BIAS, SCALE, O, LSE, nW, nWx, Hp, Wp, H, W, shift, scale,
                 sqb, sqh, sqw, sob, soh, sow, C,
                 HEADS: tl.constexpr, D: tl.constexpr, WIN: tl.constexpr, N: tl.constexpr,
                 BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-                HAS_MASK: tl.constexpr, MASK_PAD: tl.constexpr, IEEE: tl.constexpr):
+                HAS_MASK: tl.constexpr, MASK_PAD: tl.constexpr, IEEE: tl.constexpr, COSINE: tl.constexpr):
     pid = tl.program_id(0)
     h = tl.program_id(1)
     b, t, valid, ys, xs, yo, xo, inside = _token_offsets(pid, nW, nWx, Hp, Wp, H, W, shift, WIN, N, BLOCK)
@@ -94,8 +105,13 @@ def _fwd_kernel(QKV, BIAS, O, LSE, nW, nWx, Hp, Wp, H, W, shift, scale,
     q = tl.load(base, mask=ld, other=0.0)
     k = tl.load(base + C, mask=ld, other=0.0)
     v = tl.load(base + 2 * C, mask=ld, other=0.0)
+    if COSINE:  # V2: cosine attention, exp(logit_scale) per head
+        qn, _ = _unit_rows(q)
+        kn, _ = _unit_rows(k)
+        q, k = qn.to(v.dtype), kn.to(v.dtype)
+        scale = tl.load(SCALE + h)
     bias_ptrs = BIAS + h * N * N + t[:, None] * N + t[None, :]
-    s = _logits(q, k, bias_ptrs, valid, ys, xs, inside, Hp, Wp, shift, scale, WIN, HAS_MASK, MASK_PAD, IEEE)
+    s, _ = _logits(q, k, bias_ptrs, valid, ys, xs, inside, Hp, Wp, shift, scale, WIN, HAS_MASK, MASK_PAD, IEEE)
     m = tl.max(s, axis=1)
     p = tl.exp(s - m[:, None])
     l = tl.sum(p, axis=1)
@@ -110,11 +126,11 @@ def _fwd_kernel(QKV, BIAS, O, LSE, nW, nWx, Hp, Wp, H, W, shift, scale,
 
 
 @triton.jit
-def _bwd_kernel(QKV, BIAS, O, DO, LSE, DQKV, DBIAS, nW, nWx, Hp, Wp, H, W, shift, scale, total, nprog,
-                sqb, sqh, sqw, sob, soh, sow, C,
+def _bwd_kernel(QKV, BIAS, SCALE, O, DO, LSE, DQKV, DBIAS, DSCALE, nW, nWx, Hp, Wp, H, W, shift, scale, total,
+                nprog, sqb, sqh, sqw, sob, soh, sow, C,
                 HEADS: tl.constexpr, D: tl.constexpr, WIN: tl.constexpr, N: tl.constexpr,
                 BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-                HAS_MASK: tl.constexpr, MASK_PAD: tl.constexpr, IEEE: tl.constexpr):
+                HAS_MASK: tl.constexpr, MASK_PAD: tl.constexpr, IEEE: tl.constexpr, COSINE: tl.constexpr):
     start = tl.program_id(0)
     h = tl.program_id(1)
     dd = tl.arange(0, BLOCK_D)
@@ -122,6 +138,9 @@ def _bwd_kernel(QKV, BIAS, O, DO, LSE, DQKV, DBIAS, nW, nWx, Hp, Wp, H, W, shift
     t0 = tl.arange(0, BLOCK)
     bias_ptrs = BIAS + h * N * N + t0[:, None] * N + t0[None, :]
     dbias = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+    dscale = tl.zeros([BLOCK], dtype=tl.float32)  # V2: d(loss)/d(scale), summed per query row
+    if COSINE:
+        scale = tl.load(SCALE + h)
     for pid in range(start, total, nprog):
         b, t, valid, ys, xs, yo, xo, inside = _token_offsets(pid, nW, nWx, Hp, Wp, H, W, shift, WIN, N, BLOCK)
         ld = valid[:, None] & dmask[None, :]
@@ -133,7 +152,12 @@ def _bwd_kernel(QKV, BIAS, O, DO, LSE, DQKV, DBIAS, nW, nWx, Hp, Wp, H, W, shift
         lo = inside[:, None] & dmask[None, :]
         o = tl.load(O + otok, mask=lo, other=0.0).to(tl.float32)
         do = tl.load(DO + otok, mask=lo, other=0.0)
-        s = _logits(q, k, bias_ptrs, valid, ys, xs, inside, Hp, Wp, shift, scale, WIN, HAS_MASK, MASK_PAD, IEEE)
+        if COSINE:
+            qn, nq = _unit_rows(q)
+            kn, nk = _unit_rows(k)
+            q, k = qn.to(v.dtype), kn.to(v.dtype)
+        s, c = _logits(q, k, bias_ptrs, valid, ys, xs, inside, Hp, Wp, shift, scale, WIN, HAS_MASK, MASK_PAD,
+                       IEEE)
         lse = tl.load(LSE + (pid * HEADS + h) * BLOCK + t)
         p = tl.exp(s - lse[:, None])
         p = tl.where(valid[:, None] & valid[None, :], p, 0.0)
@@ -152,12 +176,19 @@ def _bwd_kernel(QKV, BIAS, O, DO, LSE, DQKV, DBIAS, nW, nWx, Hp, Wp, H, W, shift
         else:
             dq = tl.dot(ds.to(k.dtype), k) * scale
             dk = tl.dot(tl.trans(ds.to(q.dtype)), q) * scale
+        if COSINE:
+            dscale += tl.sum(ds * c, axis=1)
+            # back through F.normalize: (g - u <g, u>) / n, g / n alone where the norm was clamped
+            dq = (dq - qn * tl.where(nq > 1e-12, tl.sum(dq * qn, axis=1), 0.0)[:, None]) / nq[:, None]
+            dk = (dk - kn * tl.where(nk > 1e-12, tl.sum(dk * kn, axis=1), 0.0)[:, None]) / nk[:, None]
         ty = DQKV.dtype.element_ty
         tl.store(DQKV + tok, dq.to(ty), mask=ld)
         tl.store(DQKV + tok + C, dk.to(ty), mask=ld)
         tl.store(DQKV + tok + 2 * C, dv.to(ty), mask=ld)
     tl.atomic_add(DBIAS + h * N * N + t0[:, None] * N + t0[None, :], dbias,
                   mask=(t0[:, None] < N) & (t0[None, :] < N))
+    if COSINE:
+        tl.atomic_add(DSCALE + h, tl.sum(dscale, axis=0))
 
 
 def _meta(qkv: torch.Tensor, heads: int, window: int):
@@ -178,78 +209,86 @@ def _geometry(qkv: torch.Tensor, heads: int, window: int):
 # one opaque call with a known output shape and fuses everything around it, and never traces into
 # the Triton launch. Eager mode pays one dispatch per call.
 @torch.library.custom_op("swin::window_attention_fwd", mutates_args=())
-def _fwd_op(qkv: torch.Tensor, bias: torch.Tensor, heads: int, height: int, width: int, window: int, shift: int,
-            mask_pad: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, Hp, Wp, 3C) contiguous qkv, (heads, N, N) fp32 bias -> (B, height, width, C) output and the
-    (B*nW, heads, BLOCK) fp32 log-sum-exp the backward needs."""
+def _fwd_op(qkv: torch.Tensor, bias: torch.Tensor, logit: Optional[torch.Tensor], heads: int, height: int,
+            width: int, window: int, shift: int, mask_pad: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, Hp, Wp, 3C) contiguous qkv, (heads, N, N) fp32 bias, and for V2 the (heads,) fp32
+    exp(logit_scale) (q and k are then unit-normalised in the kernel) -> (B, height, width, C) output
+    and the (B*nW, heads, BLOCK) fp32 log-sum-exp the backward needs."""
     B, C, nW, nWx = _geometry(qkv, heads, window)
     meta = _meta(qkv, heads, window)
     out = torch.empty(B, height, width, C, device=qkv.device, dtype=qkv.dtype)
     lse = torch.empty(B * nW, heads, meta["BLOCK"], device=qkv.device, dtype=torch.float32)
     _fwd_kernel[(B * nW, heads)](
-        qkv, bias, out, lse, nW, nWx, qkv.shape[1], qkv.shape[2], height, width, shift, scale,
-        qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1), out.stride(2), C,
-        HAS_MASK=shift > 0 or mask_pad, MASK_PAD=mask_pad, num_warps=4, **meta)
+        qkv, bias, bias if logit is None else logit, out, lse, nW, nWx, qkv.shape[1], qkv.shape[2], height, width,
+        shift, scale, qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1), out.stride(2), C,
+        HAS_MASK=shift > 0 or mask_pad, MASK_PAD=mask_pad, COSINE=logit is not None, num_warps=4, **meta)
     return out, lse
 
 
 @_fwd_op.register_fake
-def _(qkv, bias, heads, height, width, window, shift, mask_pad, scale):
+def _(qkv, bias, logit, heads, height, width, window, shift, mask_pad, scale):
     B, C, nW, _ = _geometry(qkv, heads, window)
     block = max(16, triton.next_power_of_2(window * window))
     return qkv.new_empty(B, height, width, C), qkv.new_empty(B * nW, heads, block, dtype=torch.float32)
 
 
 @torch.library.custom_op("swin::window_attention_bwd", mutates_args=())
-def _bwd_op(qkv: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
-            heads: int, height: int, width: int, window: int, shift: int, mask_pad: bool,
-            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of the forward: (dqkv in qkv's layout and dtype, dbias in fp32)."""
+def _bwd_op(qkv: torch.Tensor, bias: torch.Tensor, logit: Optional[torch.Tensor], out: torch.Tensor,
+            lse: torch.Tensor, dout: torch.Tensor, heads: int, height: int, width: int, window: int, shift: int,
+            mask_pad: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of the forward: (dqkv in qkv's layout and dtype, dbias in fp32, d logit (heads,)
+    in fp32, zeros for V1)."""
     B, C, nW, nWx = _geometry(qkv, heads, window)
     meta = _meta(qkv, heads, window)
     dout = dout.contiguous()
     dqkv = torch.empty_like(qkv)
     dbias = torch.zeros(bias.shape, device=bias.device, dtype=torch.float32)
+    dlogit = torch.zeros(heads, device=bias.device, dtype=torch.float32)
     total = B * nW
     # each program walks many windows, summing dBias in registers: one atomic add per program
     # ~8 programs per SM of an H100/H200 (132 SMs) over all heads; no device query (compile-friendly)
     nprog = max(1, min(total, 1056 // heads)) if qkv.is_cuda else min(total, 4)
     _bwd_kernel[(nprog, heads)](
-        qkv, bias, out, dout, lse, dqkv, dbias, nW, nWx, qkv.shape[1], qkv.shape[2], height, width, shift, scale,
-        total, nprog, qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1), out.stride(2), C,
-        HAS_MASK=shift > 0 or mask_pad, MASK_PAD=mask_pad, num_warps=4, **meta)
-    return dqkv, dbias
+        qkv, bias, bias if logit is None else logit, out, dout, lse, dqkv, dbias, dlogit, nW, nWx, qkv.shape[1],
+        qkv.shape[2], height, width, shift, scale, total, nprog,
+        qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1), out.stride(2), C,
+        HAS_MASK=shift > 0 or mask_pad, MASK_PAD=mask_pad, COSINE=logit is not None, num_warps=4, **meta)
+    return dqkv, dbias, dlogit
 
 
 @_bwd_op.register_fake
-def _(qkv, bias, out, lse, dout, heads, height, width, window, shift, mask_pad, scale):
-    return torch.empty_like(qkv), bias.new_empty(bias.shape, dtype=torch.float32)
+def _(qkv, bias, logit, out, lse, dout, heads, height, width, window, shift, mask_pad, scale):
+    return torch.empty_like(qkv), bias.new_empty(bias.shape, dtype=torch.float32), \
+        bias.new_empty(heads, dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
-    qkv, bias, *geom = inputs
-    ctx.save_for_backward(qkv, bias, *output)
+    qkv, bias, logit, *geom = inputs
+    ctx.save_for_backward(qkv, bias, logit, *output)
     ctx.geom = geom
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, dout, _dlse):
-    qkv, bias, out, lse = ctx.saved_tensors
-    dqkv, dbias = _bwd_op(qkv, bias, out, lse, dout, *ctx.geom)
-    return (dqkv, dbias.to(bias.dtype)) + (None,) * len(ctx.geom)
+    qkv, bias, logit, out, lse = ctx.saved_tensors
+    dqkv, dbias, dlogit = _bwd_op(qkv, bias, logit, out, lse, dout, *ctx.geom)
+    return (dqkv, dbias.to(bias.dtype), None if logit is None else dlogit.to(logit.dtype)) + (None,) * len(ctx.geom)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_window_attention(qkv: torch.Tensor, bias: torch.Tensor, heads: int, height: int, width: int,
-                           window: int, shift: int, mask_padding: bool, scale: float) -> torch.Tensor:
+                           window: int, shift: int, mask_padding: bool, scale: float,
+                           logit: torch.Tensor | None = None) -> torch.Tensor:
     """Shifted-window attention of a (B, Hp, Wp, 3C) qkv map (padded to a window multiple) with a
-    (heads, N, N) bias -> (B, height, width, C) attention output, before the output projection."""
+    (heads, N, N) bias -> (B, height, width, C) attention output, before the output projection.
+    With ``logit`` ((heads,), V2): cosine attention, softmax(logit * cos(q, k) + bias)."""
     Hp, Wp = qkv.shape[1], qkv.shape[2]
     mask_pad = bool(mask_padding and (Hp != height or Wp != width))
-    out, _ = _fwd_op(qkv.contiguous(), bias.float().contiguous(), heads, height, width, window, shift, mask_pad,
-                     float(scale))
+    logit = None if logit is None else logit.float().contiguous()
+    out, _ = _fwd_op(qkv.contiguous(), bias.float().contiguous(), logit, heads, height, width, window, shift,
+                     mask_pad, float(scale))
     return out
 
 
@@ -271,19 +310,12 @@ def window_attention_triton(attn, x: torch.Tensor, window: int, shift: int, mask
         from .sdpa import window_attention_sdpa
 
         return window_attention_sdpa(attn, x, window, shift, mask_padding)
-    B, H, Wd, C = x.shape
-    heads, d = attn.num_heads, attn.head_dim
+    H, Wd, heads = x.shape[1], x.shape[2], attn.num_heads
     xp = W.pad_to_window(x, window)  # zeros, as the reference: padded tokens get qkv = qkv bias
-    Hp, Wp = xp.shape[1], xp.shape[2]
     qkv = attn.project_qkv(xp)  # (B, Hp, Wp, 3C)
-    scale = attn.scale
-    if attn.version == 2:
-        q, k, v = qkv.view(B, Hp, Wp, 3, heads, d).unbind(3)
-        logit = torch.clamp(attn.logit_scale, max=math.log(100.0)).exp().view(heads, 1)
-        q = F.normalize(q, dim=-1) * logit
-        k = F.normalize(k, dim=-1)
-        qkv = torch.stack((q.to(v.dtype), k.to(v.dtype), v), dim=3).view(B, Hp, Wp, 3 * C)
-        scale = 1.0
+    logit = None
+    if attn.version == 2:  # q, k normalised in the kernel; exp(logit_scale) its per-head scale
+        logit = torch.clamp(attn.logit_scale, max=math.log(100.0)).exp().view(heads)
     out = fused_window_attention(qkv, _position_bias(attn, window), heads, H, Wd, window, shift, mask_padding,
-                                 scale)
+                                 attn.scale, logit)
     return attn.proj_drop(attn.proj(out))
