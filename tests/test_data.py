@@ -4,6 +4,7 @@ from __future__ import annotations
 import urllib.error
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -121,3 +122,85 @@ def test_cifar_offline_is_one_clear_sentence(monkeypatch, tmp_path):
     monkeypatch.setattr(tvd, "CIFAR10", Offline)
     with pytest.raises(FileNotFoundError, match=r"CIFAR-10 is not in .* could not be downloaded"):
         D.build_splits("cifar10", 32, tmp_path)
+
+
+class _TimmDraws:
+    """The random draws in the order and from the generators timm's RandAugment uses (numpy for
+    the choice of operations, Python's `random` for the rest)."""
+
+    def choices(self, n, k):
+        import numpy as np
+
+        return np.random.randint(0, n, size=k).tolist()  # = np.random.choice(ops, k, replace=True)
+
+    def uniform(self):
+        import random
+
+        return random.random()
+
+    def gauss(self, mean, std):
+        import random
+
+        return random.gauss(mean, std)
+
+
+def test_rand_augment_equals_timms_rand_m9_mstd05_inc1():
+    """The official recipe's augmentation: for the same draws, every output equals timm's."""
+    import random
+
+    import numpy as np
+
+    pytest.importorskip("timm")
+    from timm.data.auto_augment import rand_augment_transform
+
+    from swin.augment import OPS, RandAugment
+
+    fill = tuple(min(255, round(255 * m)) for m in D.IMAGENET_MEAN)
+    ref = rand_augment_transform("rand-m9-mstd0.5-inc1", dict(translate_const=int(48 * 0.45), img_mean=fill,
+                                                               interpolation=Image.BICUBIC))
+    assert [op.name for op in ref.ops] == list(OPS)
+    ours = RandAugment(magnitude=9, magnitude_std=0.5, fill=fill, interpolation=Image.BICUBIC, rng=_TimmDraws())
+    g = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:40, 0:48]
+    img = Image.fromarray(np.stack([xx * 5, yy * 6, g.integers(0, 256, (40, 48))], -1).astype(np.uint8))
+    changed = compared = 0
+    for seed in range(300):
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            a = np.asarray(ref(img))
+        except ValueError:  # timm's Posterize at magnitude 10 asks Pillow >= 10 for 0 bits and fails
+            continue
+        random.seed(seed)
+        np.random.seed(seed)
+        b = np.asarray(ours(img))
+        assert np.array_equal(a, b), seed
+        compared += 1
+        changed += not np.array_equal(b, np.asarray(img))
+    assert compared > 280 and changed > 150  # ~75% of images get at least one operation
+    # each operation alone (same draws of whether, how strong, which sign): the same PIL call as timm's
+    for name, op in zip(OPS, ref.ops):
+        for seed in range(6):
+            random.seed(seed)
+            try:
+                a = np.asarray(op(img))
+            except ValueError:
+                continue
+            random.seed(seed)
+            assert np.array_equal(a, np.asarray(ours.apply(name, img))), (name, seed)
+    # magnitude 10: posterize keeps 0 bits, a black image (what Pillow < 10 and TF return)
+    strong = RandAugment(magnitude=10, magnitude_std=0, prob=1.0)
+    assert np.asarray(strong.apply("PosterizeIncreasing", img)).max() == 0
+
+
+def test_train_transform_runs_rand_augment_on_images_and_tensors():
+    from swin.augment import RandAugment
+
+    tf = D.train_transform(32, D.DIGITS_MEAN, D.DIGITS_STD, rand_augment=9, reprob=0.25)
+    assert any(isinstance(t, RandAugment) for t in tf.transforms)
+    im = Image.fromarray((np.random.default_rng(0).random((40, 50, 3)) * 255).astype(np.uint8))
+    for x in (im, torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous()):
+        out = tf(x)
+        assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    with pytest.raises(ValueError, match="magnitude"):
+        RandAugment(magnitude=12)

@@ -18,6 +18,8 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2
 
+from .augment import RandAugment
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DIGITS_MEAN = (0.5, 0.5, 0.5)
@@ -175,22 +177,22 @@ def build_splits(data: str, img_size: int, root: str | os.PathLike = "data") -> 
 def train_transform(img_size: int, mean: Sequence[float], std: Sequence[float], *,
                     crop_scale: Sequence[float] = (0.08, 1.0), hflip: float = 0.5, rand_augment: int = 9,
                     color_jitter: float = 0.4, reprob: float = 0.25) -> v2.Compose:
-    """RandomResizedCrop (bicubic), flip, RandAugment (2 ops, magnitude ``rand_augment``; 0 = off),
-    ColorJitter, normalise, RandomErasing. As in the official pipeline (timm's ``create_transform``),
-    colour jitter is only used when RandAugment is off."""
-    t: list[Callable] = [v2.ToImage(),
-                         v2.RandomResizedCrop(img_size, scale=tuple(crop_scale),
+    """The official pipeline (timm's ``create_transform`` with the Swin config): RandomResizedCrop
+    (bicubic), flip, RandAugment ``rand-m{rand_augment}-mstd0.5-inc1`` (swin.augment; 0 = off),
+    ColorJitter only when RandAugment is off, normalise, RandomErasing filled with per-pixel normal
+    noise (``REMODE = 'pixel'``)."""
+    t: list[Callable] = [v2.RandomResizedCrop(img_size, scale=tuple(crop_scale),
                                               interpolation=v2.InterpolationMode.BICUBIC, antialias=True)]
     if hflip > 0:
         t.append(v2.RandomHorizontalFlip(hflip))
-    if rand_augment > 0:
-        t.append(v2.RandAugment(num_ops=2, magnitude=int(rand_augment),
-                                interpolation=v2.InterpolationMode.BILINEAR, fill=[int(255 * m) for m in mean]))
+    if rand_augment > 0:  # on the PIL image (or uint8 tensor), as timm
+        t.append(RandAugment(magnitude=rand_augment, magnitude_std=0.5,
+                             fill=tuple(min(255, round(255 * m)) for m in mean)))
     elif color_jitter > 0:
         t.append(v2.ColorJitter(color_jitter, color_jitter, color_jitter))
-    t += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    t += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
     if reprob > 0:
-        t.append(v2.RandomErasing(p=reprob, value=0.0))
+        t.append(v2.RandomErasing(p=reprob, value="random"))
     return v2.Compose(t)
 
 

@@ -80,7 +80,7 @@ class TrainConfig:
     # augmentation
     crop_scale: tuple[float, float] = (0.08, 1.0)
     hflip: float = 0.5
-    rand_augment: int = 9          # RandAugment magnitude (2 ops); 0 = off
+    rand_augment: int = 9          # RandAugment magnitude: timm's rand-m9-mstd0.5-inc1 at 9 (swin.augment); 0 = off
     color_jitter: float = 0.4      # only used when RandAugment is off (as the official pipeline does)
     reprob: float = 0.25           # RandomErasing probability
     mixup: float = 0.8             # MixUp alpha; 0 = off
