@@ -468,7 +468,7 @@ class Trainer:
             from . import load_checkpoint
 
             load_checkpoint(self.model, cfg.pretrained, strict=True)
-        self.ddp = None
+        self.ddp, self.finished = None, False
         if self.world > 1:
             self.ddp = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -784,6 +784,7 @@ class Trainer:
         return self.finish(status)
 
     def finish(self, status: str) -> dict[str, Any]:
+        self.finished = True  # every rank gets here (stops are agreed on): close() may wait for the others
         v = self.last_val
         if self.world > 1:  # each rank saw its own shard's unreadable files
             everyone: list = [None] * self.world
@@ -833,7 +834,14 @@ class Trainer:
             signal.signal(s, h)
 
     def close(self) -> None:
+        """Leave the process group. After a normal finish every rank first waits at a barrier for the
+        others' last collectives; the DDP wrapper is dropped (its reducer holds the group) so that
+        destroying the group joins gloo's threads now: left to interpreter shutdown, a rank under
+        load could abort ("terminate called without an active exception")."""
         if self.world > 1 and dist.is_initialized():
+            if self.finished:
+                dist.barrier()
+            self.ddp = None
             dist.destroy_process_group()
 
 
