@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import windows as W
-from . import autocast_dtype, cached, has_hooks, is_plain
+from . import autocast_dtype, cached, has_hooks
 from .mlp import plain_mlp
 from .sdpa import bias_and_mask, split_qkv, window_indices
 
@@ -49,9 +49,10 @@ def eligible(layer, x: torch.Tensor) -> bool:
 
 
 def _plain_block(blk) -> bool:
-    """Every layer this path reads weights from is the plain PyTorch module (see swin.ops.is_plain)."""
-    return (is_plain(blk.norm1, torch.nn.LayerNorm) and is_plain(blk.norm2, torch.nn.LayerNorm)
-            and is_plain(blk.attn.qkv, torch.nn.Linear) and is_plain(blk.attn.proj, torch.nn.Linear)
+    """Every layer this path reads weights from is exactly the PyTorch module (see swin.ops.is_plain;
+    hooks are checked for all blocks at once by :func:`eligible`)."""
+    return (type(blk.norm1) is torch.nn.LayerNorm and type(blk.norm2) is torch.nn.LayerNorm
+            and type(blk.attn.qkv) is torch.nn.Linear and type(blk.attn.proj) is torch.nn.Linear
             and plain_mlp(blk.mlp))
 
 

@@ -20,22 +20,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import autocast_dtype, has_hooks, is_plain
+from . import autocast_dtype, has_hooks
 
 CPU_CHUNK_TOKENS = 2048
 
 
 def eligible(mlp, x: torch.Tensor) -> bool:
     return (torch.is_grad_enabled() and mlp.backend != "reference" and not torch.compiler.is_compiling()
-            and not (mlp.training and (mlp.drop1.p > 0 or mlp.drop2.p > 0)) and not has_hooks(mlp)
-            and plain_mlp(mlp))
+            and not (mlp.training and (mlp.drop1.p > 0 or mlp.drop2.p > 0)) and plain_mlp(mlp)
+            and not has_hooks(mlp))
 
 
 def plain_mlp(mlp) -> bool:
-    """fc1 and fc2 plain ``nn.Linear`` and the exact (erf) GELU between them: what the fast paths
-    compute from the weights. A LoRA wrapper, a quantized layer or another activation is called."""
-    return (is_plain(mlp.fc1, torch.nn.Linear) and is_plain(mlp.fc2, torch.nn.Linear)
-            and is_plain(mlp.act, torch.nn.GELU) and mlp.act.approximate == "none")
+    """fc1 and fc2 exactly ``nn.Linear`` and the exact (erf) GELU between them: what the fast paths
+    compute from the weights. A LoRA wrapper, a quantized layer or another activation is called.
+    (Types only: callers check the hooks of the whole subtree once, with ``has_hooks``.)"""
+    return (type(mlp.fc1) is torch.nn.Linear and type(mlp.fc2) is torch.nn.Linear
+            and type(mlp.act) is torch.nn.GELU and mlp.act.approximate == "none")
 
 
 def mlp_recompute_gelu(mlp, x: torch.Tensor) -> torch.Tensor:

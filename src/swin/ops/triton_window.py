@@ -228,7 +228,7 @@ def _fwd_op(qkv: torch.Tensor, bias: torch.Tensor, logit: Optional[torch.Tensor]
 @_fwd_op.register_fake
 def _(qkv, bias, logit, heads, height, width, window, shift, mask_pad, scale):
     B, C, nW, _ = _geometry(qkv, heads, window)
-    block = max(16, triton.next_power_of_2(window * window))
+    block = _meta(qkv, heads, window)["BLOCK"]
     return qkv.new_empty(B, height, width, C), qkv.new_empty(B * nW, heads, block, dtype=torch.float32)
 
 
