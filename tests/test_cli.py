@@ -250,6 +250,16 @@ def test_profile_script_groups_the_time(tmp_path):
     prof = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(prof)
     assert prof.group_of("aten::addmm") == "matmul" and prof.group_of("aten::native_layer_norm") == "norm"
+    # CUDA: a CPU op row carries its kernels' time as its own; only the kernel rows count
+    from types import SimpleNamespace as Row
+
+    cpu, dev = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    rows = [Row(key="aten::addmm", device_type=cpu, self_device_time_total=5.0),
+            Row(key="nvjet_gemm", device_type=dev, self_device_time_total=5.0),
+            Row(key="triton_poi_fused_gelu", device_type=cpu, self_device_time_total=2.0),
+            Row(key="triton_poi_fused_gelu", device_type=dev, self_device_time_total=2.0),
+            Row(key="aten::empty", device_type=cpu, self_device_time_total=0.0)]
+    assert sum(prof.self_time_us(e, True) for e in prof.timed_rows(rows, cuda=True)) == 7.0
     assert prof.main(["--device", "cpu", "--size", "64", "--impls", "ours", "--modes", "infer,train",
                       "--batch-infer", "1", "--batch-train", "1", "--warmup", "1", "--steps", "1",
                       "--out", str(tmp_path)]) == 0
