@@ -85,6 +85,13 @@ def check_parity(backend, version, case, mask_padding, device, dtype, tol):
         err = rel_err(fast, ref)
         # low precision: within tol, or no worse than the reference path itself at that precision
         limit = max(tol, 2.0 * lowp_err.get(n, 0.0))
+        if n == "logit_scale" and lowp is not None:
+            # one number per head, a sum whose terms cancel (softmax rows): its bf16 error is noisy
+            # for every path. Over 48 draws on an H200 the reference path's own error had median
+            # 0.027 and max 0.16, SDPA's 0.023 / 0.15, Triton's 0.023 / 0.17 (benchmarks/
+            # v2_logit_grad.py), so one draw against another is no test. A wrong formula is off by ~1;
+            # the fp32 tests hold every path to 1e-4.
+            limit = max(limit, 0.25)
         assert err <= limit, (n, err, lowp_err.get(n))
 
 
