@@ -1,8 +1,8 @@
 """Run by tests/test_ops.py with TRITON_INTERPRET=1: the Triton kernels on the CPU vs the reference.
 
 Prints one JSON line: {"cases": n, "max_rel_err": e, "results": [...], "compiled": {...}}. Small
-sizes only (the interpreter runs each program in numpy). "compiled": a whole V1 and V2 model with
-backend="triton" under torch.compile(fullgraph=True) (the kernels are custom operators, so dynamo
+sizes only (the interpreter runs each program in numpy). "compiled": a whole V1 model with
+the default backend ("auto") and a V2 model with backend="triton" under torch.compile(fullgraph=True) (the kernels are custom operators, so dynamo
 captures one graph without tracing into Triton), forward and backward, against the reference.
 """
 from __future__ import annotations
@@ -52,23 +52,27 @@ def main() -> int:
         errs = [rel_err(f, r) for f, r in zip(outs["triton"], outs["reference"])]
         results.append({"case": [version, H, Wd, window, shift, mask_padding], "errs": [round(e, 9) for e in errs]})
         worst = max(worst, *errs)
-    compiled = {name: compiled_model_errors(name) for name in ("swin_micro", "swinv2_micro")}
+    compiled = {name: compiled_model_errors(name, backend) for name, backend in (("swin_micro", "auto"), ("swinv2_micro", "triton"))}
     worst = max(worst, *(e for errs in compiled.values() for e in errs))
     print(json.dumps({"cases": len(CASES), "max_rel_err": worst, "results": results, "compiled": compiled}))
     return 0
 
 
-def compiled_model_errors(name: str) -> list[float]:
-    """[logits, max over parameter grads] relative errors of the compiled Triton-backend model."""
+def compiled_model_errors(name: str, backend: str) -> list[float]:
+    """[logits, max over parameter grads] relative errors of the compiled model; asserts that the
+    graph calls the Triton kernels (backend "auto" takes them inside torch.compile too)."""
     import swin
+    from torch._dynamo.testing import CompileCounterWithBackend
 
     torch.manual_seed(0)
-    model = swin.create_model(name, backend="triton", drop_path_rate=0.0)
+    model = swin.create_model(name, backend=backend, drop_path_rate=0.0)
     ref = copy.deepcopy(model)
     ref.set_backend("reference")
     x = torch.randn(2, 3, 36, 28)  # padded, non-square maps
     torch._dynamo.reset()
-    out = torch.compile(model, backend="aot_eager", fullgraph=True)(x)  # fullgraph: a graph break fails
+    counter = CompileCounterWithBackend("aot_eager")
+    out = torch.compile(model, backend=counter, fullgraph=True)(x)  # fullgraph: a graph break fails
+    assert counter.frame_count == 1 and "window_attention_fwd" in counter.graphs[0].code, "kernels not in graph"
     out.square().mean().backward()
     r = ref(x)
     r.square().mean().backward()

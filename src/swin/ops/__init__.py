@@ -12,8 +12,9 @@ Backends:
 - ``"triton"``: fused Triton kernels (CUDA) that read q/k/v in token layout with the shift and
   window partition folded into index arithmetic, add bias and shift mask in the kernel, and write
   the output back in token layout (forward and backward). Windows of up to 64 tokens.
-- ``"auto"`` (the default): triton on CUDA in eager mode when Triton is importable and the window
-  fits, sdpa otherwise (CPU, larger windows, inside torch.compile).
+- ``"auto"`` (the default): triton on CUDA when Triton is importable and the window fits, eager
+  or inside torch.compile (the kernels are custom operators there; H200, stop 9: 1.59x the SDPA
+  path compiled for inference, 1.10x for training), sdpa otherwise (CPU, windows over 8).
 
 Beside attention, every backend but "reference" also gets (each tested against the plain modules):
 - ``mlp.py``: in training, the MLP keeps one hidden tensor (GELU recomputed in the backward).
@@ -60,10 +61,6 @@ def resolve_backend(name: str, x: torch.Tensor, window: int) -> str:
     """The backend that actually runs for ``name`` on input ``x``: auto/triton fall back cleanly."""
     if name in ("auto", "triton"):
         if not (x.is_cuda or _INTERPRET) or not triton_available():
-            return "sdpa"
-        if name == "auto" and torch.compiler.is_compiling():
-            # Inside torch.compile "auto" takes the SDPA path, the one measured compiled on a GPU;
-            # backend="triton" puts the kernels into the graph as two custom operators.
             return "sdpa"
         from .triton_window import supports
 
