@@ -13,7 +13,7 @@ export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-/tmp/swin_inductor_ca
 OUT="${OUT:-/tmp/swin_gpu_check}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
-BUDGET="${BUDGET_S:-460}"   # seconds for the whole script
+BUDGET="${BUDGET_S:-490}"   # seconds for the whole script
 T0=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 section() {  # section NAME MAX_SECONDS CMD... ; runs CMD with a timeout of min(MAX, time left - reserve)
@@ -32,16 +32,16 @@ tail -n 1 "$OUT/env.txt"
 
 # 1. parity on the GPU (the CUDA parametrisations run because a GPU is present)
 # (Triton under torch.compile is exercised by the bench's ours+compile entries instead of a test here)
-section parity 150 "$PY" -m pytest tests/test_ops.py -q -p no:cacheprovider -rfE \
+section parity 170 "$PY" -m pytest tests/test_ops.py -q -p no:cacheprovider -rfE \
   -k "(cuda or whole_model) and not under_torch_compile" --junitxml="$OUT/parity.xml"
 
 # 2. Swin-T 224, bf16 autocast: ours (auto = Triton kernels) vs peers, eager and compiled. Entries are
 # prepared in this order and compiled ones are skipped past the budget: the decisive pairs come first
 # (ours vs the best peer, eager and compiled; ours+compile = the Triton kernels inside the graph).
 B="$PY benchmarks/bench.py --device cuda --dtype bf16 --rounds 5 --iters 8 --warmup 3"
-section t_infer 170 $B --models swin_t --modes infer --budget-s 120 --out "$OUT/t_infer" \
+section t_infer 160 $B --models swin_t --modes infer --budget-s 120 --out "$OUT/t_infer" \
   --impls ours,timm+compile,ours+compile,timm-sdpa,ours-sdpa+compile,timm,tv,hf,ours-sdpa
-section t_train 190 $B --models swin_t --modes train --budget-s 140 --out "$OUT/t_train" \
+section t_train 180 $B --models swin_t --modes train --budget-s 140 --out "$OUT/t_train" \
   --impls ours,timm-sdpa+compile,ours+compile,ours+plainmlp,timm,timm-sdpa,hf,tv,ours-sdpa+compile,ours-sdpa
 section t_latency 60 $B --models swin_t --modes latency --iters 20 --out "$OUT/t_latency" \
   --impls ours,ours+graph,ours-sdpa+graph,timm,timm-sdpa,tv,hf
@@ -68,6 +68,10 @@ for e in rows:
     md.append(f"| {e['model']} | {e['mode']} | {e['batch']} | {e['impl']} | "
               f"{fmt(e['median']) if e['median'] else (e['error'] or '')[:60]} | {e['unit']} | {fmt(e['vs_best_peer'])} | {fmt(e.get('paired_vs_best_peer'))} | "
               f"{fmt(e['peak_gib'])} | {fmt(e['mem_vs_timm'])} | {fmt(e.get('saved_gib'))} | {'' if e['parity_rel_err'] is None else '%.1e' % e['parity_rel_err']} |")
+md.append("\nTriton launch configurations chosen (swin.ops.triton_window.choices()):")
+for f in sorted(out.glob("*/bench.json")):
+    for c in json.loads(f.read_text()).get("triton_configs", []):
+        md.append(f"- {f.parent.name}: {c['kind']} {c['signature']} -> {c['config']}")
 (out / "summary.md").write_text("\n".join(md) + "\n")
 print("\n".join(md))
 PYEOF

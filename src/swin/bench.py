@@ -333,6 +333,14 @@ def _summarise(entries: list[Entry]) -> None:
 
 
 # -- reporting -------------------------------------------------------------------------------
+def _triton_choices() -> list:
+    """The Triton launch configuration chosen for each input signature so far (swin.ops.triton_window)."""
+    mod = sys.modules.get("swin.ops.triton_window")
+    if mod is None:
+        return []
+    return [{"kind": k[0], "signature": str(k[1]), "config": v} for k, v in mod.choices().items()]
+
+
 def machine_info(device: str) -> dict:
     info = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
             "python": platform.python_version(), "cpu_count": os.cpu_count(), "platform": platform.platform()}
@@ -455,7 +463,8 @@ def main(argv: list[str] | None = None) -> int:
         md = to_markdown(_LIVE, info, args)
         if out:
             (out / "bench.json").write_text(json.dumps({"machine": info, "args": vars(args),
-                                                        "entries": [asdict(e) for e in _LIVE]}, indent=1))
+                                                        "entries": [asdict(e) for e in _LIVE],
+                                                        "triton_configs": _triton_choices()}, indent=1))
             (out / "bench.md").write_text(md)
         return md
 

@@ -1,7 +1,7 @@
 """Fused shifted-window attention in Triton, forward and backward.
 
-One program handles one (window, head). It reads q/k/v straight from the qkv projection in token
-layout (B, Hp, Wp, 3C): the cyclic shift and the window partition are index arithmetic
+A forward program handles one (window, head); a backward program one head and several windows. It
+reads q/k/v straight from the qkv projection in token layout (B, Hp, Wp, 3C): the cyclic shift and the window partition are index arithmetic
 (token t of window (wy, wx) sits at ((wy*M + t//M + s) % Hp, (wx*M + t%M + s) % Wp)). The
 relative position bias ((heads, N, N), built from the table by PyTorch so that its gradient flows
 through autograd) and the shift mask (computed from region labels in the kernel) are added to the
@@ -10,6 +10,9 @@ token layout at the un-shifted position, so the reverse shift and the crop cost 
 
 The backward recomputes the logits from q/k and the saved log-sum-exp, writes dq/dk/dv in token
 layout, and reduces dBias over all windows in registers before one atomic add per program.
+
+Launch configurations (warps; backward programs) are timed on the GPU once per input signature and
+the fastest kept (``choices()`` lists them).
 
 Padding (maps not a multiple of the window) is done by PyTorch *before* the qkv projection, exactly
 like the reference, so padded tokens carry q/k/v = the qkv bias and gradients reach that bias.
@@ -68,15 +71,23 @@ def _unit_rows(x):
 
 
 @triton.jit
-def _logits(q, k, bias_ptrs, valid, ys, xs, inside, Hp, Wp, shift, scale,
+def _bias_tile(BIAS, h, N: tl.constexpr, BLOCK: tl.constexpr):
+    """Head h's (N, N) relative position bias as a (BLOCK, BLOCK) fp32 tile, 0 past N (the backward
+    loads it once and keeps it for all the windows a program walks)."""
+    t = tl.arange(0, BLOCK)
+    both = (t[:, None] < N) & (t[None, :] < N)
+    return tl.load(BIAS + h * N * N + t[:, None] * N + t[None, :], mask=both, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _logits(q, k, bias, valid, ys, xs, inside, Hp, Wp, shift, scale,
             WIN: tl.constexpr, HAS_MASK: tl.constexpr, MASK_PAD: tl.constexpr, IEEE: tl.constexpr):
     """(scale * q k^T + bias + shift mask, with -inf past N; and q k^T itself)."""
     if IEEE:
         c = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
         c = tl.dot(q, tl.trans(k))
-    both = valid[:, None] & valid[None, :]
-    s = c * scale + tl.load(bias_ptrs, mask=both, other=0.0).to(tl.float32)
+    s = c * scale + bias
     if HAS_MASK:
         # the official region labels of the shifted padded map, 3 x 3 slices per axis
         ry = tl.where(ys < Hp - WIN, 0, tl.where(ys < Hp - shift, 1, 2))
@@ -95,6 +106,8 @@ def _fwd_kernel(QKV, BIAS, SCALE, O, LSE, nW, nWx, Hp, Wp, H, W, shift, scale,
                 HEADS: tl.constexpr, D: tl.constexpr, WIN: tl.constexpr, N: tl.constexpr,
                 BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
                 HAS_MASK: tl.constexpr, MASK_PAD: tl.constexpr, IEEE: tl.constexpr, COSINE: tl.constexpr):
+    # one program per (window, head), straight-line code: a loop over windows (tried in stop 9)
+    # raised it from 120 to 225-248 registers per thread (ptxas, sm_90), a third of the occupancy
     pid = tl.program_id(0)
     h = tl.program_id(1)
     b, t, valid, ys, xs, yo, xo, inside = _token_offsets(pid, nW, nWx, Hp, Wp, H, W, shift, WIN, N, BLOCK)
@@ -110,8 +123,10 @@ def _fwd_kernel(QKV, BIAS, SCALE, O, LSE, nW, nWx, Hp, Wp, H, W, shift, scale,
         kn, _ = _unit_rows(k)
         q, k = qn.to(v.dtype), kn.to(v.dtype)
         scale = tl.load(SCALE + h)
-    bias_ptrs = BIAS + h * N * N + t[:, None] * N + t[None, :]
-    s, _ = _logits(q, k, bias_ptrs, valid, ys, xs, inside, Hp, Wp, shift, scale, WIN, HAS_MASK, MASK_PAD, IEEE)
+    # the bias tile's pointers made after the product: built before it (stop 6) they stayed live
+    # across it, 166 registers instead of 120
+    s, _ = _logits(q, k, _bias_tile(BIAS, h, N, BLOCK), valid, ys, xs, inside, Hp, Wp, shift, scale, WIN,
+                   HAS_MASK, MASK_PAD, IEEE)
     m = tl.max(s, axis=1)
     p = tl.exp(s - m[:, None])
     l = tl.sum(p, axis=1)
@@ -127,16 +142,17 @@ def _fwd_kernel(QKV, BIAS, SCALE, O, LSE, nW, nWx, Hp, Wp, H, W, shift, scale,
 
 @triton.jit
 def _bwd_kernel(QKV, BIAS, SCALE, O, DO, LSE, DQKV, DBIAS, DSCALE, nW, nWx, Hp, Wp, H, W, shift, scale, total,
-                nprog, sqb, sqh, sqw, sob, soh, sow, C,
+                sqb, sqh, sqw, sob, soh, sow, C,
                 HEADS: tl.constexpr, D: tl.constexpr, WIN: tl.constexpr, N: tl.constexpr,
                 BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
                 HAS_MASK: tl.constexpr, MASK_PAD: tl.constexpr, IEEE: tl.constexpr, COSINE: tl.constexpr):
     start = tl.program_id(0)
     h = tl.program_id(1)
+    nprog = tl.num_programs(0)
     dd = tl.arange(0, BLOCK_D)
     dmask = dd < D
     t0 = tl.arange(0, BLOCK)
-    bias_ptrs = BIAS + h * N * N + t0[:, None] * N + t0[None, :]
+    bias = _bias_tile(BIAS, h, N, BLOCK)
     dbias = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
     dscale = tl.zeros([BLOCK], dtype=tl.float32)  # V2: d(loss)/d(scale), summed per query row
     if COSINE:
@@ -156,8 +172,7 @@ def _bwd_kernel(QKV, BIAS, SCALE, O, DO, LSE, DQKV, DBIAS, DSCALE, nW, nWx, Hp, 
             qn, nq = _unit_rows(q)
             kn, nk = _unit_rows(k)
             q, k = qn.to(v.dtype), kn.to(v.dtype)
-        s, c = _logits(q, k, bias_ptrs, valid, ys, xs, inside, Hp, Wp, shift, scale, WIN, HAS_MASK, MASK_PAD,
-                       IEEE)
+        s, c = _logits(q, k, bias, valid, ys, xs, inside, Hp, Wp, shift, scale, WIN, HAS_MASK, MASK_PAD, IEEE)
         lse = tl.load(LSE + (pid * HEADS + h) * BLOCK + t)
         p = tl.exp(s - lse[:, None])
         p = tl.where(valid[:, None] & valid[None, :], p, 0.0)
@@ -205,6 +220,61 @@ def _geometry(qkv: torch.Tensor, heads: int, window: int):
     return B, C3 // 3, (Hp // window) * nWx, nWx
 
 
+# Launch configurations. The kernels are short and latency-bound (a (64, 32) tile per window and
+# head), so the warps per program and, for the backward, how many windows each program walks decide
+# their speed; which is best depends on the GPU and the stage. The first of each list is the launch
+# measured on an H200 in stops 6 and 9; on CUDA each is timed once per input signature and the
+# fastest kept (``choices()``). Registers per thread for sm_90 (``benchmarks/triton_resources.py``,
+# bf16, V1 shifted): forward 120 (4 programs per SM), capped at 96 / 80 with 88 bytes spilled (5 / 6);
+# backward 255 (2 per SM), capped at 168 / 128 with 320 / 584 bytes spilled (3 / 4).
+FWD_CONFIGS = (dict(num_warps=4), dict(num_warps=8), dict(num_warps=4, maxnreg=96), dict(num_warps=4, maxnreg=80))
+BWD_CONFIGS = (dict(programs=1056, num_warps=4), dict(programs=1056, num_warps=4, maxnreg=168),
+               dict(programs=1056, num_warps=4, maxnreg=128), dict(programs=264, num_warps=4))
+_CHOSEN: dict = {}  # (kind, signature) -> index into the configurations
+FORCE_CONFIG: Optional[int] = None  # tests: run this configuration (index) instead of choosing
+
+
+def _compile_options(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k in ("num_warps", "maxnreg")}
+
+
+def _programs(config: dict, total: int, heads: int, cuda: bool) -> int:
+    """Backward programs per head: ~programs in all over the heads, each walking several windows
+    (on an H100/H200's 132 SMs, 1056 is 8 per SM). Off CUDA (the interpreter, in tests) 3, so that
+    each walks several windows of the small test maps."""
+    return max(1, min(total, config["programs"] // heads)) if cuda else min(total, 3)
+
+
+def _elapsed_ms(launch, config) -> float:
+    launch(config)  # compile and warm up
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(3):
+        launch(config)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def _choose(kind: str, signature: tuple, configs: tuple, launch, cuda: bool):
+    """``launch(config)`` with the configuration that ran fastest for this signature; the timing
+    (each configuration once to compile, then three timed launches) happens on the first call."""
+    if FORCE_CONFIG is not None:
+        return launch(configs[FORCE_CONFIG % len(configs)])
+    key = (kind, signature)
+    if key not in _CHOSEN:
+        if not cuda or torch.cuda.is_current_stream_capturing() or len(configs) == 1:
+            return launch(configs[0])  # nothing to time (CPU, or inside CUDA-graph capture)
+        times = [_elapsed_ms(launch, config) for config in configs]
+        _CHOSEN[key] = min(range(len(configs)), key=times.__getitem__)
+    return launch(configs[_CHOSEN[key]])
+
+
+def choices() -> dict:
+    """{(kind, signature): chosen configuration} of every signature timed so far in this process."""
+    return {k: (FWD_CONFIGS if k[0] == "fwd" else BWD_CONFIGS)[i] for k, i in _CHOSEN.items()}
+
+
 # The forward and the backward are custom operators: torch.compile (dynamo, inductor) treats each as
 # one opaque call with a known output shape and fuses everything around it, and never traces into
 # the Triton launch. Eager mode pays one dispatch per call.
@@ -218,10 +288,16 @@ def _fwd_op(qkv: torch.Tensor, bias: torch.Tensor, logit: Optional[torch.Tensor]
     meta = _meta(qkv, heads, window)
     out = torch.empty(B, height, width, C, device=qkv.device, dtype=qkv.dtype)
     lse = torch.empty(B * nW, heads, meta["BLOCK"], device=qkv.device, dtype=torch.float32)
-    _fwd_kernel[(B * nW, heads)](
-        qkv, bias, bias if logit is None else logit, out, lse, nW, nWx, qkv.shape[1], qkv.shape[2], height, width,
-        shift, scale, qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1), out.stride(2), C,
-        HAS_MASK=shift > 0 or mask_pad, MASK_PAD=mask_pad, COSINE=logit is not None, num_warps=4, **meta)
+
+    def launch(config):
+        _fwd_kernel[(B * nW, heads)](
+            qkv, bias, bias if logit is None else logit, out, lse, nW, nWx, qkv.shape[1], qkv.shape[2], height,
+            width, shift, scale, qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1),
+            out.stride(2), C, HAS_MASK=shift > 0 or mask_pad, MASK_PAD=mask_pad, COSINE=logit is not None,
+            **_compile_options(config), **meta)
+
+    _choose("fwd", (tuple(qkv.shape), qkv.dtype, heads, window, shift > 0, mask_pad, logit is not None),
+            FWD_CONFIGS, launch, qkv.is_cuda)
     return out, lse
 
 
@@ -241,19 +317,24 @@ def _bwd_op(qkv: torch.Tensor, bias: torch.Tensor, logit: Optional[torch.Tensor]
     B, C, nW, nWx = _geometry(qkv, heads, window)
     meta = _meta(qkv, heads, window)
     dout = dout.contiguous()
-    dqkv = torch.empty_like(qkv)
-    dbias = torch.zeros(bias.shape, device=bias.device, dtype=torch.float32)
-    dlogit = torch.zeros(heads, device=bias.device, dtype=torch.float32)
     total = B * nW
-    # each program walks many windows, summing dBias in registers: one atomic add per program
-    # ~8 programs per SM of an H100/H200 (132 SMs) over all heads; no device query (compile-friendly)
-    nprog = max(1, min(total, 1056 // heads)) if qkv.is_cuda else min(total, 4)
-    _bwd_kernel[(nprog, heads)](
-        qkv, bias, bias if logit is None else logit, out, dout, lse, dqkv, dbias, dlogit, nW, nWx, qkv.shape[1],
-        qkv.shape[2], height, width, shift, scale, total, nprog,
-        qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1), out.stride(2), C,
-        HAS_MASK=shift > 0 or mask_pad, MASK_PAD=mask_pad, COSINE=logit is not None, num_warps=4, **meta)
-    return dqkv, dbias, dlogit
+
+    def launch(config):
+        # each program walks many windows, summing dBias (and V2's d scale) in registers, then adds
+        # them atomically: fresh zeroed sums on every launch (the timing launches too)
+        dqkv = torch.empty_like(qkv)
+        dbias = torch.zeros(bias.shape, device=bias.device, dtype=torch.float32)
+        dlogit = torch.zeros(heads, device=bias.device, dtype=torch.float32)
+        _bwd_kernel[(_programs(config, total, heads, qkv.is_cuda), heads)](
+            qkv, bias, bias if logit is None else logit, out, dout, lse, dqkv, dbias, dlogit, nW, nWx, qkv.shape[1],
+            qkv.shape[2], height, width, shift, scale, total,
+            qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1), out.stride(2), C,
+            HAS_MASK=shift > 0 or mask_pad, MASK_PAD=mask_pad, COSINE=logit is not None,
+            **_compile_options(config), **meta)
+        return dqkv, dbias, dlogit
+
+    return _choose("bwd", (tuple(qkv.shape), qkv.dtype, heads, window, shift > 0, mask_pad, logit is not None),
+                   BWD_CONFIGS, launch, qkv.is_cuda)
 
 
 @_bwd_op.register_fake
