@@ -628,6 +628,8 @@ def test_triton_launch_configuration_is_timed_once_and_the_fastest_kept(monkeypa
     assert T._choose("fwd", ("sig",), configs, launch, cuda=True) == 1 and timed == [0, 1, 2]
     assert T._choose("fwd", ("sig",), configs, launch, cuda=True) == 1 and timed == [0, 1, 2]  # cached
     assert T._choose("fwd", ("other",), configs, launch, cuda=False) == 0 and len(timed) == 3  # CPU: untimed
+    monkeypatch.setenv("SWIN_TRITON_TUNE", "0")  # no timing: the first configuration
+    assert T._choose("fwd", ("third",), configs, launch, cuda=True) == 0 and len(timed) == 3
     monkeypatch.setattr(T, "FORCE_CONFIG", 2)
     assert T._choose("fwd", ("sig",), configs, launch, cuda=True) == 2
     assert T.choices() == {("fwd", ("sig",)): T.FWD_CONFIGS[1]}

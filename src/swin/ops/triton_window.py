@@ -30,6 +30,7 @@ graph, never tracing into Triton, and fuses the rest around the two calls.
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -263,6 +264,8 @@ def _choose(kind: str, signature: tuple, configs: tuple, launch, cuda: bool):
         return launch(configs[FORCE_CONFIG % len(configs)])
     key = (kind, signature)
     if key not in _CHOSEN:
+        if os.environ.get("SWIN_TRITON_TUNE", "1") == "0":  # the user's choice: first launch, no timing
+            return launch(configs[0])
         if not cuda or torch.cuda.is_current_stream_capturing() or len(configs) == 1:
             return launch(configs[0])  # nothing to time (CPU, or inside CUDA-graph capture)
         times = [_elapsed_ms(launch, config) for config in configs]
