@@ -38,7 +38,8 @@ def compile_kernel(kernel: str, config: dict, arch: int, dtype: str, cosine: boo
                       IEEE=dtype == "fp32", COSINE=cosine)
     pointers = {name: f"*{dtype}" for name in ("QKV", "O", "DO", "DQKV")}
     pointers.update({name: "*fp32" for name in ("BIAS", "SCALE", "LSE", "DBIAS", "DSCALE")})
-    signature = {p.name: "constexpr" if p.name in constexprs else pointers.get(p.name, "fp32" if p.name == "scale" else "i32")
+    scalar = lambda name: "fp32" if name == "scale" else "i32"  # noqa: E731
+    signature = {p.name: "constexpr" if p.name in constexprs else pointers.get(p.name, scalar(p.name))
                  for p in fn.params}
     compiled = triton.compile(ASTSource(fn, signature=signature, constexprs=constexprs),
                               target=GPUTarget("cuda", arch, 32),
@@ -82,12 +83,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     rows = table(args.arch)
     print(f"sm_{args.arch}, Swin-T stage-1 shapes (3 heads, window 7, head dim 32)\n")
-    print("| kernel | warps | maxnreg | dtype | V | shift mask | registers | spill bytes | shared bytes | programs per SM (registers) |")
+    print("| kernel | warps | maxnreg | dtype | V | shift mask | registers | spill bytes | shared bytes "
+          "| programs per SM (registers) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         per_sm = 65536 // (32 * r["num_warps"] * ((r["regs"] + 7) // 8 * 8))
-        print(f"| {r['kernel']} | {r['num_warps']} | {r['maxnreg']} | {r['dtype']} | {r['version']} | {r['shift_mask']} | {r['regs']} | "
-              f"{r['spill_bytes']} | {r['shared']} | {per_sm} |")
+        print(f"| {r['kernel']} | {r['num_warps']} | {r['maxnreg']} | {r['dtype']} | {r['version']} | "
+              f"{r['shift_mask']} | {r['regs']} | {r['spill_bytes']} | {r['shared']} | {per_sm} |")
     return 0
 
 

@@ -1,9 +1,9 @@
 """Fused shifted-window attention in Triton, forward and backward.
 
-A forward program handles one (window, head); a backward program one head and several windows. It
-reads q/k/v straight from the qkv projection in token layout (B, Hp, Wp, 3C): the cyclic shift and the window partition are index arithmetic
-(token t of window (wy, wx) sits at ((wy*M + t//M + s) % Hp, (wx*M + t%M + s) % Wp)). The
-relative position bias ((heads, N, N), built from the table by PyTorch so that its gradient flows
+A forward program handles one (window, head); a backward program one head and several windows.
+They read q/k/v straight from the qkv projection in token layout (B, Hp, Wp, 3C): the cyclic shift
+and the window partition are index arithmetic (token t of window (wy, wx) sits at
+((wy*M + t//M + s) % Hp, (wx*M + t%M + s) % Wp)). The relative position bias ((heads, N, N), built from the table by PyTorch so that its gradient flows
 through autograd) and the shift mask (computed from region labels in the kernel) are added to the
 logits in registers; nothing of shape (B*nW, heads, N, N) is ever written. The output is stored in
 token layout at the un-shifted position, so the reverse shift and the crop cost nothing.
