@@ -239,6 +239,11 @@ def test_bench_runs_ours_against_timm_on_cpu(tmp_path):
     # GELU's output is not kept (swin.ops.mlp): 4C values per token per block fewer than timm
     assert ours["saved_vs_timm"] < 0.9 and timm["saved_vs_timm"] == 1.0
     assert "| ours |" in (out / "bench.md").read_text()
+    from PIL import Image
+
+    with Image.open(out / "bench.png") as im:  # one panel per (model, mode): taller than one panel
+        assert im.format == "PNG" and im.size[0] == 900 and im.size[1] > 300
+    assert not list(out.glob(".*tmp*"))  # written through temporary files, none left behind
 
 
 def test_profile_script_groups_the_time(tmp_path):

@@ -379,6 +379,53 @@ def to_markdown(entries: list[Entry], info: dict, args) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def to_png(entries: list[Entry], info: dict, args, path: Path) -> None:
+    """One horizontal bar chart per (model, mode): each implementation's median, the bar's whisker
+    its min..max over rounds, labelled with its ratio to the best peer; ours in one colour, peers in
+    another. Written to a temporary file and renamed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict = {}
+    for e in entries:
+        if e.median is not None:
+            groups.setdefault((e.model, e.mode), []).append(e)
+    if not groups:
+        return
+    fig, axes = plt.subplots(len(groups), 1, figsize=(9, 0.45 * sum(len(g) for g in groups.values()) + 1.2 * len(groups)),
+                             squeeze=False)
+    for ax, ((model, mode), group) in zip(axes[:, 0], groups.items()):
+        names = [e.impl for e in group]
+        lo = [e.median - min(e.samples) for e in group]
+        hi = [max(e.samples) - e.median for e in group]
+        colours = ["tab:blue" if e.impl.startswith("ours") else "tab:gray" for e in group]
+        ax.barh(names, [e.median for e in group], xerr=[lo, hi], color=colours, capsize=3)
+        for y, e in enumerate(group):
+            if e.vs_best_peer is not None:
+                ax.text(max(e.samples), y, f"  {e.vs_best_peer:.2f}x", va="center", fontsize=8)
+        ax.invert_yaxis()
+        better = "higher is better" if group[0].unit == "img/s" else "lower is better"
+        ax.set_title(f"{model} {mode}, batch {group[0].batch} ({group[0].unit}, {better}; label: vs best peer)",
+                     fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+        ax.margins(x=0.15)
+    fig.suptitle(f"{info.get('gpu') or 'CPU x' + str(info['cpu_count'])}, torch {info['torch']}, {args.dtype}, "
+                 f"{info['date']}", fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _START = [0.0]
 
@@ -410,7 +457,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--budget-s", type=float, default=0, help="stop preparing new entries after this many seconds")
     p.add_argument("--no-parity", dest="parity", action="store_false")
-    p.add_argument("--out", default=None, help="folder for bench.json and bench.md")
+    p.add_argument("--out", default=None, help="folder for bench.json, bench.md and bench.png")
     a = p.parse_args(argv)
     cuda = a.device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -462,10 +509,11 @@ def main(argv: list[str] | None = None) -> int:
             _summarise(group)
         md = to_markdown(_LIVE, info, args)
         if out:
-            (out / "bench.json").write_text(json.dumps({"machine": info, "args": vars(args),
-                                                        "entries": [asdict(e) for e in _LIVE],
-                                                        "triton_configs": _triton_choices()}, indent=1))
-            (out / "bench.md").write_text(md)
+            _write_atomic(out / "bench.json", json.dumps({"machine": info, "args": vars(args),
+                                                          "entries": [asdict(e) for e in _LIVE],
+                                                          "triton_configs": _triton_choices()}, indent=1))
+            _write_atomic(out / "bench.md", md)
+            to_png(_LIVE, info, args, out / "bench.png")
         return md
 
     def on_term(signum, frame):  # `timeout` sends SIGTERM: keep the rounds measured so far
