@@ -114,6 +114,20 @@ def test_forward_is_stateless_across_sizes():
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_pure_fp16_v2_on_a_padded_map_is_finite(backend):
+    """model.half(): V2 has no k bias, so a padded token's k is 0; F.normalize's eps (1e-12) is 0 in
+    fp16, and the reference path once made 0/0 = NaN of every window holding padding."""
+    torch.manual_seed(0)
+    model = swin.create_model("swinv2_micro", backend=backend).eval()
+    x = torch.randn(2, 3, 36, 28)  # maps not a multiple of the window at every stage
+    with torch.no_grad():
+        ref = model(x)
+        out = model.half()(x.half()).float()
+    assert torch.isfinite(out).all()
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-2
+
+
 def test_batch_independence_and_eval_determinism():
     model = tiny(version=2, drop_path_rate=0.3, drop_rate=0.2, attn_drop_rate=0.2).eval()
     x = torch.randn(4, 3, 72, 40)

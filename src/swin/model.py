@@ -290,7 +290,10 @@ class WindowAttention(nn.Module):
         if self.version == 1:
             attn = (q * self.scale) @ k.transpose(-2, -1)
         else:
-            attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+            # normalised in fp32: in a pure fp16 model F.normalize's eps (1e-12) rounds to 0, and a padded
+            # token's k (V2 has no k bias: k = 0) became 0/0 = NaN for every window holding one
+            q, k = (F.normalize(t.float(), dim=-1).to(t.dtype) for t in (q, k))
+            attn = q @ k.transpose(-2, -1)
             attn = attn * torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
         attn = attn + bias.unsqueeze(0)  # (B*nW, heads, N, N)
         if mask is not None:
