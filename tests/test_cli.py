@@ -222,6 +222,17 @@ def test_junk_checkpoint_is_one_clear_error(tmp_path, capsys):
     assert rc == 2 and "Could not read checkpoint" in err and "Traceback" not in err
 
 
+def test_bench_default_includes_the_fastest_compiled_peer():
+    """By default the table holds the compiled peer that is fastest on that device; --compile adds the
+    other compiled variants, each implementation once."""
+    from swin import bench
+
+    impls = bench.parse_args(["--device", "cpu"]).impls.split(",")
+    assert "timm-sdpa+compile" in impls and impls[0] == "ours"
+    impls = bench.parse_args(["--device", "cpu", "--compile"]).impls.split(",")
+    assert len(impls) == len(set(impls)) and {"ours+compile", "hf+compile", "timm-sdpa+compile"} <= set(impls)
+
+
 def test_bench_runs_ours_against_timm_on_cpu(tmp_path):
     """The real benchmark, smallest settings: a table and JSON, and ours keeps fewer activations."""
     pytest.importorskip("timm")

@@ -467,9 +467,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.batch_train = a.batch_train or (128 if cuda else 8)
     a.iters = a.iters or (10 if cuda else 2)
     if a.impls is None:
-        a.impls = ("ours,ours-sdpa,ours+graph,timm,timm-sdpa,tv,hf" if cuda else "ours,ours-ref,timm,timm-sdpa,tv,hf")
+        # the compiled peers are the fastest ones on both devices: a comparison without them flatters us
+        a.impls = ("ours,ours+compile,ours+graph,timm,timm-sdpa,timm+compile,tv,hf" if cuda
+                   else "ours,ours-ref,timm,timm-sdpa,timm-sdpa+compile,tv,hf")
         if a.compile:
-            a.impls += ",ours+compile,timm+compile,hf+compile"
+            a.impls += ",ours+compile,timm+compile,timm-sdpa+compile,hf+compile"
+        a.impls = ",".join(dict.fromkeys(a.impls.split(",")))  # once each, in order
     for m in a.models.split(","):
         if m not in MODELS:
             p.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
