@@ -141,7 +141,8 @@ def window_attention_sdpa(attn, x: torch.Tensor, window: int, shift: int, mask_p
         # broadcast over the batch are faster, and flushing the masked (~1e-44, subnormal)
         # probabilities to 0 makes the products with them ~70x faster (softmax_flush_tiny)
         q, k, v = (t.transpose(2, 3) for t in (q, k, v))  # (B, nW, heads, N, d) views
-        logits = (q * scale) @ k.transpose(-2, -1) + mask  # (B, nW, heads, N, N)
+        qs = q if scale == 1.0 else q * scale  # V2's q already carries exp(logit_scale): no pass by 1.0
+        logits = qs @ k.transpose(-2, -1) + mask  # (B, nW, heads, N, N)
         probs = F.dropout(softmax_flush_tiny(logits), p, training=p > 0)  # no subnormal probabilities
         out = (probs @ v).transpose(2, 3)  # (B, nW, N, heads, d)
     elif x.is_cuda:
