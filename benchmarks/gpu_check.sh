@@ -2,7 +2,8 @@
 # One command for a CUDA machine (H100/H200; torch, triton, timm, transformers, torchvision installed):
 #   bash benchmarks/gpu_check.sh            # results under $OUT (default /tmp/swin_gpu_check)
 # 1. the ops parity tests on the GPU (fp32 and bf16, forward and backward, every Triton launch
-# configuration), 2. Swin-T 224 bf16: inference b256 and training step b128 with peak memory, ours vs
+# configuration), then the two kernels alone per configuration (benchmarks/kernel_bench.py: us per call
+# and GB/s at each stage), 2. Swin-T 224 bf16: inference b256 and training step b128 with peak memory, ours vs
 # the best peers (compiled and eager), 3. a profile of ours' compiled training step, 4. if time is
 # left: latency b1, Swin-B and SwinV2-T against timm / torchvision / HF.
 # Each section is separate and time-boxed: a failure is
@@ -14,7 +15,7 @@ export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-/tmp/swin_inductor_ca
 OUT="${OUT:-/tmp/swin_gpu_check}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
-BUDGET="${BUDGET_S:-490}"   # seconds for the whole script
+BUDGET="${BUDGET_S:-520}"   # seconds for the whole script
 T0=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 section() {  # section NAME MAX_SECONDS CMD... ; runs CMD with a timeout of min(MAX, time left - reserve)
@@ -35,6 +36,9 @@ tail -n 1 "$OUT/env.txt"
 # (Triton under torch.compile is exercised by the bench's ours+compile entries instead of a test here)
 section parity 170 "$PY" -m pytest tests/test_ops.py -q -p no:cacheprovider -rfE \
   -k "(cuda or whole_model) and not under_torch_compile" --junitxml="$OUT/parity.xml"
+
+# the two kernels alone at Swin-T's stage shapes, every launch configuration: us per call, GB/s moved
+section kernels 60 "$PY" benchmarks/kernel_bench.py --batch 256 --out "$OUT/kernels.md"
 
 # 2. Swin-T 224, bf16 autocast: ours (auto = Triton kernels) vs peers, eager and compiled. Entries are
 # prepared in this order and compiled ones are skipped past the budget: the decisive pairs come first

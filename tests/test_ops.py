@@ -167,6 +167,9 @@ def test_triton_interpreted_matches_reference_on_cpu():
     assert report["cases"] >= 8 and set(report["compiled"]) == {"swin_micro", "swinv2_micro"}
     assert report["max_rel_err"] <= 1e-4, report
     assert report["fp16_cases"] == 3, report  # each within check_parity's low-precision bounds (1e-2)
+    from swin.ops import triton_window as T  # benchmarks/kernel_bench.py ran every configuration
+
+    assert report["kernel_bench_rows"] == len(T.FWD_CONFIGS) + len(T.BWD_CONFIGS), report
 
 
 @pytest.mark.parametrize("name,size", [("swin_t", 224), ("swin_t", 100), ("swinv2_t_w8", 160)])

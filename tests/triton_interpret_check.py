@@ -54,10 +54,14 @@ def main() -> int:
         worst = max(worst, *errs)
     for version, case, mask_padding in FP16_CASES:  # the GPU tests' bf16 check, in fp16: raises if off
         check_parity("triton", version, case, mask_padding, "cpu", torch.float16, 1e-2)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import kernel_bench  # the GPU kernel benchmark, every configuration, at a tiny size
+
+    bench_rows = kernel_bench.run(1, torch.float32, "cpu", 1, stages=[(8, 16, 2)], window=4)
     compiled = {name: compiled_model_errors(name, backend) for name, backend in (("swin_micro", "auto"), ("swinv2_micro", "triton"))}
     worst = max(worst, *(e for errs in compiled.values() for e in errs))
     print(json.dumps({"cases": len(results), "max_rel_err": worst, "results": results, "compiled": compiled,
-                      "fp16_cases": len(FP16_CASES)}))
+                      "fp16_cases": len(FP16_CASES), "kernel_bench_rows": len(bench_rows)}))
     return 0
 
 

@@ -1,0 +1,100 @@
+"""The Triton window-attention kernels alone, every launch configuration, at Swin-T's stage shapes:
+
+    PYTHONPATH=src python3 benchmarks/kernel_bench.py            # CUDA, bf16, batch 256 (inference)
+    PYTHONPATH=src python3 benchmarks/kernel_bench.py --batch 128 --out $OUT/kernels.md
+
+For each stage (shifted block), forward and backward: microseconds per call for each configuration
+in ``swin.ops.triton_window.FWD_CONFIGS`` / ``BWD_CONFIGS`` and the bytes each must move (q/k/v read
+and the output written; the backward also reads the output and its gradient and writes dq/dk/dv),
+as GB/s against the card's bandwidth: how far a kernel is from the memory bound. Runs on the CPU
+under ``TRITON_INTERPRET=1`` at tiny sizes (how it is tested); CPU timings mean nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+# Swin-T at 224: (map side, channels, heads) per stage; window 7
+STAGES = [(56, 96, 3), (28, 192, 6), (14, 384, 12), (7, 768, 24)]
+
+
+def _time_us(fn, iters: int, cuda: bool) -> float:
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) * 1e3 / iters
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - t0) * 1e6 / iters
+
+
+def run(batch: int, dtype: torch.dtype, device: str, iters: int, stages=STAGES, window: int = 7) -> list[dict]:
+    from swin.ops import triton_window as T
+
+    cuda = device == "cuda"
+    rows = []
+    for side, C, heads in stages:
+        g = torch.Generator(device=device).manual_seed(0)
+        qkv = torch.randn(batch, side, side, 3 * C, device=device, dtype=dtype, generator=g)
+        N = window * window
+        bias = torch.randn(heads, N, N, device=device, generator=g)
+        shift = window // 2 if side > window else 0
+        elem = qkv.element_size()
+        out, lse = T._fwd_op(qkv, bias, None, heads, side, side, window, shift, False, (C // heads) ** -0.5)
+        dout = torch.randn_like(out)
+        fwd_bytes = batch * side * side * 4 * C * elem  # q, k, v read; output written
+        bwd_bytes = batch * side * side * 8 * C * elem  # q, k, v, out, dout read; dq, dk, dv written
+        for kind, configs, nbytes in (("fwd", T.FWD_CONFIGS, fwd_bytes), ("bwd", T.BWD_CONFIGS, bwd_bytes)):
+            for i, config in enumerate(configs):
+                T.FORCE_CONFIG = i
+                if kind == "fwd":
+                    fn = lambda: T._fwd_op(qkv, bias, None, heads, side, side, window, shift, False, 1.0)  # noqa: E731
+                else:
+                    fn = lambda: T._bwd_op(qkv, bias, None, out, lse, dout, heads, side, side, window,  # noqa: E731
+                                           shift, False, 1.0)
+                us = _time_us(fn, iters, cuda)
+                rows.append(dict(stage=f"{side}x{side}x{C}, {heads} heads", kind=kind, config=config, us=us,
+                                 gbps=nbytes / us / 1e3))
+        T.FORCE_CONFIG = None
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--out", default=None, help="also write the table to this file")
+    args = p.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    rows = run(args.batch, dtype, "cuda" if cuda else "cpu", args.iters)
+    name = torch.cuda.get_device_name() if cuda else "CPU (Triton interpreter: timings mean nothing)"
+    lines = [f"{name}, torch {torch.__version__}, {args.dtype}, batch {args.batch}, window 7", "",
+             "| stage | kernel | configuration | us per call | GB/s moved |", "|---|---|---|---|---|"]
+    lines += [f"| {r['stage']} | {r['kind']} | {r['config']} | {r['us']:.1f} | {r['gbps']:.0f} |" for r in rows]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
