@@ -22,9 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
 def compile_kernel(kernel: str, config: dict, arch: int, dtype: str, cosine: bool, mask: bool,
-                   heads: int = 3, window: int = 7, head_dim: int = 32) -> dict:
+                   heads: int = 3, window: int = 7, head_dim: int = 32, store_lse: bool = True) -> dict:
     """Compile one kernel variant for sm_<arch>; {"regs", "spill_bytes", "shared"} (spill_bytes is
-    ptxas's per-thread stack, where spilled registers go)."""
+    ptxas's per-thread stack, where spilled registers go). ``store_lse``: the forward as training
+    runs it (True) or as inference does (False)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -36,6 +37,8 @@ def compile_kernel(kernel: str, config: dict, arch: int, dtype: str, cosine: boo
     constexprs = dict(HEADS=heads, D=head_dim, WIN=window, N=n, BLOCK=max(16, triton.next_power_of_2(n)),
                       BLOCK_D=max(16, triton.next_power_of_2(head_dim)), HAS_MASK=mask, MASK_PAD=False,
                       IEEE=dtype == "fp32", COSINE=cosine)
+    if kernel == "fwd":
+        constexprs["STORE_LSE"] = store_lse
     pointers = {name: f"*{dtype}" for name in ("QKV", "O", "DO", "DQKV")}
     pointers.update({name: "*fp32" for name in ("BIAS", "SCALE", "LSE", "DBIAS", "DSCALE")})
     scalar = lambda name: "fp32" if name == "scale" else "i32"  # noqa: E731
@@ -60,7 +63,9 @@ def table(arch: int) -> list[dict]:
     from swin.ops import triton_window as T
 
     rows = []
-    for kernel, configs in (("fwd", T.FWD_CONFIGS), ("bwd", T.BWD_CONFIGS)):
+    # the forward as training runs it (log-sum-exp stored for the backward) and as inference does
+    for kernel, store_lse, configs in (("fwd", True, T.FWD_CONFIGS), ("fwd", False, T.FWD_CONFIGS),
+                                       ("bwd", True, T.BWD_CONFIGS)):
         seen = set()
         for config in configs:
             compiled_as = (config["num_warps"], config.get("maxnreg"))
@@ -70,8 +75,10 @@ def table(arch: int) -> list[dict]:
             for dtype in ("bf16", "fp32"):
                 for cosine in (False, True):
                     for mask in (False, True):
-                        r = compile_kernel(kernel, config, arch, dtype, cosine, mask)
-                        rows.append(dict(kernel=kernel, num_warps=config["num_warps"],
+                        r = compile_kernel(kernel, config, arch, dtype, cosine, mask, store_lse=store_lse)
+                        name = {("fwd", True): "fwd (training)", ("fwd", False): "fwd (inference)"}.get(
+                            (kernel, store_lse), kernel)
+                        rows.append(dict(kernel=name, num_warps=config["num_warps"],
                                          maxnreg=config.get("maxnreg") or "", dtype=dtype,
                                          version=2 if cosine else 1, shift_mask=mask, **r))
     return rows
