@@ -228,7 +228,8 @@ def _geometry(qkv: torch.Tensor, heads: int, window: int):
 # their speed; which is best depends on the GPU and the stage. The first of each list is the launch
 # measured on an H200 in stops 6 and 9; on CUDA each is timed once per input signature and the
 # fastest kept (``choices()``). Registers per thread for sm_90 (``benchmarks/triton_resources.py``,
-# bf16, V1 shifted): forward 120 (4 programs per SM), capped at 96 / 80 with 88 bytes spilled (5 / 6);
+# bf16, V1 shifted): forward 120 (4 programs per SM; 96 and 5 in inference, no log-sum-exp stored),
+# capped at 96 / 80 with 88 bytes spilled (5 / 6);
 # backward 255 (2 per SM), capped at 168 / 128 with 320 / 584 bytes spilled (3 / 4).
 FWD_CONFIGS = (dict(num_warps=4), dict(num_warps=8), dict(num_warps=4, maxnreg=96), dict(num_warps=4, maxnreg=80))
 BWD_CONFIGS = (dict(programs=1056, num_warps=4), dict(programs=1056, num_warps=4, maxnreg=168),
