@@ -230,10 +230,12 @@ def _geometry(qkv: torch.Tensor, heads: int, window: int):
 # fastest kept (``choices()``). Registers per thread for sm_90 (``benchmarks/triton_resources.py``,
 # bf16, V1 shifted): forward 120 (4 programs per SM; 96 and 5 in inference, no log-sum-exp stored),
 # capped at 96 / 80 with 88 bytes spilled (5 / 6);
-# backward 255 (2 per SM), capped at 168 / 128 with 320 / 584 bytes spilled (3 / 4).
+# backward 255 (2 per SM), capped at 168 / 128 with 320 / 584 bytes spilled (3 / 4); at 8 warps
+# capped at 128, 408 bytes spilled (2 per SM, 16 warps).
 FWD_CONFIGS = (dict(num_warps=4), dict(num_warps=8), dict(num_warps=4, maxnreg=96), dict(num_warps=4, maxnreg=80))
 BWD_CONFIGS = (dict(programs=1056, num_warps=4), dict(programs=1056, num_warps=4, maxnreg=168),
-               dict(programs=1056, num_warps=4, maxnreg=128), dict(programs=264, num_warps=4))
+               dict(programs=1056, num_warps=4, maxnreg=128), dict(programs=264, num_warps=4),
+               dict(programs=1056, num_warps=8, maxnreg=128))
 _CHOSEN: dict = {}  # (kind, signature) -> index into the configurations
 FORCE_CONFIG: Optional[int] = None  # tests: run this configuration (index) instead of choosing
 
