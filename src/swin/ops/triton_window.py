@@ -29,6 +29,7 @@ graph, never tracing into Triton, and fuses the rest around the two calls.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Optional
@@ -240,6 +241,12 @@ _CHOSEN: dict = {}  # (kind, signature) -> index into the configurations
 FORCE_CONFIG: Optional[int] = None  # tests: run this configuration (index) instead of choosing
 
 
+def _device_of(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensor's (a model on cuda:1 while
+    cuda:0 is current would otherwise run the kernels on the wrong GPU)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _compile_options(config: dict) -> dict:
     return {k: v for k, v in config.items() if k in ("num_warps", "maxnreg")}
 
@@ -306,8 +313,9 @@ def _fwd_op(qkv: torch.Tensor, bias: torch.Tensor, logit: Optional[torch.Tensor]
             out.stride(2), C, HAS_MASK=shift > 0 or mask_pad, MASK_PAD=mask_pad, COSINE=logit is not None,
             STORE_LSE=need_lse, **_compile_options(config), **meta)
 
-    _choose("fwd", (tuple(qkv.shape), qkv.dtype, heads, window, shift > 0, mask_pad, logit is not None, need_lse),
-            FWD_CONFIGS, launch, qkv.is_cuda)
+    with _device_of(qkv):
+        _choose("fwd", (tuple(qkv.shape), qkv.dtype, heads, window, shift > 0, mask_pad, logit is not None,
+                        need_lse), FWD_CONFIGS, launch, qkv.is_cuda)
     return out, lse
 
 
@@ -344,8 +352,9 @@ def _bwd_op(qkv: torch.Tensor, bias: torch.Tensor, logit: Optional[torch.Tensor]
             **_compile_options(config), **meta)
         return dqkv, dbias, dlogit
 
-    return _choose("bwd", (tuple(qkv.shape), qkv.dtype, heads, window, shift > 0, mask_pad, logit is not None),
-                   BWD_CONFIGS, launch, qkv.is_cuda)
+    with _device_of(qkv):
+        return _choose("bwd", (tuple(qkv.shape), qkv.dtype, heads, window, shift > 0, mask_pad, logit is not None),
+                       BWD_CONFIGS, launch, qkv.is_cuda)
 
 
 @_bwd_op.register_fake
