@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,27 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 STAGES = [(56, 96, 3), (28, 192, 6), (14, 384, 12), (7, 768, 24)]
 
 
-def _time_us(fn, iters: int, cuda: bool) -> float:
-    fn()
-    if cuda:
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) * 1e3 / iters
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return (time.perf_counter() - t0) * 1e6 / iters
-
-
 def run(batch: int, dtype: torch.dtype, device: str, iters: int, stages=STAGES, window: int = 7) -> list[dict]:
+    from swin.bench import _Timer
     from swin.ops import triton_window as T
 
-    cuda = device == "cuda"
+    timer = _Timer(device)
     rows = []
     for side, C, heads in stages:
         g = torch.Generator(device=device).manual_seed(0)
@@ -67,7 +50,8 @@ def run(batch: int, dtype: torch.dtype, device: str, iters: int, stages=STAGES, 
                 else:
                     fn = lambda: T._bwd_op(qkv, bias, None, out, lse, dout, heads, side, side, window,  # noqa: E731
                                            shift, False, 1.0)
-                us = _time_us(fn, iters, cuda)
+                fn()  # compile, warm up
+                us = timer(lambda i: fn(), iters) * 1e6
                 rows.append(dict(stage=f"{side}x{side}x{C}, {heads} heads", kind=kind, config=config, us=us,
                                  gbps=nbytes / us / 1e3))
         T.FORCE_CONFIG = None
