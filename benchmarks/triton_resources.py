@@ -21,11 +21,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
+# The integer arguments of a Swin-T stage-1 launch at batch 256 (56 x 56 map, window 7, 3 heads, C = 96;
+# qkv (B, 56, 56, 288), output (B, 56, 56, 96)). Triton's launcher specialises every pointer that is
+# 16-byte aligned and every integer divisible by 16 ("tt.divisibility" 16), and the compiler vectorises
+# loads and pipelines loops only with that knowledge: compiled without it (stop 9), the kernels were
+# not the ones the GPU runs (scalar 2-byte loads, 120 registers for what runs in 96).
+STAGE1_ARGS = dict(nW=64, nWx=8, Hp=56, Wp=56, H=56, W=56, shift=3, total=256 * 64, sqb=56 * 56 * 288,
+                   sqh=56 * 288, sqw=288, sob=56 * 56 * 96, soh=56 * 96, sow=96, C=96)
+
+
 def compile_kernel(kernel: str, config: dict, arch: int, dtype: str, cosine: bool, mask: bool,
                    heads: int = 3, window: int = 7, head_dim: int = 32, store_lse: bool = True) -> dict:
-    """Compile one kernel variant for sm_<arch>; {"regs", "spill_bytes", "shared"} (spill_bytes is
-    ptxas's per-thread stack, where spilled registers go). ``store_lse``: the forward as training
-    runs it (True) or as inference does (False)."""
+    """Compile one kernel variant for sm_<arch> as the launcher would specialise it for Swin-T's first
+    stage; {"regs", "spill_bytes", "shared", "async_copies", "vector_loads"} (spill_bytes is ptxas's
+    per-thread stack, where spilled registers go; async_copies counts the loads the compiler
+    pipelined; vector_loads the 128-bit global loads). ``store_lse``: the forward as training runs it
+    (True) or as inference does (False)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -38,13 +49,15 @@ def compile_kernel(kernel: str, config: dict, arch: int, dtype: str, cosine: boo
                       BLOCK_D=max(16, triton.next_power_of_2(head_dim)), HAS_MASK=mask, MASK_PAD=False,
                       IEEE=dtype == "fp32", COSINE=cosine)
     if kernel == "fwd":
-        constexprs["STORE_LSE"] = store_lse
+        constexprs.update(STORE_LSE=store_lse, LOOP="programs" in config, STAGES=config.get("stages", 2))
     pointers = {name: f"*{dtype}" for name in ("QKV", "O", "DO", "DQKV")}
     pointers.update({name: "*fp32" for name in ("BIAS", "SCALE", "LSE", "DBIAS", "DSCALE")})
     scalar = lambda name: "fp32" if name == "scale" else "i32"  # noqa: E731
     signature = {p.name: "constexpr" if p.name in constexprs else pointers.get(p.name, scalar(p.name))
                  for p in fn.params}
-    compiled = triton.compile(ASTSource(fn, signature=signature, constexprs=constexprs),
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params) if p.name not in constexprs
+             and (p.name in pointers or STAGE1_ARGS.get(p.name, 1) % 16 == 0)}
+    compiled = triton.compile(ASTSource(fn, signature=signature, constexprs=constexprs, attrs=attrs),
                               target=GPUTarget("cuda", arch, 32),
                               options={k: v for k, v in config.items() if k in ("num_warps", "maxnreg")})
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -56,7 +69,9 @@ def compile_kernel(kernel: str, config: dict, arch: int, dtype: str, cosine: boo
     finally:
         cubin.unlink()
     field = lambda name: int(re.search(rf"{name}:(\d+)", usage).group(1))  # noqa: E731
-    return {"regs": field("REG"), "spill_bytes": field("STACK"), "shared": compiled.metadata.shared}
+    return {"regs": field("REG"), "spill_bytes": field("STACK"), "shared": compiled.metadata.shared,
+            "async_copies": compiled.asm["ttgir"].count("async_copy_global_to_local"),
+            "vector_loads": len(re.findall(r"ld\.global[.\w]*\.v4", compiled.asm["ptx"]))}
 
 
 def table(arch: int) -> list[dict]:
@@ -68,7 +83,7 @@ def table(arch: int) -> list[dict]:
                                        ("bwd", True, T.BWD_CONFIGS)):
         seen = set()
         for config in configs:
-            compiled_as = (config["num_warps"], config.get("maxnreg"))
+            compiled_as = (config["num_warps"], config.get("maxnreg"), kernel == "fwd" and "programs" in config)
             if compiled_as in seen:  # the backward's program count is a launch size, not a compile
                 continue
             seen.add(compiled_as)
@@ -79,9 +94,18 @@ def table(arch: int) -> list[dict]:
                         name = {("fwd", True): "fwd (training)", ("fwd", False): "fwd (inference)"}.get(
                             (kernel, store_lse), kernel)
                         rows.append(dict(kernel=name, num_warps=config["num_warps"],
-                                         maxnreg=config.get("maxnreg") or "", dtype=dtype,
+                                         maxnreg=config.get("maxnreg") or "", walks="programs" in config,
+                                         dtype=dtype,
                                          version=2 if cosine else 1, shift_mask=mask, **r))
     return rows
+
+
+def programs_per_sm(row: dict) -> int:
+    """Programs an sm_90 SM holds at once: 65,536 registers (allocated per warp in units of 8 per
+    thread) and 228 KB of shared memory (1 KB of it reserved per program)."""
+    by_regs = 65536 // (32 * row["num_warps"] * ((row["regs"] + 7) // 8 * 8))
+    by_shared = 233472 // (row["shared"] + 1024)
+    return min(by_regs, by_shared)
 
 
 def main(argv=None) -> int:
@@ -90,13 +114,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     rows = table(args.arch)
     print(f"sm_{args.arch}, Swin-T stage-1 shapes (3 heads, window 7, head dim 32)\n")
-    print("| kernel | warps | maxnreg | dtype | V | shift mask | registers | spill bytes | shared bytes "
-          "| programs per SM (registers) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| kernel | warps | maxnreg | walks windows | dtype | V | shift mask | registers | spill bytes "
+          "| shared bytes | pipelined loads | 128-bit loads | programs per SM |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        per_sm = 65536 // (32 * r["num_warps"] * ((r["regs"] + 7) // 8 * 8))
-        print(f"| {r['kernel']} | {r['num_warps']} | {r['maxnreg']} | {r['dtype']} | {r['version']} | "
-              f"{r['shift_mask']} | {r['regs']} | {r['spill_bytes']} | {r['shared']} | {per_sm} |")
+        print(f"| {r['kernel']} | {r['num_warps']} | {r['maxnreg']} | {'yes' if r['walks'] else ''} | {r['dtype']} "
+              f"| {r['version']} | {r['shift_mask']} | {r['regs']} | {r['spill_bytes']} | {r['shared']} "
+              f"| {r['async_copies']} | {r['vector_loads']} | {programs_per_sm(r)} |")
     return 0
 
 

@@ -31,9 +31,15 @@ CASES = [  # version, H, W, window, shift, mask_padding
 def main() -> int:
     from swin.ops import resolve_backend
 
+    from swin.ops import triton_window as T
+
     assert resolve_backend("triton", torch.zeros(1, 8, 8, 16), 4) == "triton", "interpreter not active"
     worst, results = 0.0, []
-    for version, H, Wd, window, shift, mask_padding in CASES:
+    # every case with the first launch configuration, then with the first forward whose programs walk
+    # several windows with pipelined loads (a different code path; the backward's programs always do)
+    walking = next(i for i, c in enumerate(T.FWD_CONFIGS) if "programs" in c)
+    for force, (version, H, Wd, window, shift, mask_padding) in [(f, c) for f in (None, walking) for c in CASES]:
+        T.FORCE_CONFIG = force
         attn = make_attn(version, dim=32 if version == 1 else 48, heads=2 if version == 1 else 3, window=window,
                          seed=H * 7 + Wd + shift)
         torch.manual_seed(H * 13 + Wd)
@@ -55,8 +61,10 @@ def main() -> int:
             outs["triton"].append(a(x, win, sh, mask_padding))
             outs["reference"].append(outs["reference"][0])
         errs = [rel_err(f, r) for f, r in zip(outs["triton"], outs["reference"])]
-        results.append({"case": [version, H, Wd, window, shift, mask_padding], "errs": [round(e, 9) for e in errs]})
+        results.append({"case": [version, H, Wd, window, shift, mask_padding], "config": force,
+                        "errs": [round(e, 9) for e in errs]})
         worst = max(worst, *errs)
+    T.FORCE_CONFIG = None
     for version, case, mask_padding in FP16_CASES:  # the GPU tests' bf16 check, in fp16: raises if off
         check_parity("triton", version, case, mask_padding, "cpu", torch.float16, 1e-2)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

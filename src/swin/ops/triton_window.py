@@ -1,6 +1,7 @@
 """Fused shifted-window attention in Triton, forward and backward.
 
-A forward program handles one (window, head); a backward program one head and several windows.
+A forward program handles one (window, head), or, in some launch configurations, walks several
+windows of one head with the next window's loads in flight; a backward program one head and several windows.
 They read q/k/v straight from the qkv projection in token layout (B, Hp, Wp, 3C): the cyclic shift
 and the window partition are index arithmetic (token t of window (wy, wx) sits at
 ((wy*M + t//M + s) % Hp, (wx*M + t%M + s) % Wp)). The relative position bias ((heads, N, N), built from the table by PyTorch so that its gradient flows
@@ -103,16 +104,12 @@ def _logits(q, k, bias, valid, ys, xs, inside, Hp, Wp, shift, scale,
 
 
 @triton.jit
-def _fwd_kernel(QKV, BIAS, SCALE, O, LSE, nW, nWx, Hp, Wp, H, W, shift, scale,
-                sqb, sqh, sqw, sob, soh, sow, C,
+def _fwd_window(pid, h, QKV, BIAS, SCALE, O, LSE, nW, nWx, Hp, Wp, H, W, shift, scale, sqb, sqh, sqw, sob, soh, sow, C,
                 HEADS: tl.constexpr, D: tl.constexpr, WIN: tl.constexpr, N: tl.constexpr,
                 BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
                 HAS_MASK: tl.constexpr, MASK_PAD: tl.constexpr, IEEE: tl.constexpr, COSINE: tl.constexpr,
                 STORE_LSE: tl.constexpr):
-    # one program per (window, head), straight-line code: a loop over windows (tried in stop 9)
-    # raised it from 120 to 225-248 registers per thread (ptxas, sm_90), a third of the occupancy
-    pid = tl.program_id(0)
-    h = tl.program_id(1)
+    """Window ``pid``, head ``h``: softmax(scale q k^T + bias + mask) v, stored in token layout."""
     b, t, valid, ys, xs, yo, xo, inside = _token_offsets(pid, nW, nWx, Hp, Wp, H, W, shift, WIN, N, BLOCK)
     dd = tl.arange(0, BLOCK_D)
     dmask = dd < D
@@ -142,6 +139,28 @@ def _fwd_kernel(QKV, BIAS, SCALE, O, LSE, nW, nWx, Hp, Wp, H, W, shift, scale,
     tl.store(optr, o.to(O.dtype.element_ty), mask=inside[:, None] & dmask[None, :])
     if STORE_LSE:
         tl.store(LSE + (pid * HEADS + h) * BLOCK + t, m + tl.log(l))
+
+
+@triton.jit
+def _fwd_kernel(QKV, BIAS, SCALE, O, LSE, nW, nWx, Hp, Wp, H, W, shift, scale, total,
+                sqb, sqh, sqw, sob, soh, sow, C,
+                HEADS: tl.constexpr, D: tl.constexpr, WIN: tl.constexpr, N: tl.constexpr,
+                BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+                HAS_MASK: tl.constexpr, MASK_PAD: tl.constexpr, IEEE: tl.constexpr, COSINE: tl.constexpr,
+                STORE_LSE: tl.constexpr, LOOP: tl.constexpr, STAGES: tl.constexpr):
+    # LOOP False: one program per (window, head), straight-line code. LOOP True: a program walks
+    # windows pid, pid + programs, ... of one head, and the next window's q/k/v loads are issued
+    # (as asynchronous copies) while the current one computes: latency hidden by pipelining rather
+    # than by more programs per SM
+    h = tl.program_id(1)
+    if LOOP:
+        for pid in tl.range(tl.program_id(0), total, tl.num_programs(0), num_stages=STAGES):
+            _fwd_window(pid, h, QKV, BIAS, SCALE, O, LSE, nW, nWx, Hp, Wp, H, W, shift, scale, sqb, sqh, sqw, sob,
+                        soh, sow, C, HEADS, D, WIN, N, BLOCK, BLOCK_D, HAS_MASK, MASK_PAD, IEEE, COSINE, STORE_LSE)
+    else:
+        _fwd_window(tl.program_id(0), h, QKV, BIAS, SCALE, O, LSE, nW, nWx, Hp, Wp, H, W, shift, scale, sqb, sqh,
+                    sqw, sob, soh, sow, C, HEADS, D, WIN, N, BLOCK, BLOCK_D, HAS_MASK, MASK_PAD, IEEE, COSINE,
+                    STORE_LSE)
 
 
 @triton.jit
@@ -225,15 +244,17 @@ def _geometry(qkv: torch.Tensor, heads: int, window: int):
 
 
 # Launch configurations. The kernels are short and latency-bound (a (64, 32) tile per window and
-# head), so the warps per program and, for the backward, how many windows each program walks decide
-# their speed; which is best depends on the GPU and the stage. The first of each list is the launch
-# measured on an H200 in stops 6 and 9; on CUDA each is timed once per input signature and the
-# fastest kept (``choices()``). Registers per thread for sm_90 (``benchmarks/triton_resources.py``,
-# bf16, V1 shifted): forward 120 (4 programs per SM; 96 and 5 in inference, no log-sum-exp stored),
-# capped at 96 / 80 with 88 bytes spilled (5 / 6);
-# backward 255 (2 per SM), capped at 168 / 128 with 320 / 584 bytes spilled (3 / 4); at 8 warps
-# capped at 128, 408 bytes spilled (2 per SM, 16 warps).
-FWD_CONFIGS = (dict(num_warps=4), dict(num_warps=8), dict(num_warps=4, maxnreg=96), dict(num_warps=4, maxnreg=80))
+# head), so the warps per program and how many windows each program walks decide their speed; which
+# is best depends on the GPU and the stage. The first of each list is the launch measured on an H200
+# in stops 6 and 9; on CUDA each is timed once per input signature and the fastest kept
+# (``choices()``). Per thread on sm_90 as the launcher specialises them (``benchmarks/
+# triton_resources.py``, bf16, V1 shifted, Swin-T stage 1): the one-window forward 96 registers
+# (5 programs per SM), capped at 80 with 8-16 bytes spilled (6); the walking forward (programs
+# striding over windows, the next window's q/k/v/bias copied asynchronously while one computes,
+# 45 KB of shared memory) 150-168 (3), capped at 128 without spilling (4; V2 spills ~100 bytes);
+# the backward (walking, pipelined) 255 (2), capped at 168 / 128 with 240 / 416 bytes spilled (3).
+FWD_CONFIGS = (dict(num_warps=4), dict(num_warps=8), dict(num_warps=4, maxnreg=80),
+               dict(num_warps=4, programs=528, stages=2, maxnreg=128), dict(num_warps=4, programs=1056, stages=2))
 BWD_CONFIGS = (dict(programs=1056, num_warps=4), dict(programs=1056, num_warps=4, maxnreg=168),
                dict(programs=1056, num_warps=4, maxnreg=128), dict(programs=264, num_warps=4),
                dict(programs=1056, num_warps=8, maxnreg=128))
@@ -307,11 +328,13 @@ def _fwd_op(qkv: torch.Tensor, bias: torch.Tensor, logit: Optional[torch.Tensor]
     lse = torch.empty((B * nW, heads, meta["BLOCK"]) if need_lse else (0,), device=qkv.device, dtype=torch.float32)
 
     def launch(config):
-        _fwd_kernel[(B * nW, heads)](
+        loop = "programs" in config  # programs walking several windows each, loads pipelined
+        grid = (_programs(config, B * nW, heads, qkv.is_cuda) if loop else B * nW, heads)
+        _fwd_kernel[grid](
             qkv, bias, bias if logit is None else logit, out, lse, nW, nWx, qkv.shape[1], qkv.shape[2], height,
-            width, shift, scale, qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1),
+            width, shift, scale, B * nW, qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1),
             out.stride(2), C, HAS_MASK=shift > 0 or mask_pad, MASK_PAD=mask_pad, COSINE=logit is not None,
-            STORE_LSE=need_lse, **_compile_options(config), **meta)
+            STORE_LSE=need_lse, LOOP=loop, STAGES=config.get("stages", 2), **_compile_options(config), **meta)
 
     with _device_of(qkv):
         _choose("fwd", (tuple(qkv.shape), qkv.dtype, heads, window, shift > 0, mask_pad, logit is not None,
