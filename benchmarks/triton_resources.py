@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 # loads and pipelines loops only with that knowledge: compiled without it (stop 9), the kernels were
 # not the ones the GPU runs (scalar 2-byte loads, 120 registers for what runs in 96).
 STAGE1_ARGS = dict(nW=64, nWx=8, Hp=56, Wp=56, H=56, W=56, shift=3, total=256 * 64, sqb=56 * 56 * 288,
-                   sqh=56 * 288, sqw=288, sob=56 * 56 * 96, soh=56 * 96, sow=96, C=96)
+                   sqh=56 * 288, sqw=288, sob=56 * 56 * 96, soh=56 * 96, sow=96, C=96,
+                   sxb=56 * 56 * 96, sxh=56 * 96, sxw=96)
 
 
 def compile_kernel(kernel: str, config: dict, arch: int, dtype: str, cosine: bool, mask: bool,
@@ -43,23 +44,29 @@ def compile_kernel(kernel: str, config: dict, arch: int, dtype: str, cosine: boo
 
     from swin.ops import triton_window as T
 
-    fn = T._fwd_kernel if kernel == "fwd" else T._bwd_kernel
+    from swin.ops import triton_block as TB
+
+    fn = {"fwd": T._fwd_kernel, "bwd": T._bwd_kernel, "block": TB._block_kernel}[kernel]
     n = window * window
     constexprs = dict(HEADS=heads, D=head_dim, WIN=window, N=n, BLOCK=max(16, triton.next_power_of_2(n)),
                       BLOCK_D=max(16, triton.next_power_of_2(head_dim)), HAS_MASK=mask, MASK_PAD=False,
                       IEEE=dtype == "fp32", COSINE=cosine)
     if kernel == "fwd":
         constexprs.update(STORE_LSE=store_lse, LOOP="programs" in config, STAGES=config.get("stages", 2))
-    pointers = {name: f"*{dtype}" for name in ("QKV", "O", "DO", "DQKV")}
-    pointers.update({name: "*fp32" for name in ("BIAS", "SCALE", "LSE", "DBIAS", "DSCALE")})
-    scalar = lambda name: "fp32" if name == "scale" else "i32"  # noqa: E731
+    if kernel == "block":  # the fused attention half of a block; x in fp32 (autocast), weights in dtype
+        constexprs.update(BLOCK_C=max(16, triton.next_power_of_2(heads * head_dim)), POST_NORM=cosine,
+                          HAS_QKV_BIAS=True)
+    pointers = {name: f"*{dtype}" for name in ("QKV", "O", "DO", "DQKV", "QKV_W", "PROJ_W")}
+    pointers.update({name: "*fp32" for name in ("BIAS", "SCALE", "LSE", "DBIAS", "DSCALE", "X", "OUT", "LN_W",
+                                                 "LN_B", "QKV_B", "PROJ_B")})
+    scalar = lambda name: "fp32" if name in ("scale", "eps") else "i32"  # noqa: E731
     signature = {p.name: "constexpr" if p.name in constexprs else pointers.get(p.name, scalar(p.name))
                  for p in fn.params}
     attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params) if p.name not in constexprs
              and (p.name in pointers or STAGE1_ARGS.get(p.name, 1) % 16 == 0)}
     compiled = triton.compile(ASTSource(fn, signature=signature, constexprs=constexprs, attrs=attrs),
                               target=GPUTarget("cuda", arch, 32),
-                              options={k: v for k, v in config.items() if k in ("num_warps", "maxnreg")})
+                              options={k: v for k, v in config.items() if k in ("num_warps", "maxnreg", "num_stages")})
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     cubin = Path(os.environ.get("TMPDIR", "/tmp")) / f"swin_{kernel}_{os.getpid()}.cubin"
     cubin.write_bytes(compiled.asm["cubin"])
@@ -97,6 +104,15 @@ def table(arch: int) -> list[dict]:
                                          maxnreg=config.get("maxnreg") or "", walks="programs" in config,
                                          dtype=dtype,
                                          version=2 if cosine else 1, shift_mask=mask, **r))
+    for heads, label in ((3, "Swin-T stage 1"), (4, "Swin-B stage 1")):
+        from swin.ops import triton_block as TB
+
+        for config in TB.BLOCK_CONFIGS:
+            for dtype in ("bf16", "fp32"):
+                for cosine in (False, True):
+                    r = compile_kernel("block", config, arch, dtype, cosine, True, heads=heads)
+                    rows.append(dict(kernel=f"block ({label}, {config['num_stages']} stages)",
+                                     num_warps=config["num_warps"], maxnreg="", walks=False, dtype=dtype, version=2 if cosine else 1, shift_mask=True, **r))
     return rows
 
 

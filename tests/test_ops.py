@@ -106,6 +106,69 @@ def check_parity(backend, version, case, mask_padding, device, dtype, tol):
         assert err <= limit, (n, err, lowp_err.get(n))
 
 
+def check_fused_block(version, case, mask_padding, device, dtype, tol, autocast=False):
+    """backend "fused" (inference): the attention half of a block, x + attn(LN1(x)) (V1) or
+    x + LN1(attn(x)) (V2), as one kernel, against the reference path in fp32 on the same
+    (dtype-rounded) weights and input. Compared: the change it makes to x (the residual would hide
+    errors). ``autocast``: fp32 weights and input under autocast to ``dtype``, as the bench runs."""
+    from swin.config import SwinConfig
+    from swin.model import SwinTransformerBlock
+    from swin.ops import fused_attention_half, fused_block_eligible
+
+    H, Wd, window, shift = case
+    dim, heads = (32, 2) if version == 1 else (48, 3)
+    cfg = SwinConfig(version=version, embed_dim=dim, depths=(2,), num_heads=(heads,), window_size=window,
+                     mask_padding=mask_padding, img_size=(32, 32), drop_path_rate=0.0, backend="reference")
+    torch.manual_seed(H * 100 + Wd * 10 + window + version)
+    blk = SwinTransformerBlock(cfg, dim, heads, shift, 0, 0.0).eval()
+    with torch.no_grad():
+        for p in blk.parameters():  # off the init values (zero biases, unit norms) so that all of it counts
+            p.add_(torch.randn_like(p) * 0.1)
+    x = torch.randn(2, H, Wd, dim)
+    store = torch.float32 if autocast else dtype
+    blk, x = blk.to(device, store).float(), x.to(device, store).float()  # rounded to the stored dtype
+
+    def reference(b, xi):
+        if b.post_norm:
+            return xi + b.norm1(b._shifted_window_attention(xi))
+        return xi + b._shifted_window_attention(b.norm1(xi))
+
+    with torch.no_grad():
+        ref = reference(blk, x) - x
+        lowp = None
+        if dtype != torch.float32:  # the reference path's own error at this precision
+            b_l = copy.deepcopy(blk).to(store)
+            with torch.autocast(device, dtype=dtype, enabled=autocast):
+                lowp = reference(b_l, x.to(store)).float() - x
+        fused = copy.deepcopy(blk).to(store)
+        fused.attn.backend = "fused"
+        xf = x.to(store)
+        with torch.autocast(device, dtype=dtype, enabled=autocast):
+            assert fused_block_eligible(fused, xf)
+            out = fused_attention_half(fused, xf)
+            whole = fused(xf)  # the block's forward takes the kernel, then the MLP half
+    assert out.dtype == xf.dtype and torch.isfinite(out).all()
+    err = rel_err(out.float() - x, ref)
+    limit = max(tol, 2.0 * rel_err(lowp, ref)) if lowp is not None else tol
+    assert err <= limit, (err, limit)
+    with torch.no_grad():
+        plain = copy.deepcopy(fused)
+        plain.attn.backend = plain.mlp.backend = "sdpa"
+        with torch.autocast(device, dtype=dtype, enabled=autocast):
+            assert rel_err(whole.float(), plain(xf).float()) <= max(tol, 2.0 * rel_err(lowp, ref) if lowp is not None else tol)
+    return err
+
+
+@pytest.mark.skipif(not (CUDA and triton_available()), reason="needs CUDA and Triton")
+@pytest.mark.parametrize("case,mask_padding", [((8, 8, 4, 2), False), ((10, 7, 4, 2), False), ((10, 7, 4, 2), True),
+                                               ((7, 7, 7, 3), False), ((9, 13, 3, 1), True)])
+@pytest.mark.parametrize("version", [1, 2])
+def test_fused_block_matches_reference_cuda(version, case, mask_padding):
+    check_fused_block(version, case, mask_padding, "cuda", torch.float32, 1e-4)
+    check_fused_block(version, case, mask_padding, "cuda", torch.bfloat16, 1e-2)
+    check_fused_block(version, case, mask_padding, "cuda", torch.bfloat16, 1e-2, autocast=True)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mask_padding", [False, True])
 @pytest.mark.parametrize("case", CASES)
@@ -167,6 +230,9 @@ def test_triton_interpreted_matches_reference_on_cpu():
     assert report["cases"] >= 8 and set(report["compiled"]) == {"swin_micro", "swinv2_micro"}
     assert report["max_rel_err"] <= 1e-4, report
     assert report["fp16_cases"] == 3, report  # each within check_parity's low-precision bounds (1e-2)
+    # backend "fused" (the attention half as one kernel): fp32 and fp16 per case; compiled model logits
+    assert len(report["fused_block_errs"]) == 10 and max(report["fused_block_errs"][0::2]) <= 1e-4, report
+    assert max(report["fused_block_errs"][1::2]) <= 1e-2 and report["fused_compiled"] <= 1e-4, report
     from swin.ops import triton_window as T  # benchmarks/kernel_bench.py ran every configuration
 
     assert report["kernel_bench_rows"] == len(T.FWD_CONFIGS) + len(T.BWD_CONFIGS), report
@@ -623,6 +689,7 @@ def test_triton_launch_configuration_is_timed_once_and_the_fastest_kept(monkeypa
     from swin.ops import triton_window as T
 
     monkeypatch.setattr(T, "_CHOSEN", {})
+    monkeypatch.setattr(T, "_CONFIGS", {})
     monkeypatch.setattr(T, "FORCE_CONFIG", None)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     fake_ms = {0: 3.0, 1: 1.0, 2: 2.0}
@@ -637,7 +704,7 @@ def test_triton_launch_configuration_is_timed_once_and_the_fastest_kept(monkeypa
     assert T._choose("fwd", ("third",), configs, launch, cuda=True) == 0 and len(timed) == 3
     monkeypatch.setattr(T, "FORCE_CONFIG", 2)
     assert T._choose("fwd", ("sig",), configs, launch, cuda=True) == 2
-    assert T.choices() == {("fwd", ("sig",)): T.FWD_CONFIGS[1]}
+    assert T.choices() == {("fwd", ("sig",)): configs[1]}
 
 
 def _resources_tool():
@@ -680,3 +747,9 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu():
             r = tool.compile_kernel(kernel, dict(config), 90, "bf16", cosine=True, mask=True)
             assert 0 < r["regs"] <= 255 and r["shared"] > 0, (kernel, config, r)
     assert tool.compile_kernel("fwd", T.FWD_CONFIGS[0], 90, "fp32", cosine=False, mask=False)["regs"] > 0
+    from swin.ops import triton_block as TB  # backend "fused": fits an SM, and its first launch does not spill
+
+    for config in TB.BLOCK_CONFIGS:
+        for heads, cosine in ((3, False), (4, True)):
+            r = tool.compile_kernel("block", config, 90, "bf16", cosine=cosine, mask=True, heads=heads)
+            assert r["shared"] <= 227 * 1024 and (config != TB.BLOCK_CONFIGS[0] or r["spill_bytes"] == 0), r

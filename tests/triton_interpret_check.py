@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from test_ops import check_parity, make_attn, rel_err  # noqa: E402
+from test_ops import check_fused_block, check_parity, make_attn, rel_err  # noqa: E402
 from swin import windows as W  # noqa: E402
 import copy  # noqa: E402
 
@@ -67,6 +67,11 @@ def main() -> int:
     T.FORCE_CONFIG = None
     for version, case, mask_padding in FP16_CASES:  # the GPU tests' bf16 check, in fp16: raises if off
         check_parity("triton", version, case, mask_padding, "cpu", torch.float16, 1e-2)
+    # backend "fused": a block's attention half as one kernel (inference), fp32 and fp16
+    fused = [check_fused_block(version, case, mask_padding, "cpu", dtype, tol)
+             for version, case, mask_padding in FUSED_CASES
+             for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 1e-2))]
+    worst = max(worst, *fused[0::2])
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import kernel_bench  # the GPU kernel benchmark, every configuration, at a tiny size
 
@@ -74,6 +79,7 @@ def main() -> int:
     compiled = {name: compiled_model_errors(name, backend) for name, backend in (("swin_micro", "auto"), ("swinv2_micro", "triton"))}
     worst = max(worst, *(e for errs in compiled.values() for e in errs))
     print(json.dumps({"cases": len(results), "max_rel_err": worst, "results": results, "compiled": compiled,
+                      "fused_block_errs": fused, "fused_compiled": compiled_fused_logits_error(),
                       "fp16_cases": len(FP16_CASES), "kernel_bench_rows": len(bench_rows)}))
     return 0
 
@@ -81,6 +87,27 @@ def main() -> int:
 # fp16 runs the kernels' low-precision branch (tensor-core dots, casts) on the CPU; the interpreter
 # mis-reads bf16 (numpy has no bf16), fp16 it reads right. (version, (H, W, window, shift), mask_padding)
 FP16_CASES = [(1, (10, 7, 4, 2), True), (2, (8, 8, 4, 2), False), (2, (10, 7, 4, 2), True)]
+FUSED_CASES = [(1, (8, 8, 4, 2), False), (1, (10, 7, 4, 2), True), (1, (4, 9, 7, 3), False), (2, (10, 7, 4, 2), True),
+               (2, (6, 6, 3, 0), False)]
+
+
+def compiled_fused_logits_error() -> float:
+    """A whole model on backend "fused" under torch.compile(fullgraph=True), inference, against the
+    reference's logits; asserts that the graph calls the one-kernel attention half."""
+    import swin
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch.manual_seed(0)
+    model = swin.create_model("swin_micro", backend="fused", drop_path_rate=0.0).eval()
+    ref = copy.deepcopy(model)
+    ref.set_backend("reference")
+    x = torch.randn(2, 3, 36, 28)  # padded, non-square maps
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    with torch.no_grad():
+        out = torch.compile(model, backend=counter, fullgraph=True)(x)
+        assert counter.frame_count == 1 and "attention_half" in counter.graphs[0].code, "fused block not in graph"
+        return rel_err(out, ref(x))
 
 
 def compiled_model_errors(name: str, backend: str) -> list[float]:

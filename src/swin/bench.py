@@ -105,7 +105,7 @@ def _build(impl: str, name: str, drop_path: float) -> tuple[nn.Module, Callable]
             cfg = transformers.Swinv2Config(image_size=spec["size"], num_labels=1000, drop_path_rate=drop_path, **kw)
             model = transformers.Swinv2ForImageClassification(cfg)
         return model, lambda x: model(pixel_values=x).logits
-    raise ValueError(f"Unknown implementation {impl!r}; use ours[-ref|-sdpa|-triton], timm, timm-sdpa, tv or hf, "
+    raise ValueError(f"Unknown implementation {impl!r}; use ours[-ref|-sdpa|-triton|-fused], timm, timm-sdpa, tv or hf, "
                      "with an optional +compile, +graph (CUDA graph) or +ro (compile reduce-overhead).")
 
 
@@ -444,7 +444,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--models", default="swin_t", help=f"comma list of {', '.join(MODELS)}")
     p.add_argument("--modes", default="infer,train,latency", help="comma list of infer, train, latency")
     p.add_argument("--impls", default=None,
-                   help="comma list, e.g. ours,ours-ref,ours-sdpa,ours-triton,ours+graph,timm,timm+compile,tv,hf "
+                   help="comma list, e.g. ours,ours-ref,ours-sdpa,ours-triton,ours-fused,ours+graph,timm,timm+compile,tv,hf "
                         "(+compile: torch.compile, +ro: compile reduce-overhead, +freeze: compile with inductor freezing (inference), +graph: our CUDA-graph runner, "
                         "+plainmlp: ours with the plain MLP instead of GELU recomputation)")
     p.add_argument("--compile", action="store_true", help="add +compile variants of ours, timm and hf")

@@ -34,7 +34,8 @@ class SwinConfig:
     # False reproduces the official/torchvision/HF numbers; True makes the output independent of padding.
     mask_padding: bool = False
     # Which implementation of window attention to use: "auto" (fastest available), "reference" (the plain
-    # PyTorch spec in model.py), "sdpa" or "triton"; see swin.ops. All compute the same function.
+    # PyTorch spec in model.py), "sdpa", "triton" or "fused" (triton + one kernel per window for the
+    # attention half of a block in inference); see swin.ops. All compute the same function.
     backend: str = "auto"
 
     @property
@@ -57,8 +58,8 @@ class SwinConfig:
             raise ValueError("pretrained_window_sizes needs one entry per stage.")
         if self.window_size < 1 or self.patch_size < 1:
             raise ValueError("window_size and patch_size must be positive.")
-        if self.backend not in ("auto", "reference", "sdpa", "triton"):
-            raise ValueError(f"backend must be one of auto, reference, sdpa, triton; got {self.backend!r}.")
+        if self.backend not in ("auto", "reference", "sdpa", "triton", "fused"):
+            raise ValueError(f"backend must be one of auto, reference, sdpa, triton, fused; got {self.backend!r}.")
         return self
 
 

@@ -12,6 +12,9 @@ Backends:
 - ``"triton"``: fused Triton kernels (CUDA) that read q/k/v in token layout with the shift and
   window partition folded into index arithmetic, add bias and shift mask in the kernel, and write
   the output back in token layout (forward and backward). Windows of up to 64 tokens.
+- ``"fused"``: as "triton", and in inference the whole attention half of each block (LayerNorm,
+  qkv, attention, projection, residual) as one kernel per window (``triton_block.py``); opt-in until
+  a GPU run shows it faster.
 - ``"auto"`` (the default): triton on CUDA when Triton is importable and the window fits, eager
   or inside torch.compile (the kernels are custom operators there; H200, stop 9: 1.59x the SDPA
   path compiled for inference, 1.10x for training), sdpa otherwise (CPU, windows over 8).
@@ -32,7 +35,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _TRITON: bool | None = None
 
-BACKENDS = ("auto", "reference", "sdpa", "triton")
+BACKENDS = ("auto", "reference", "sdpa", "triton", "fused")
 
 
 def triton_available() -> bool:
@@ -52,14 +55,14 @@ def check_backend(name: str) -> None:
     """Raise ValueError unless ``name`` is a known backend that can run here."""
     if name not in BACKENDS:
         raise ValueError(f"Unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}.")
-    if name == "triton" and not triton_available():
-        raise ValueError("backend='triton' needs the triton package (pip install triton); "
+    if name in ("triton", "fused") and not triton_available():
+        raise ValueError(f"backend={name!r} needs the triton package (pip install triton); "
                          "use backend='sdpa' or 'auto' instead.")
 
 
 def resolve_backend(name: str, x: torch.Tensor, window: int) -> str:
     """The backend that actually runs for ``name`` on input ``x``: auto/triton fall back cleanly."""
-    if name in ("auto", "triton"):
+    if name in ("auto", "triton", "fused"):
         if not (x.is_cuda or _INTERPRET) or not triton_available():
             return "sdpa"
         from .triton_window import supports
@@ -158,6 +161,21 @@ def window_attention(attn, x: torch.Tensor, window: int, shift: int, mask_paddin
 
         return window_attention_sdpa(attn, x, window, shift, mask_padding)
     raise ValueError(f"window_attention got backend {backend!r}; the reference path lives in WindowAttention.forward.")
+
+
+def fused_block_eligible(blk, x: torch.Tensor) -> bool:
+    """True when backend "fused" runs ``blk``'s attention half as one kernel (:mod:`.triton_block`)."""
+    if not triton_available():
+        return False
+    from .triton_block import eligible
+
+    return eligible(blk, x)
+
+
+def fused_attention_half(blk, x: torch.Tensor) -> torch.Tensor:
+    from .triton_block import attention_half
+
+    return attention_half(blk, x)
 
 
 from .latency import compile_for_inference, CudaGraphRunner  # noqa: E402

@@ -259,6 +259,7 @@ BWD_CONFIGS = (dict(programs=1056, num_warps=4), dict(programs=1056, num_warps=4
                dict(programs=1056, num_warps=4, maxnreg=128), dict(programs=264, num_warps=4),
                dict(programs=1056, num_warps=8, maxnreg=128))
 _CHOSEN: dict = {}  # (kind, signature) -> index into the configurations
+_CONFIGS: dict = {}  # kind -> its configurations (forward, backward, and triton_block's)
 FORCE_CONFIG: Optional[int] = None  # tests: run this configuration (index) instead of choosing
 
 
@@ -296,6 +297,7 @@ def _choose(kind: str, signature: tuple, configs: tuple, launch, cuda: bool):
     if FORCE_CONFIG is not None:
         return launch(configs[FORCE_CONFIG % len(configs)])
     key = (kind, signature)
+    _CONFIGS[kind] = configs
     if key not in _CHOSEN:
         if os.environ.get("SWIN_TRITON_TUNE", "1") == "0":  # the user's choice: first launch, no timing
             return launch(configs[0])
@@ -308,7 +310,7 @@ def _choose(kind: str, signature: tuple, configs: tuple, launch, cuda: bool):
 
 def choices() -> dict:
     """{(kind, signature): chosen configuration} of every signature timed so far in this process."""
-    return {k: (FWD_CONFIGS if k[0] == "fwd" else BWD_CONFIGS)[i] for k, i in _CHOSEN.items()}
+    return {k: _CONFIGS[k[0]][i] for k, i in _CHOSEN.items()}
 
 
 # The forward and the backward are custom operators: torch.compile (dynamo, inductor) treats each as
