@@ -46,7 +46,7 @@ section kernels 90 "$PY" benchmarks/kernel_bench.py --batch 256 --out "$OUT/kern
 # ours-fused: backend "fused", stage 1's attention half of each block as one kernel, not yet timed).
 B="$PY benchmarks/bench.py --device cuda --dtype bf16 --rounds 5 --iters 8 --warmup 3"
 section t_infer 150 $B --models swin_t --modes infer --budget-s 110 --out "$OUT/t_infer" \
-  --impls ours,timm+compile,ours+compile,ours-fused+compile,ours-fused,timm-sdpa,ours-sdpa+compile
+  --impls ours,timm+compile,ours+compile,ours-fused+compile,ours-fused,timm-sdpa
 section t_train 170 $B --models swin_t --modes train --budget-s 130 --out "$OUT/t_train" \
   --impls ours,timm-sdpa+compile,ours+compile,ours+plainmlp,timm,timm-sdpa,ours-sdpa+compile
 

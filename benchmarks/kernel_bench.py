@@ -7,7 +7,9 @@ For each stage (shifted block), forward and backward: microseconds per call for 
 in ``swin.ops.triton_window.FWD_CONFIGS`` / ``BWD_CONFIGS`` and the bytes each must move (q/k/v read
 and the output written; the backward also reads the output and its gradient and writes dq/dk/dv),
 as GB/s against the card's bandwidth: how far a kernel is from the memory bound. Runs on the CPU
-under ``TRITON_INTERPRET=1`` at tiny sizes (how it is tested); CPU timings mean nothing.
+under ``TRITON_INTERPRET=1`` at tiny sizes (how it is tested); CPU timings mean nothing. Where C <= 128
+(stage 1), also backend "fused"'s attention half as one kernel against the same work as separate calls
+(LayerNorm, qkv product, attention, projection, residual); its GB/s counts x read and the output written.
 """
 from __future__ import annotations
 
@@ -55,6 +57,50 @@ def run(batch: int, dtype: torch.dtype, device: str, iters: int, stages=STAGES, 
                 rows.append(dict(stage=f"{side}x{side}x{C}, {heads} heads", kind=kind, config=config, us=us,
                                  gbps=nbytes / us / 1e3))
         T.FORCE_CONFIG = None
+        if C <= 128:  # backend "fused": the attention half as one kernel vs the same work as separate calls
+            rows += _block_rows(timer, batch, side, C, heads, window, shift, dtype, device, iters)
+    return rows
+
+
+def _block_rows(timer, batch, side, C, heads, window, shift, dtype, device, iters) -> list[dict]:
+    """x + proj(attention(LN(x))) at one stage: the one-kernel attention half (first launch
+    configuration: the timing picks per signature in a model) against LayerNorm, the qkv product,
+    the attention forward, the projection and the residual add as separate calls."""
+    import torch.nn.functional as F
+
+    from swin.ops import triton_block as TB
+    from swin.ops import triton_window as T
+
+    g = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(batch, side, side, C, device=device, dtype=dtype, generator=g)
+    ln_w, ln_b = torch.ones(C, device=device), torch.zeros(C, device=device)
+    qkv_w = (torch.randn(3 * C, C, device=device, generator=g) * C ** -0.5).to(dtype)
+    qkv_b = torch.zeros(3 * C, device=device)
+    proj_w = (torch.randn(C, C, device=device, generator=g) * C ** -0.5).to(dtype)
+    proj_b = torch.zeros(C, device=device)
+    N = window * window
+    bias = torch.randn(heads, N, N, device=device, generator=g)
+    scale = (C // heads) ** -0.5
+    TB_CONFIG = T.FORCE_CONFIG
+    T.FORCE_CONFIG = 0
+
+    def fused():
+        return TB._block_op(x, ln_w, ln_b, qkv_w, qkv_b, bias, None, proj_w, proj_b, heads, window, shift, False,
+                            scale, 1e-5, False)
+
+    def separate():
+        h = F.layer_norm(x, (C,), ln_w.to(dtype), ln_b.to(dtype))
+        qkv = F.linear(h, qkv_w, qkv_b.to(dtype))
+        a, _ = T._fwd_op(qkv, bias, None, heads, side, side, window, shift, False, scale, False)
+        return x + F.linear(a, proj_w, proj_b.to(dtype))
+
+    rows = []
+    nbytes = 2 * batch * side * side * C * x.element_size()  # the fused kernel's x read and output written
+    for name, fn in (("block: one kernel", fused), ("block: separate calls", separate)):
+        fn()
+        us = timer(lambda i: fn(), iters) * 1e6
+        rows.append(dict(stage=f"{side}x{side}x{C}, {heads} heads", kind=name, config="", us=us, gbps=nbytes / us / 1e3))
+    T.FORCE_CONFIG = TB_CONFIG
     return rows
 
 

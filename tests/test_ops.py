@@ -235,7 +235,8 @@ def test_triton_interpreted_matches_reference_on_cpu():
     assert max(report["fused_block_errs"][1::2]) <= 1e-2 and report["fused_compiled"] <= 1e-4, report
     from swin.ops import triton_window as T  # benchmarks/kernel_bench.py ran every configuration
 
-    assert report["kernel_bench_rows"] == len(T.FWD_CONFIGS) + len(T.BWD_CONFIGS), report
+    # every launch configuration, and the one-kernel attention half against separate calls (C <= 128)
+    assert report["kernel_bench_rows"] == len(T.FWD_CONFIGS) + len(T.BWD_CONFIGS) + 2, report
 
 
 @pytest.mark.parametrize("name,size", [("swin_t", 224), ("swin_t", 100), ("swinv2_t_w8", 160)])
