@@ -8,8 +8,8 @@ in ``swin.ops.triton_window.FWD_CONFIGS`` / ``BWD_CONFIGS`` and the bytes each m
 and the output written; the backward also reads the output and its gradient and writes dq/dk/dv),
 as GB/s against the card's bandwidth: how far a kernel is from the memory bound. Runs on the CPU
 under ``TRITON_INTERPRET=1`` at tiny sizes (how it is tested); CPU timings mean nothing. Where C <= 128
-(stage 1), also backend "fused"'s attention half as one kernel against the same work as separate calls
-(LayerNorm, qkv product, attention, projection, residual); its GB/s counts x read and the output written.
+(stage 1), also backend "fused"'s attention and MLP halves, each one kernel, against the same work as
+separate calls; their GB/s count x read and the output written.
 """
 from __future__ import annotations
 
@@ -63,9 +63,9 @@ def run(batch: int, dtype: torch.dtype, device: str, iters: int, stages=STAGES, 
 
 
 def _block_rows(timer, batch, side, C, heads, window, shift, dtype, device, iters) -> list[dict]:
-    """x + proj(attention(LN(x))) at one stage: the one-kernel attention half (first launch
-    configuration: the timing picks per signature in a model) against LayerNorm, the qkv product,
-    the attention forward, the projection and the residual add as separate calls."""
+    """x + proj(attention(LN(x))) and x + fc2(GELU(fc1(LN(x)))) at one stage: backend "fused"'s
+    one-kernel halves (first launch configuration: in a model the timing picks per signature)
+    against the same work as separate calls (LayerNorm, products, attention, GELU, residual add)."""
     import torch.nn.functional as F
 
     from swin.ops import triton_block as TB
@@ -94,9 +94,21 @@ def _block_rows(timer, batch, side, C, heads, window, shift, dtype, device, iter
         a, _ = T._fwd_op(qkv, bias, None, heads, side, side, window, shift, False, scale, False)
         return x + F.linear(a, proj_w, proj_b.to(dtype))
 
+    w1 = (torch.randn(4 * C, C, device=device, generator=g) * C ** -0.5).to(dtype)
+    w2 = (torch.randn(C, 4 * C, device=device, generator=g) * (4 * C) ** -0.5).to(dtype)
+    b1, b2 = torch.zeros(4 * C, device=device), torch.zeros(C, device=device)
+
+    def mlp_fused():
+        return TB._mlp_op(x, ln_w, ln_b, w1, b1, w2, b2, 1e-5, False)
+
+    def mlp_separate():
+        h = F.layer_norm(x, (C,), ln_w.to(dtype), ln_b.to(dtype))
+        return x + F.linear(F.gelu(F.linear(h, w1, b1.to(dtype))), w2, b2.to(dtype))
+
     rows = []
     nbytes = 2 * batch * side * side * C * x.element_size()  # the fused kernel's x read and output written
-    for name, fn in (("block: one kernel", fused), ("block: separate calls", separate)):
+    for name, fn in (("attention half: one kernel", fused), ("attention half: separate calls", separate),
+                     ("MLP half: one kernel", mlp_fused), ("MLP half: separate calls", mlp_separate)):
         fn()
         us = timer(lambda i: fn(), iters) * 1e6
         rows.append(dict(stage=f"{side}x{side}x{C}, {heads} heads", kind=name, config="", us=us, gbps=nbytes / us / 1e3))

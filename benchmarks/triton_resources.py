@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 # not the ones the GPU runs (scalar 2-byte loads, 120 registers for what runs in 96).
 STAGE1_ARGS = dict(nW=64, nWx=8, Hp=56, Wp=56, H=56, W=56, shift=3, total=256 * 64, sqb=56 * 56 * 288,
                    sqh=56 * 288, sqw=288, sob=56 * 56 * 96, soh=56 * 96, sow=96, C=96,
-                   sxb=56 * 56 * 96, sxh=56 * 96, sxw=96)
+                   sxb=56 * 56 * 96, sxh=56 * 96, sxw=96, M=256 * 56 * 56, HID=384)
 
 
 def compile_kernel(kernel: str, config: dict, arch: int, dtype: str, cosine: bool, mask: bool,
@@ -46,19 +46,22 @@ def compile_kernel(kernel: str, config: dict, arch: int, dtype: str, cosine: boo
 
     from swin.ops import triton_block as TB
 
-    fn = {"fwd": T._fwd_kernel, "bwd": T._bwd_kernel, "block": TB._block_kernel}[kernel]
+    fn = {"fwd": T._fwd_kernel, "bwd": T._bwd_kernel, "block": TB._block_kernel, "mlp": TB._mlp_kernel}[kernel]
     n = window * window
     constexprs = dict(HEADS=heads, D=head_dim, WIN=window, N=n, BLOCK=max(16, triton.next_power_of_2(n)),
                       BLOCK_D=max(16, triton.next_power_of_2(head_dim)), HAS_MASK=mask, MASK_PAD=False,
                       IEEE=dtype == "fp32", COSINE=cosine)
+    if kernel == "mlp":  # the fused MLP half: token tiles, no windows
+        constexprs = dict(BLOCK_M=config["block_m"], BLOCK_C=max(16, triton.next_power_of_2(heads * head_dim)),
+                          BLOCK_H=64, IEEE=dtype == "fp32", POST_NORM=cosine)
     if kernel == "fwd":
         constexprs.update(STORE_LSE=store_lse, LOOP="programs" in config, STAGES=config.get("stages", 2))
     if kernel == "block":  # the fused attention half of a block; x in fp32 (autocast), weights in dtype
         constexprs.update(BLOCK_C=max(16, triton.next_power_of_2(heads * head_dim)), POST_NORM=cosine,
                           HAS_QKV_BIAS=True)
-    pointers = {name: f"*{dtype}" for name in ("QKV", "O", "DO", "DQKV", "QKV_W", "PROJ_W")}
+    pointers = {name: f"*{dtype}" for name in ("QKV", "O", "DO", "DQKV", "QKV_W", "PROJ_W", "W1", "W2")}
     pointers.update({name: "*fp32" for name in ("BIAS", "SCALE", "LSE", "DBIAS", "DSCALE", "X", "OUT", "LN_W",
-                                                 "LN_B", "QKV_B", "PROJ_B")})
+                                                 "LN_B", "QKV_B", "PROJ_B", "B1", "B2")})
     scalar = lambda name: "fp32" if name in ("scale", "eps") else "i32"  # noqa: E731
     signature = {p.name: "constexpr" if p.name in constexprs else pointers.get(p.name, scalar(p.name))
                  for p in fn.params}
@@ -107,12 +110,15 @@ def table(arch: int) -> list[dict]:
     for heads, label in ((3, "Swin-T stage 1"), (4, "Swin-B stage 1")):
         from swin.ops import triton_block as TB
 
-        for config in TB.BLOCK_CONFIGS:
-            for dtype in ("bf16", "fp32"):
-                for cosine in (False, True):
-                    r = compile_kernel("block", config, arch, dtype, cosine, True, heads=heads)
-                    rows.append(dict(kernel=f"block ({label}, {config['num_stages']} stages)",
-                                     num_warps=config["num_warps"], maxnreg="", walks=False, dtype=dtype, version=2 if cosine else 1, shift_mask=True, **r))
+        for kind, configs in (("block", TB.BLOCK_CONFIGS), ("mlp", TB.MLP_CONFIGS)):
+            for config in configs:
+                for dtype in ("bf16", "fp32"):
+                    for cosine in (False, True):
+                        r = compile_kernel(kind, config, arch, dtype, cosine, True, heads=heads)
+                        tile = f", {config['block_m']} tokens" if kind == "mlp" else ""
+                        rows.append(dict(kernel=f"{kind} ({label}, {config['num_stages']} stages{tile})",
+                                         num_warps=config["num_warps"], maxnreg="", walks=False, dtype=dtype,
+                                         version=2 if cosine else 1, shift_mask=kind == "block", **r))
     return rows
 
 

@@ -67,7 +67,7 @@ def main() -> int:
     T.FORCE_CONFIG = None
     for version, case, mask_padding in FP16_CASES:  # the GPU tests' bf16 check, in fp16: raises if off
         check_parity("triton", version, case, mask_padding, "cpu", torch.float16, 1e-2)
-    # backend "fused": a block's attention half as one kernel (inference), fp32 and fp16
+    # backend "fused": each half of a block as one kernel (inference), fp32 and fp16
     fused = [check_fused_block(version, case, mask_padding, "cpu", dtype, tol)
              for version, case, mask_padding in FUSED_CASES
              for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 1e-2))]
@@ -106,7 +106,8 @@ def compiled_fused_logits_error() -> float:
     counter = CompileCounterWithBackend("aot_eager")
     with torch.no_grad():
         out = torch.compile(model, backend=counter, fullgraph=True)(x)
-        assert counter.frame_count == 1 and "attention_half" in counter.graphs[0].code, "fused block not in graph"
+        code = counter.graphs[0].code
+        assert counter.frame_count == 1 and "attention_half" in code and "mlp_half" in code, "fused block not in graph"
         return rel_err(out, ref(x))
 
 

@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import windows as W
 from .config import SwinConfig
-from .ops import cpu_tiled, fused_attention_half, fused_block_eligible, is_plain
+from .ops import cpu_tiled, fused_attention_half, fused_block_eligible, fused_mlp_half, is_plain
 from .ops import mlp as mlp_ops
 
 
@@ -179,14 +179,12 @@ class SwinTransformerBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * config.mlp_ratio), config.drop_rate, config.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
-        if self.attn.backend == "fused" and fused_block_eligible(self, x):  # inference: a line below, one kernel
-            x = fused_attention_half(self, x)
-        elif self.post_norm:
-            x = x + self.drop_path(self.norm1(self._shifted_window_attention(x)))
-        else:
-            x = x + self.drop_path(self._shifted_window_attention(self.norm1(x)))
+        if self.attn.backend == "fused" and fused_block_eligible(self, x):  # inference: each half below in one kernel
+            return fused_mlp_half(self, fused_attention_half(self, x))
         if self.post_norm:
+            x = x + self.drop_path(self.norm1(self._shifted_window_attention(x)))
             return x + self.drop_path(self.norm2(self.mlp(x)))
+        x = x + self.drop_path(self._shifted_window_attention(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
     def _shifted_window_attention(self, x: torch.Tensor) -> torch.Tensor:

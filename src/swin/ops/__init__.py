@@ -12,9 +12,9 @@ Backends:
 - ``"triton"``: fused Triton kernels (CUDA) that read q/k/v in token layout with the shift and
   window partition folded into index arithmetic, add bias and shift mask in the kernel, and write
   the output back in token layout (forward and backward). Windows of up to 64 tokens.
-- ``"fused"``: as "triton", and in inference the whole attention half of each block (LayerNorm,
-  qkv, attention, projection, residual) as one kernel per window (``triton_block.py``); opt-in until
-  a GPU run shows it faster.
+- ``"fused"``: as "triton", and in inference each half of a block with at most 128 channels as one
+  kernel: LayerNorm, qkv, attention, projection and residual per window; LayerNorm, fc1, GELU, fc2
+  and residual per tile of tokens (``triton_block.py``); opt-in until a GPU run shows it faster.
 - ``"auto"`` (the default): triton on CUDA when Triton is importable and the window fits, eager
   or inside torch.compile (the kernels are custom operators there; H200, stop 9: 1.59x the SDPA
   path compiled for inference, 1.10x for training), sdpa otherwise (CPU, windows over 8).
@@ -164,18 +164,24 @@ def window_attention(attn, x: torch.Tensor, window: int, shift: int, mask_paddin
 
 
 def fused_block_eligible(blk, x: torch.Tensor) -> bool:
-    """True when backend "fused" runs ``blk``'s attention half as one kernel (:mod:`.triton_block`)."""
+    """True when backend "fused" runs ``blk`` as two kernels, one per half (:mod:`.triton_block`)."""
     if not triton_available():
         return False
-    from .triton_block import eligible
+    from .triton_block import mlp_eligible
 
-    return eligible(blk, x)
+    return mlp_eligible(blk, x)
 
 
 def fused_attention_half(blk, x: torch.Tensor) -> torch.Tensor:
     from .triton_block import attention_half
 
     return attention_half(blk, x)
+
+
+def fused_mlp_half(blk, x: torch.Tensor) -> torch.Tensor:
+    from .triton_block import mlp_half
+
+    return mlp_half(blk, x)
 
 
 from .latency import compile_for_inference, CudaGraphRunner  # noqa: E402

@@ -1,23 +1,26 @@
-"""Inference: the attention half of a Swin block as one Triton program per window (backend "fused").
+"""Inference: each half of a Swin block as one Triton kernel (backend "fused").
 
-    V1 (pre-norm):        x + proj(attention(LN1(x)))
-    V2 (res-post-norm):   x + LN1(proj(attention(x)))
+    attention half, one program per window:   V1 x + proj(attention(LN1(x)))   V2 x + LN1(proj(attention(x)))
+    MLP half, one program per tile of tokens: V1 x + fc2(GELU(fc1(LN2(x))))    V2 x + LN2(fc2(GELU(fc1(x))))
 
 Why. With separate kernels the attention half of a block moves ~14C values per token: LayerNorm
 reads C and writes C, the qkv product writes 3C, attention reads 3C and writes C, the output
-projection reads C and writes C, and the residual add reads 2C and writes C. Here one program loads
-its window's tokens (C each) from the (B, H, W, C) map, normalises them, multiplies them by the
-qkv weight head by head, attends (relative position bias and shift mask added in registers, as in
-``triton_window.py``), accumulates each head's output times its slice of the projection weight,
-adds the bias and the residual, and stores the window's tokens: C read, C written. The cyclic shift,
-the padding and the window partition are index arithmetic; padded tokens enter attention as zeros,
-as the reference pads after norm1 (V1) or pads the raw map (V2).
+projection reads C and writes C, and the residual add reads 2C and writes C; the MLP half ~19C
+more (fc1 writes 4C, GELU reads and writes 4C, fc2 reads 4C). Here each half reads C and writes C.
+The attention program loads its window's tokens from the (B, H, W, C) map, normalises them,
+multiplies them by the qkv weight head by head, attends (relative position bias and shift mask
+added in registers, as in ``triton_window.py``), accumulates each head's output times its slice of
+the projection weight, adds the bias and the residual, and stores the window's tokens. The cyclic
+shift, the padding and the window partition are index arithmetic; padded tokens enter attention as
+zeros, as the reference pads after norm1 (V1) or pads the raw map (V2). The MLP program keeps its
+tile's (tokens, 4C) hidden layer in registers, 64 columns at a time, and never writes it.
+Intermediate results are rounded to the compute dtype where the separate kernels' outputs are.
 
 Scope: inference (nothing to differentiate), eval mode, CUDA (or the Triton interpreter), windows
 of up to 64 tokens, C <= 128 (the first stage of Swin-T/S/B: 69% of Swin-T's token-blocks), plain
-LayerNorm/Linear modules without hooks. Elsewhere the block runs its usual path. The backend is
+LayerNorm/Linear/GELU modules without hooks. Elsewhere the block runs its usual path. The backend is
 opt-in (``backend="fused"``; attention otherwise as "triton") until a GPU run says it is faster:
-``swin bench --impls ours,ours-fused`` times both.
+``swin bench --impls ours,ours-fused`` times both, ``benchmarks/kernel_bench.py`` each half alone.
 
 The spec is the block's reference path; tests/triton_interpret_check.py and the CUDA tests compare
 them (fp32 <= 1e-4, bf16/fp16 <= 1e-2).
@@ -120,6 +123,75 @@ def _block_kernel(X, LN_W, LN_B, QKV_W, QKV_B, BIAS, SCALE, PROJ_W, PROJ_B, OUT,
 BLOCK_CONFIGS = (dict(num_warps=8, num_stages=2), dict(num_warps=8, num_stages=1), dict(num_warps=4, num_stages=2))
 
 
+@triton.jit
+def _mlp_kernel(X, LN_W, LN_B, W1, B1, W2, B2, OUT, M, C, HID, eps,
+                BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, IEEE: tl.constexpr,
+                POST_NORM: tl.constexpr):
+    """Rows m0..m0+BLOCK_M of the (M, C) token matrix: x + fc2(GELU(fc1(LN2(x)))) (V1) or
+    x + LN2(fc2(GELU(fc1(x)))) (V2); the (BLOCK_M, 4C) hidden layer lives in registers, BLOCK_H
+    columns at a time, and is never written."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    cc = tl.arange(0, BLOCK_C)
+    cmask = cc < C
+    io = rmask[:, None] & cmask[None, :]
+    xptr = X + rows.to(tl.int64)[:, None] * C + cc[None, :]
+    a = tl.load(xptr, mask=io, other=0.0).to(tl.float32)
+    if not POST_NORM:
+        a = _layer_norm(a, LN_W, LN_B, cc, cmask, C, eps)
+    ty = W1.dtype.element_ty
+    a = a.to(ty)
+    acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    jj = tl.arange(0, BLOCK_H)
+    for j in range(0, HID, BLOCK_H):
+        hmask = (j + jj) < HID
+        # fc1's columns j..j+BLOCK_H: a (BLOCK_C, BLOCK_H) slice of the (4C, C) weight, transposed
+        w1 = tl.load(W1 + (j + jj)[None, :] * C + cc[:, None], mask=cmask[:, None] & hmask[None, :], other=0.0)
+        h = _mm(a, w1, IEEE) + tl.load(B1 + j + jj, mask=hmask, other=0.0).to(tl.float32)[None, :]
+        h = h.to(ty).to(tl.float32)  # rounded as fc1's output is
+        h = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))  # exact (erf) GELU
+        # fc2's rows for those hidden units: a (BLOCK_H, BLOCK_C) slice of the (C, 4C) weight, transposed
+        w2 = tl.load(W2 + cc[None, :] * HID + (j + jj)[:, None], mask=hmask[:, None] & cmask[None, :], other=0.0)
+        acc += _mm(h.to(ty), w2, IEEE)
+    y = acc + tl.load(B2 + cc, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    y = y.to(ty).to(tl.float32)  # rounded as fc2's output is
+    if POST_NORM:
+        y = _layer_norm(y, LN_W, LN_B, cc, cmask, C, eps)
+    x = tl.load(xptr, mask=io, other=0.0).to(tl.float32)
+    tl.store(OUT + rows.to(tl.int64)[:, None] * C + cc[None, :], (x + y).to(OUT.dtype.element_ty), mask=io)
+
+
+# sm_90, bf16, Swin-T stage 1 (C = 96, 4C = 384): 128 tokens at 8 warps 255 registers, 32 tokens at 4 warps
+# 232 (two programs per SM), 64 at 8 warps 198; none spills; 45-115 KB of shared memory. Timed as above.
+MLP_CONFIGS = (dict(num_warps=8, num_stages=2, block_m=128), dict(num_warps=4, num_stages=2, block_m=32),
+               dict(num_warps=8, num_stages=3, block_m=64))
+
+
+@torch.library.custom_op("swin::mlp_half", mutates_args=())
+def _mlp_op(x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
+            w2: torch.Tensor, b2: torch.Tensor, eps: float, post_norm: bool) -> torch.Tensor:
+    """(..., C) x -> x + the MLP half of a block (see :func:`_mlp_kernel`). Weights in the compute
+    dtype, biases and LayerNorm parameters in fp32; output in x's dtype."""
+    C, HID = x.shape[-1], w1.shape[0]
+    M = x.numel() // C
+    out = torch.empty_like(x)
+
+    def launch(config):
+        _mlp_kernel[(triton.cdiv(M, config["block_m"]),)](
+            x, ln_w, ln_b, w1, b1, w2, b2, out, M, C, HID, eps, BLOCK_M=config["block_m"],
+            BLOCK_C=max(16, triton.next_power_of_2(C)), BLOCK_H=64, IEEE=w1.dtype == torch.float32,
+            POST_NORM=post_norm, num_warps=config["num_warps"], num_stages=config["num_stages"])
+
+    with _device_of(x):
+        _choose("mlp", (tuple(x.shape), x.dtype, w1.dtype, post_norm), MLP_CONFIGS, launch, x.is_cuda)
+    return out
+
+
+@_mlp_op.register_fake
+def _(x, ln_w, ln_b, w1, b1, w2, b2, eps, post_norm):
+    return torch.empty_like(x)
+
+
 @torch.library.custom_op("swin::attention_half", mutates_args=())
 def _block_op(x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, qkv_w: torch.Tensor,
               qkv_b: Optional[torch.Tensor], bias: torch.Tensor, logit: Optional[torch.Tensor], proj_w: torch.Tensor,
@@ -177,6 +249,25 @@ def eligible(blk, x: torch.Tensor) -> bool:
             and type(blk.norm1) is torch.nn.LayerNorm and blk.norm1.elementwise_affine
             and is_plain(attn.qkv, torch.nn.Linear) and is_plain(attn.proj, torch.nn.Linear)
             and not has_hooks(blk))
+
+
+def mlp_eligible(blk, x: torch.Tensor) -> bool:
+    """As :func:`eligible`, for the MLP half (plain fc1/fc2 with the exact GELU, no dropout)."""
+    from .mlp import plain_mlp
+
+    return (eligible(blk, x) and plain_mlp(blk.mlp) and type(blk.norm2) is torch.nn.LayerNorm
+            and blk.norm2.elementwise_affine and blk.mlp.fc1.bias is not None and blk.mlp.fc2.bias is not None)
+
+
+def mlp_half(blk, x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) -> x + the MLP half of ``blk``, in one kernel."""
+    from . import autocast_dtype
+
+    dtype = autocast_dtype(x.device.type) or x.dtype
+    fc1, fc2, n2 = blk.mlp.fc1, blk.mlp.fc2, blk.norm2
+    f32 = lambda t: t.detach().float().contiguous()  # noqa: E731
+    return _mlp_op(x.contiguous(), f32(n2.weight), f32(n2.bias), fc1.weight.to(dtype).contiguous(), f32(fc1.bias),
+                   fc2.weight.to(dtype).contiguous(), f32(fc2.bias), float(n2.eps), blk.post_norm)
 
 
 def attention_half(blk, x: torch.Tensor) -> torch.Tensor:
