@@ -57,7 +57,7 @@ section profile 80 "$PY" benchmarks/gpu_profile.py --device cuda --impls ours+co
 
 # 4. if time is left: latency (met in stops 6 and 9), Swin-B and SwinV2-T eager
 section t_latency 50 $B --models swin_t --modes latency --iters 20 --out "$OUT/t_latency" \
-  --impls ours+graph,ours,timm-sdpa
+  --impls ours+graph,ours-fused+graph,ours,timm-sdpa
 section bv2 100 $B --models swin_b,swinv2_t_w8 --modes infer,train --batch-infer 128 --batch-train 64 --iters 5 \
   --rounds 3 --budget-s 70 --out "$OUT/bv2" --impls ours,timm,tv,hf
 
