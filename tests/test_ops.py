@@ -652,7 +652,7 @@ def test_compile_for_inference_cpu_falls_back_to_eager():
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("backend", ["sdpa", "auto"])
+@pytest.mark.parametrize("backend", ["sdpa", "auto", "fused"])
 def test_cuda_graph_runner_matches_eager_cuda(backend):
     from swin.ops import compile_for_inference
 
@@ -668,6 +668,26 @@ def test_cuda_graph_runner_matches_eager_cuda(backend):
     out2 = runner(x2).clone()  # fresh input through the captured graph
     out = runner(x).clone()
     assert rel_err(out, ref) <= 1e-4 and rel_err(out2, ref2) <= 1e-4
+
+
+@pytest.mark.skipif(not (CUDA and triton_available()), reason="needs CUDA and Triton")
+@pytest.mark.parametrize("name,size", [("swin_t", 224), ("swinv2_t_w8", 120)])
+def test_fused_whole_model_logits_cuda(name, size):
+    """backend "fused" on a whole model (stage 1 as one kernel per block half, the rest as "triton"):
+    fp32 logits equal the reference's; under bf16 autocast within the reference's own bf16 error."""
+    torch.manual_seed(0)
+    model = swin.create_model(name, num_classes=10, backend="reference").cuda().eval()
+    x = torch.randn(2, 3, size, size + 24, device="cuda")  # non-square; V2 at 120: padded maps
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            ref_lowp = model(x).float()
+        model.set_backend("fused")
+        out = model(x)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out_lowp = model(x).float()
+    assert rel_err(out, ref) <= 1e-4
+    assert rel_err(out_lowp, ref) <= max(1e-2, 2.0 * rel_err(ref_lowp, ref))
 
 
 @pytest.mark.skipif(not (CUDA and triton_available()), reason="needs CUDA and Triton")
