@@ -83,6 +83,9 @@ def _build_bias_and_mask(attn, height, width, window, shift, mask_padding, dtype
     return (bias.unsqueeze(0) + mask.unsqueeze(1)).to(dtype).contiguous()  # (nW, heads, N, N)
 
 
+FUSED_NORMALIZE = True  # inference: V2 q and k normalised together (False: F.normalize each; tests compare)
+
+
 def split_qkv(attn, qkv: torch.Tensor):
     """(..., 3, heads, d) qkv projection -> strided views q, k, v of shape (..., heads, d) and the
     scale SDPA applies. V2 (cosine attention): q and k unit-normalised, q times exp(logit_scale)."""
@@ -90,6 +93,14 @@ def split_qkv(attn, qkv: torch.Tensor):
     if attn.version == 1:
         return q, k, v, attn.scale
     logit = torch.clamp(attn.logit_scale, max=math.log(100.0)).exp().view(attn.num_heads, 1)  # (heads, 1)
+    if FUSED_NORMALIZE and not torch.is_grad_enabled():
+        # inference: q and k normalised together, exp(logit_scale) folded into q's (heads,) factors:
+        # one norm and one multiply over both instead of a norm, a divide (and q's multiply) each
+        qk = qkv[..., :2, :, :].float()  # (..., 2, heads, d), a view
+        r = torch.linalg.vector_norm(qk, dim=-1, keepdim=True).clamp_min_(1e-12).reciprocal_()
+        r[..., 0, :, :] *= logit.float()
+        qk = (qk * r).to(v.dtype)
+        return qk[..., 0, :, :], qk[..., 1, :, :], v, 1.0
     # CPU training: autograd's F.normalize backward on these strided views costs ~10% of a V2 step
     norm = unit_rows if (torch.is_grad_enabled() and not q.is_cuda) else (lambda t: F.normalize(t, dim=-1))
     # normalise and scale in fp32: in bf16 the product's rounding and a bf16 sum left logit_scale's
