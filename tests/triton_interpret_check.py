@@ -80,6 +80,7 @@ def main() -> int:
     worst = max(worst, *(e for errs in compiled.values() for e in errs))
     print(json.dumps({"cases": len(results), "max_rel_err": worst, "results": results, "compiled": compiled,
                       "fused_block_errs": fused, "fused_compiled": compiled_fused_logits_error(),
+                      "fused_eligible": fused_eligibility(),
                       "fp16_cases": len(FP16_CASES), "kernel_bench_rows": len(bench_rows)}))
     return 0
 
@@ -89,6 +90,33 @@ def main() -> int:
 FP16_CASES = [(1, (10, 7, 4, 2), True), (2, (8, 8, 4, 2), False), (2, (10, 7, 4, 2), True)]
 FUSED_CASES = [(1, (8, 8, 4, 2), False), (1, (10, 7, 4, 2), True), (1, (4, 9, 7, 3), False), (2, (10, 7, 4, 2), True),
                (2, (6, 6, 3, 0), False)]
+
+
+def fused_eligibility() -> dict:
+    """When backend "fused" takes its kernels (True) and when the block runs its usual path."""
+    from swin.config import SwinConfig
+    from swin.model import SwinTransformerBlock
+    from swin.ops import fused_block_eligible
+
+    def block(dim=32, heads=2):
+        cfg = SwinConfig(version=1, embed_dim=dim, depths=(2,), num_heads=(heads,), window_size=4, img_size=(32, 32),
+                         drop_path_rate=0.0, backend="fused")
+        return SwinTransformerBlock(cfg, dim, heads, 2, 0, 0.0).eval()
+
+    x = torch.randn(1, 8, 8, 32)
+    out = {}
+    with torch.no_grad():
+        out["eval_no_grad"] = fused_block_eligible(block(), x)
+        out["train_mode"] = fused_block_eligible(block().train(), x)
+        out["c192"] = fused_block_eligible(block(192, 6), torch.randn(1, 8, 8, 192))
+        hooked = block()
+        hooked.mlp.register_forward_hook(lambda m, i, o: None)
+        out["hooked"] = fused_block_eligible(hooked, x)
+        sub = block()
+        sub.attn.proj = type("MyLinear", (torch.nn.Linear,), {})(32, 32)  # e.g. a LoRA wrapper
+        out["replaced_proj"] = fused_block_eligible(sub, x)
+    out["grad_enabled"] = fused_block_eligible(block(), x)  # parameters need grad
+    return out
 
 
 def compiled_fused_logits_error() -> float:

@@ -231,8 +231,8 @@ def _(x, ln_w, ln_b, qkv_w, qkv_b, bias, logit, proj_w, proj_b, heads, window, s
 
 def eligible(blk, x: torch.Tensor) -> bool:
     """True when :func:`attention_half` computes what ``blk``'s attention half computes: backend
-    "fused", nothing to differentiate, eval mode, CUDA (or the interpreter), window <= 8, C <= 256,
-    plain LayerNorm and Linear layers and no hooks anywhere in the block."""
+    "fused", nothing to differentiate, eval mode, CUDA (or the interpreter), window <= 8,
+    C <= MAX_CHANNELS, plain LayerNorm and Linear layers with their biases and no hooks anywhere in the block."""
     from . import _INTERPRET, autocast_dtype, has_hooks, is_plain
 
     attn = blk.attn
@@ -246,9 +246,13 @@ def eligible(blk, x: torch.Tensor) -> bool:
     return (window * window <= 64 and C <= MAX_CHANNELS and attn.head_dim >= 16
             and dtype in (torch.float32, torch.float16, torch.bfloat16)
             and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
-            and type(blk.norm1) is torch.nn.LayerNorm and blk.norm1.elementwise_affine
+            and type(blk.norm1) is torch.nn.LayerNorm and _affine(blk.norm1)
             and is_plain(attn.qkv, torch.nn.Linear) and is_plain(attn.proj, torch.nn.Linear)
-            and not has_hooks(blk))
+            and attn.proj.bias is not None and not has_hooks(blk))
+
+
+def _affine(norm: torch.nn.LayerNorm) -> bool:
+    return norm.weight is not None and norm.bias is not None
 
 
 def mlp_eligible(blk, x: torch.Tensor) -> bool:
@@ -256,7 +260,7 @@ def mlp_eligible(blk, x: torch.Tensor) -> bool:
     from .mlp import plain_mlp
 
     return (eligible(blk, x) and plain_mlp(blk.mlp) and type(blk.norm2) is torch.nn.LayerNorm
-            and blk.norm2.elementwise_affine and blk.mlp.fc1.bias is not None and blk.mlp.fc2.bias is not None)
+            and _affine(blk.norm2) and blk.mlp.fc1.bias is not None and blk.mlp.fc2.bias is not None)
 
 
 def mlp_half(blk, x: torch.Tensor) -> torch.Tensor:
