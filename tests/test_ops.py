@@ -163,8 +163,7 @@ def check_fused_block(version, case, mask_padding, device, dtype, tol, autocast=
 
 
 @pytest.mark.skipif(not (CUDA and triton_available()), reason="needs CUDA and Triton")
-@pytest.mark.parametrize("case,mask_padding", [((8, 8, 4, 2), False), ((10, 7, 4, 2), False), ((10, 7, 4, 2), True),
-                                               ((7, 7, 7, 3), False), ((9, 13, 3, 1), True)])
+@pytest.mark.parametrize("case,mask_padding", [((10, 7, 4, 2), True), ((7, 7, 7, 3), False), ((9, 13, 3, 1), False)])
 @pytest.mark.parametrize("version", [1, 2])
 def test_fused_block_matches_reference_cuda(version, case, mask_padding):
     check_fused_block(version, case, mask_padding, "cuda", torch.float32, 1e-4)
