@@ -296,6 +296,26 @@ def test_cpu_tiled_inference_equals_reference(name, size, mask_padding, chunk_to
         assert rel_err(f, r) <= 1e-5
 
 
+@pytest.mark.parametrize("backend", ["triton", "fused"])
+def test_cpu_tiled_serves_the_cuda_backends_on_cpu(backend, monkeypatch):
+    """A model set to a CUDA-kernel backend and run on the CPU takes the chunked path, as "auto" does,
+    not the slower per-block SDPA path (unless Triton's interpreter runs the kernels)."""
+    from swin.ops import cpu_tiled, triton_available
+
+    if not triton_available():
+        pytest.skip("backends triton/fused need the triton package")
+    calls = []
+    run = cpu_tiled.run_blocks
+    monkeypatch.setattr(cpu_tiled, "run_blocks", lambda blocks, x: calls.append(x.shape) or run(blocks, x))
+    model = _random_model("swinv2_micro", backend=backend)
+    x = torch.randn(2, 3, 30, 38)
+    with torch.inference_mode():
+        fast = model(x)
+        model.set_backend("reference")
+        ref = model(x)
+    assert len(calls) == len(model.layers) and rel_err(fast, ref) <= 1e-5
+
+
 def test_cpu_tiled_full_size_swin_t_and_bf16():
     model = _random_model("swin_t", num_classes=10)
     x = torch.randn(2, 3, 224, 224)

@@ -19,7 +19,8 @@ float rounding (tests/test_ops.py).
 
 Used only where it is the same function as the reference and faster: CPU, nothing to differentiate
 (no_grad / inference_mode, or a frozen model and an input without grad), eval mode,
-not inside torch.compile or autocast, backend "auto" or "sdpa", no forward hooks on the blocks
+not inside torch.compile or autocast, backend "auto" or "sdpa" (or "triton"/"fused", whose kernels
+need CUDA), no forward hooks on the blocks
 or anything in them (they would not fire), and every LayerNorm/Linear/GELU the plain module (a LoRA
 wrapper or a quantized layer in their place is called as itself on the per-block path) (:func:`eligible`).
 """
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import windows as W
-from . import autocast_dtype, cached, has_hooks
+from . import _INTERPRET, autocast_dtype, cached, has_hooks
 from .mlp import plain_mlp
 from .sdpa import bias_and_mask, split_qkv, window_indices
 
@@ -44,8 +45,15 @@ def eligible(layer, x: torch.Tensor) -> bool:
         return False  # autograd would need what the per-block path saves (a frozen model needs nothing)
     if torch.compiler.is_compiling() or autocast_dtype("cpu") is not None:
         return False
-    return (all(blk.attn.backend in ("auto", "sdpa") and _plain_block(blk) for blk in layer.blocks)
+    return (all(_cpu_backend(blk.attn.backend) and _plain_block(blk) for blk in layer.blocks)
             and not has_hooks(layer.blocks))
+
+
+def _cpu_backend(name: str) -> bool:
+    """Backends this path serves: "auto", "sdpa", and on a CPU "triton"/"fused" too (their kernels
+    need CUDA, and would otherwise leave a CPU model on the slower per-block SDPA path); under the
+    Triton interpreter those two keep their kernels, which is how they are tested."""
+    return name in ("auto", "sdpa") or (name in ("triton", "fused") and not _INTERPRET)
 
 
 def _plain_block(blk) -> bool:
