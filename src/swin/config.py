@@ -34,8 +34,8 @@ class SwinConfig:
     # False reproduces the official/torchvision/HF numbers; True makes the output independent of padding.
     mask_padding: bool = False
     # Which implementation of window attention to use: "auto" (fastest available), "reference" (the plain
-    # PyTorch spec in model.py), "sdpa", "triton" or "fused" (triton + one kernel per window for the
-    # attention half of a block in inference); see swin.ops. All compute the same function.
+    # PyTorch spec in model.py), "sdpa", "triton" or "fused" ("triton", plus each half of a stage-1 block
+    # as one kernel in inference); see swin.ops. All compute the same function.
     backend: str = "auto"
 
     @property
