@@ -35,16 +35,9 @@ import triton
 import triton.language as tl
 
 from .. import windows as W
-from .triton_window import _bias_tile, _choose, _device_of, _logits, _position_bias, _token_offsets, _unit_rows
+from .triton_window import _bias_tile, _choose, _device_of, _dot, _logits, _position_bias, _token_offsets, _unit_rows
 
 MAX_CHANNELS = 128  # wider tiles spill (sm_90: 270-1300 bytes per thread at C = 192/256)
-
-
-@triton.jit
-def _mm(a, b, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
 
 
 @triton.jit
@@ -83,9 +76,9 @@ def _block_kernel(X, LN_W, LN_B, QKV_W, QKV_B, BIAS, SCALE, PROJ_W, PROJ_B, OUT,
     for h in range(HEADS):
         # this head's columns of the qkv product: (BLOCK_C, BLOCK_D) slices of the (3C, C) weight
         wcol = QKV_W + (h * D + dd)[None, :] * C + cc[:, None]
-        q = _mm(a, tl.load(wcol, mask=wmask, other=0.0), IEEE)
-        k = _mm(a, tl.load(wcol + C * C, mask=wmask, other=0.0), IEEE)
-        v = _mm(a, tl.load(wcol + 2 * C * C, mask=wmask, other=0.0), IEEE)
+        q = _dot(a, tl.load(wcol, mask=wmask, other=0.0), IEEE)
+        k = _dot(a, tl.load(wcol + C * C, mask=wmask, other=0.0), IEEE)
+        v = _dot(a, tl.load(wcol + 2 * C * C, mask=wmask, other=0.0), IEEE)
         if HAS_QKV_BIAS:
             q += tl.load(QKV_B + h * D + dd, mask=dmask, other=0.0).to(tl.float32)[None, :]
             k += tl.load(QKV_B + C + h * D + dd, mask=dmask, other=0.0).to(tl.float32)[None, :]
@@ -102,11 +95,11 @@ def _block_kernel(X, LN_W, LN_B, QKV_W, QKV_B, BIAS, SCALE, PROJ_W, PROJ_B, OUT,
         m = tl.max(s, axis=1)
         p = tl.exp(s - m[:, None])
         p = p / tl.sum(p, axis=1)[:, None]
-        o = _mm(p.to(ty), v, IEEE).to(ty)  # (BLOCK, BLOCK_D): this head's attention output
+        o = _dot(p.to(ty), v, IEEE).to(ty)  # (BLOCK, BLOCK_D): this head's attention output
         # its contribution to the output projection: o times the (BLOCK_D, BLOCK_C) slice of proj^T
         wp = tl.load(PROJ_W + cc[None, :] * C + (h * D + dd)[:, None], mask=dmask[:, None] & cmask[None, :],
                      other=0.0)
-        acc += _mm(o, wp, IEEE)
+        acc += _dot(o, wp, IEEE)
     y = acc + tl.load(PROJ_B + cc, mask=cmask, other=0.0).to(tl.float32)[None, :]
     y = y.to(ty).to(tl.float32)  # rounded as the separate projection's output is
     if POST_NORM:
@@ -147,12 +140,12 @@ def _mlp_kernel(X, LN_W, LN_B, W1, B1, W2, B2, OUT, M, C, HID, eps,
         hmask = (j + jj) < HID
         # fc1's columns j..j+BLOCK_H: a (BLOCK_C, BLOCK_H) slice of the (4C, C) weight, transposed
         w1 = tl.load(W1 + (j + jj)[None, :] * C + cc[:, None], mask=cmask[:, None] & hmask[None, :], other=0.0)
-        h = _mm(a, w1, IEEE) + tl.load(B1 + j + jj, mask=hmask, other=0.0).to(tl.float32)[None, :]
+        h = _dot(a, w1, IEEE) + tl.load(B1 + j + jj, mask=hmask, other=0.0).to(tl.float32)[None, :]
         h = h.to(ty).to(tl.float32)  # rounded as fc1's output is
         h = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))  # exact (erf) GELU
         # fc2's rows for those hidden units: a (BLOCK_H, BLOCK_C) slice of the (C, 4C) weight, transposed
         w2 = tl.load(W2 + cc[None, :] * HID + (j + jj)[:, None], mask=hmask[:, None] & cmask[None, :], other=0.0)
-        acc += _mm(h.to(ty), w2, IEEE)
+        acc += _dot(h.to(ty), w2, IEEE)
     y = acc + tl.load(B2 + cc, mask=cmask, other=0.0).to(tl.float32)[None, :]
     y = y.to(ty).to(tl.float32)  # rounded as fc2's output is
     if POST_NORM:

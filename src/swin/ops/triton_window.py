@@ -83,13 +83,18 @@ def _bias_tile(BIAS, h, N: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """a @ b with fp32 accumulation; IEEE (fp32 inputs): full fp32 products rather than TF32."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
 def _logits(q, k, bias, valid, ys, xs, inside, Hp, Wp, shift, scale,
             WIN: tl.constexpr, HAS_MASK: tl.constexpr, MASK_PAD: tl.constexpr, IEEE: tl.constexpr):
     """(scale * q k^T + bias + shift mask, with -inf past N; and q k^T itself)."""
-    if IEEE:
-        c = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        c = tl.dot(q, tl.trans(k))
+    c = _dot(q, tl.trans(k), IEEE)
     s = c * scale + bias
     if HAS_MASK:
         # the official region labels of the shifted padded map, 3 x 3 slices per axis
@@ -132,10 +137,7 @@ def _fwd_window(pid, h, QKV, BIAS, SCALE, O, LSE, nW, nWx, Hp, Wp, H, W, shift, 
     p = tl.exp(s - m[:, None])
     l = tl.sum(p, axis=1)
     p = p / l[:, None]
-    if IEEE:
-        o = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    else:
-        o = tl.dot(p.to(v.dtype), v)
+    o = _dot(p.to(v.dtype), v, IEEE)
     optr = O + b.to(tl.int64) * sob + yo.to(tl.int64)[:, None] * soh + xo[:, None] * sow + h * D + dd[None, :]
     tl.store(optr, o.to(O.dtype.element_ty), mask=inside[:, None] & dmask[None, :])
     if STORE_LSE:
@@ -201,20 +203,12 @@ def _bwd_kernel(QKV, BIAS, SCALE, O, DO, LSE, DQKV, DBIAS, DSCALE, nW, nWx, Hp, 
         p = tl.exp(s - lse[:, None])
         p = tl.where(valid[:, None] & valid[None, :], p, 0.0)
         delta = tl.sum(do.to(tl.float32) * o, axis=1)  # rowsum(dO * O) = rowsum(P * dP)
-        if IEEE:
-            dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-        else:
-            dv = tl.dot(tl.trans(p.to(do.dtype)), do)
-            dp = tl.dot(do, tl.trans(v))
+        dv = _dot(tl.trans(p.to(do.dtype)), do, IEEE)
+        dp = _dot(do, tl.trans(v), IEEE)
         ds = p * (dp - delta[:, None])
         dbias += ds
-        if IEEE:
-            dq = tl.dot(ds.to(k.dtype), k, input_precision="ieee") * scale
-            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee") * scale
-        else:
-            dq = tl.dot(ds.to(k.dtype), k) * scale
-            dk = tl.dot(tl.trans(ds.to(q.dtype)), q) * scale
+        dq = _dot(ds.to(k.dtype), k, IEEE) * scale
+        dk = _dot(tl.trans(ds.to(q.dtype)), q, IEEE) * scale
         if COSINE:
             dscale += tl.sum(ds * c, axis=1)
             # back through F.normalize: (g - u <g, u>) / n, g / n alone where the norm was clamped
