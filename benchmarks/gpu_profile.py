@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from swin.bench import MODELS, _prepare  # noqa: E402
+from swin.train import atomic_write_text  # noqa: E402
 
 GROUPS = [  # first match wins; kernel names (CUDA) and aten op names (CPU)
     ("matmul", r"gemm|matmul|\bmm\b|addmm|bmm|cutlass|sm90|cublas|linear|xmma|nvjet|wgmma"),
@@ -123,9 +124,7 @@ def main(argv=None) -> int:
             except Exception as exc:  # one failure must not cost the other profiles
                 text = f"# {impl}, {mode}: failed: {type(exc).__name__}: {exc}\n"
                 status = 1
-            tmp = out / f".{impl}_{mode}.txt.tmp"
-            tmp.write_text(text)
-            tmp.replace(out / f"{impl}_{mode}.txt")
+            atomic_write_text(out / f"{impl}_{mode}.txt", text)
             print(text)
     return status
 

@@ -133,10 +133,9 @@ def main(argv=None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
-        out = Path(args.out)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(out)
+        from swin.train import atomic_write_text
+
+        atomic_write_text(args.out, text)
     return 0
 
 

@@ -32,6 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .train import atomic_write_text
+
 # Our model name -> the peers' equivalents (random init: no weights are downloaded).
 MODELS = {
     "swin_t": dict(size=224, timm="swin_tiny_patch4_window7_224", tv="swin_t",
@@ -379,12 +381,6 @@ def to_markdown(entries: list[Entry], info: dict, args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def to_png(entries: list[Entry], info: dict, args, path: Path) -> None:
     """One horizontal bar chart per (model, mode): each implementation's median, the bar's whisker
     its min..max over rounds, labelled with its ratio to the best peer; ours in one colour, peers in
@@ -512,10 +508,10 @@ def main(argv: list[str] | None = None) -> int:
             _summarise(group)
         md = to_markdown(_LIVE, info, args)
         if out:
-            _write_atomic(out / "bench.json", json.dumps({"machine": info, "args": vars(args),
+            atomic_write_text(out / "bench.json", json.dumps({"machine": info, "args": vars(args),
                                                           "entries": [asdict(e) for e in _LIVE],
                                                           "triton_configs": _triton_choices()}, indent=1))
-            _write_atomic(out / "bench.md", md)
+            atomic_write_text(out / "bench.md", md)
             try:
                 to_png(_LIVE, info, args, out / "bench.png")
             except ImportError as exc:  # the chart is a convenience; the numbers are already written
