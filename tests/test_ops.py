@@ -382,6 +382,44 @@ def test_cpu_tiled_only_where_it_is_the_same_function():
     assert not cpu_tiled.eligible(layer, x.clone().requires_grad_(True))
 
 
+@pytest.mark.parametrize("name", ["swin_micro", "swinv2_micro"])
+def test_cpu_tiled_is_one_op_per_stage_inside_torch_compile_and_never_exported(name):
+    """Compiled for CPU inference, each stage is one swin::cpu_stage call (the chunked path runs
+    untraced) and a compiled deep copy computes with its own weights; a training graph and an
+    exported program hold no such op (torch.export must give standard operators only), and
+    torch.jit.trace records the per-block path (it failed on the chunked one)."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    model = _random_model(name)
+    copied = copy.deepcopy(model)
+    with torch.no_grad():
+        copied.head.bias.add_(1.0)
+        copied.layers[0].blocks[0].mlp.fc2.weight.mul_(2.0)
+    x = torch.randn(2, 3, 38, 54)  # padded maps
+    with torch.no_grad():
+        for m in (model, copied):
+            torch._dynamo.reset()
+            out = torch.compile(m, backend=record, fullgraph=True)(x)
+            assert graphs[-1].count("swin.cpu_stage") == len(m.layers)
+            assert rel_err(out, m(x)) <= 1e-6
+        assert rel_err(copied(x), model(x)) > 1e-3  # the two really differ
+    torch._dynamo.reset()
+    model.train()
+    torch.compile(model, backend=record, fullgraph=True)(x).sum().backward()
+    assert "swin.cpu_stage" not in graphs[-1]
+    model.eval()
+    program = torch.export.export(model, (x,))
+    assert "swin" not in str(program.graph)
+    with torch.no_grad():
+        assert rel_err(program.module()(x), model(x)) <= 1e-5
+        traced = torch.jit.trace(model, x, check_trace=False)
+        assert rel_err(traced(x), model(x)) <= 1e-5
+
+
 def test_fast_paths_step_aside_for_forward_hooks():
     """A hook on a block or on an MLP layer still fires (the fast paths would skip those calls)."""
     model = swin.create_model("swin_micro", drop_path_rate=0.0, drop_rate=0.0)

@@ -18,13 +18,21 @@ residual add folded into the projection's accumulate), so the logits match the r
 float rounding (tests/test_ops.py).
 
 Used only where it is the same function as the reference and faster: CPU, nothing to differentiate
-(no_grad / inference_mode, or a frozen model and an input without grad), eval mode,
-not inside torch.compile or autocast, backend "auto" or "sdpa" (or "triton"/"fused", whose kernels
+(no_grad / inference_mode, or a frozen model and an input without grad), eval mode, not under
+autocast, torch.export or torch.jit.trace, backend "auto" or "sdpa" (or "triton"/"fused", whose kernels
 need CUDA), no forward hooks on the blocks
 or anything in them (they would not fire), and every LayerNorm/Linear/GELU the plain module (a LoRA
 wrapper or a quantized layer in their place is called as itself on the per-block path) (:func:`eligible`).
+
+Inside torch.compile a stage is one custom op (``swin::cpu_stage``) that the compiled graph calls and
+does not trace: traced, the chunk loop unrolls into hundreds of small kernels and ran 0.8-0.94x this
+eager path (stop 7); as one op, the compiled model keeps it and inductor compiles what lies between
+the stages. torch.export takes the per-block path instead, so that an exported program holds only
+standard operators.
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +51,7 @@ def eligible(layer, x: torch.Tensor) -> bool:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.blocks.parameters())):
         return False  # autograd would need what the per-block path saves (a frozen model needs nothing)
-    if torch.compiler.is_compiling() or autocast_dtype("cpu") is not None:
+    if _exporting() or torch.jit.is_tracing() or autocast_dtype("cpu") is not None:
         return False
     return (all(_cpu_backend(blk.attn.backend) and _plain_block(blk) for blk in layer.blocks)
             and not has_hooks(layer.blocks))
@@ -73,8 +81,44 @@ def chunk_windows(num_windows: int, tokens_per_window: int) -> int:
     return max(d for d in range(1, want + 1) if num_windows % d == 0)
 
 
+def _exporting() -> bool:
+    """True under torch.export (and, on a torch too old to tell export from compile, under either)."""
+    if not torch.compiler.is_compiling():
+        return False
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return is_exporting is None or is_exporting()
+
+
 def run_blocks(blocks, x: torch.Tensor) -> torch.Tensor:
     """(B, H, W, C) -> (B, H, W, C): ``blocks`` (one stage's) applied in order, inference only."""
+    if torch.compiler.is_compiling():
+        return torch.ops.swin.cpu_stage(x, _stage_key(blocks))
+    return _run_blocks(blocks, x)
+
+
+# -- inside torch.compile: a stage as one op the graph calls -----------------------------------------
+_STAGES: "weakref.WeakValueDictionary[int, torch.nn.Module]" = weakref.WeakValueDictionary()
+
+
+@torch.compiler.assume_constant_result
+def _stage_key(blocks) -> int:
+    """A key for ``blocks`` that the compiled graph holds as a constant, registered while tracing."""
+    _STAGES[id(blocks)] = blocks
+    return id(blocks)
+
+
+@torch.library.custom_op("swin::cpu_stage", mutates_args=(), device_types="cpu")
+def _stage_op(x: torch.Tensor, key: int) -> torch.Tensor:
+    """:func:`run_blocks` on the stage registered under ``key``; reads its current weights."""
+    return _run_blocks(_STAGES[key], x)
+
+
+@_stage_op.register_fake
+def _(x, key):
+    return x.new_empty(x.shape)
+
+
+def _run_blocks(blocks, x: torch.Tensor) -> torch.Tensor:
     B, H, Wd, C = x.shape
     window = W.window_and_shift(H, Wd, blocks[0].window_size, 0)[0]
     Hp, Wp = W.padded_size(H, Wd, window)
