@@ -284,3 +284,21 @@ def test_profile_script_groups_the_time(tmp_path):
         shares = [float(line.split("|")[2].strip().rstrip("%")) for line in text.splitlines()
                   if line.startswith("| ") and line.count("|") == 3 and "%" in line]
         assert abs(sum(shares) - 100.0) < 0.5 and "matmul" in text, text
+
+
+def test_bench_isolated_rounds_run_in_fresh_processes(tmp_path):
+    """--isolate: each (round, implementation) is a child process of the same benchmark; the samples,
+    round 0's parity and a child's failure come back into one table."""
+    from swin import bench
+
+    out = tmp_path / "bench"
+    assert bench.main(["--device", "cpu", "--models", "swin_t", "--modes", "infer", "--impls", "ours,tv,ours-nope",
+                       "--rounds", "2", "--iters", "1", "--warmup", "0", "--batch-infer", "1", "--isolate",
+                       "--out", str(out)]) == 0
+    entries = {e["impl"]: e for e in json.loads((out / "bench.json").read_text())["entries"]}
+    for impl in ("ours", "tv"):
+        assert len(entries[impl]["samples"]) == 2 and entries[impl]["median"] > 0 and entries[impl]["error"] is None
+    assert entries["ours"]["parity_rel_err"] <= 1e-5 and entries["tv"]["vs_best_peer"] == 1.0
+    assert "nope" in entries["ours-nope"]["error"] and not entries["ours-nope"]["samples"]
+    assert (out / "bench.log").read_text().count("(fresh process") == 4
+    assert "each round in fresh processes" in (out / "bench.md").read_text()

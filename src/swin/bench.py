@@ -7,6 +7,11 @@ implementation once per round, so load changes hit all alike), median and spread
 the ratio of each entry to the best peer measured in the same run. Inputs are fresh random
 tensors, rotated among several sets. Writes a markdown table and JSON.
 
+``--isolate`` builds, warms up and times each implementation in a fresh process in every round
+(the order reversed every other round). On a CPU what ran earlier in a process moves the peers'
+speed by up to ~20% (glibc hands multi-MB tensors back and forth with the OS depending on its
+history); a fresh process is how a script runs one model.
+
     PYTHONPATH=src python3 benchmarks/bench.py --device cpu --models swin_t --modes infer,train
     swin bench --device cuda --dtype bf16 --compile
 """
@@ -21,7 +26,9 @@ import os
 import platform
 import signal
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -240,6 +247,8 @@ def _parity(name: str, impl: str, device: str, dtype: torch.dtype, x: torch.Tens
 
 
 def run_mode(name: str, mode: str, impls: list[str], args, log) -> list[Entry]:
+    if args.isolate:
+        return _run_isolated(name, mode, impls, args, log)
     device, dtype = args.device, _DTYPES[args.dtype]
     batch = {"infer": args.batch_infer, "train": args.batch_train, "latency": 1}[mode]
     size = MODELS[name]["size"]
@@ -248,11 +257,7 @@ def run_mode(name: str, mode: str, impls: list[str], args, log) -> list[Entry]:
     timer = _Timer(device)
     unit = "ms" if mode == "latency" else "img/s"
     entries, steps = [], {}
-    for impl in impls:
-        if mode != "latency" and "graph" in impl:
-            continue
-        if mode == "train" and ({"graph", "ro", "freeze"} & set(impl.split("+")[1:])):
-            continue
+    for impl in filter(lambda i: _applies(i, mode), impls):
         e = Entry(name, mode, impl, batch, unit)
         entries.append(e)
         _LIVE.append(e)
@@ -310,6 +315,68 @@ def run_mode(name: str, mode: str, impls: list[str], args, log) -> list[Entry]:
     return entries
 
 
+def _applies(impl: str, mode: str) -> bool:
+    """CUDA graphs time latency only; training is not timed with graphs, reduce-overhead or freezing."""
+    flags = set(impl.split("+")[1:])
+    return not ((mode != "latency" and "graph" in flags) or (mode == "train" and {"graph", "ro", "freeze"} & flags))
+
+
+def _run_isolated(name: str, mode: str, impls: list[str], args, log) -> list[Entry]:
+    """run_mode with every (round, implementation) in a fresh process: ``--rounds 1`` of this same
+    benchmark, whose single sample (and, from round 0, memory and parity) joins the entry here."""
+    batch = {"infer": args.batch_infer, "train": args.batch_train, "latency": 1}[mode]
+    entries = [Entry(name, mode, impl, batch, "ms" if mode == "latency" else "img/s")
+               for impl in impls if _applies(impl, mode)]
+    _LIVE.extend(entries)
+    src = str(Path(__file__).resolve().parents[1])  # the folder holding this package, for the child
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])))
+    for r in range(args.rounds):
+        if _over_budget(args) and r >= 2:
+            log("  time budget reached: stopping rounds early")
+            break
+        for e in entries if r % 2 == 0 else entries[::-1]:
+            if e.error or (r == 0 and _over_budget(args, 1.3)):
+                e.error = e.error or "skipped: time budget"
+                continue
+            with tempfile.TemporaryDirectory(prefix="swin_bench_") as tmp:
+                cmd = [sys.executable, "-m", "swin.bench", *_child_argv(args, name, mode, e.impl, parity=r == 0),
+                       "--out", tmp]
+                t0, stderr = time.perf_counter(), ""
+                try:
+                    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.child_timeout_s)
+                    stderr = proc.stderr
+                    child = json.loads((Path(tmp) / "bench.json").read_text())["entries"][0]
+                except (subprocess.TimeoutExpired, OSError, ValueError, KeyError, IndexError) as exc:
+                    last = stderr.strip().splitlines()[-1:]
+                    e.error = f"isolated run failed: {type(exc).__name__} {' '.join(last)}"[:200]
+                    log(f"  FAILED {name} {mode} {e.impl} (round {r}): {e.error}")
+                    continue
+            if child["error"] or not child["samples"]:
+                e.error = child["error"] or "no sample"
+                log(f"  FAILED {name} {mode} {e.impl}: {e.error}")
+                continue
+            e.samples.append(child["samples"][0])
+            if r == 0:
+                e.peak_gib, e.saved_gib, e.parity_rel_err = child["peak_gib"], child["saved_gib"], child["parity_rel_err"]
+            log(f"  round {r} {name} {mode} {e.impl}: {child['samples'][0]:.2f} {e.unit} "
+                f"(fresh process, {time.perf_counter() - t0:.1f}s)")
+    _summarise(entries)
+    return entries
+
+
+def _child_argv(args, name: str, mode: str, impl: str, parity: bool) -> list[str]:
+    """This run's settings for one (model, mode, implementation) and one round, no isolation."""
+    argv = ["--device", args.device, "--dtype", args.dtype, "--models", name, "--modes", mode, "--impls", impl,
+            "--rounds", "1", "--iters", str(args.iters), "--warmup", str(args.warmup),
+            "--batch-infer", str(args.batch_infer), "--batch-train", str(args.batch_train),
+            "--drop-path", str(args.drop_path)]
+    if args.threads:
+        argv += ["--threads", str(args.threads)]
+    if not (parity and args.parity):
+        argv.append("--no-parity")
+    return argv
+
+
 def _summarise(entries: list[Entry]) -> None:
     for e in entries:
         if e.samples:
@@ -363,7 +430,8 @@ def machine_info(device: str) -> dict:
 
 def to_markdown(entries: list[Entry], info: dict, args) -> str:
     head = (f"{info['date']} | {info.get('gpu') or 'CPU x' + str(info['cpu_count'])} | torch {info['torch']} | "
-            f"{args.dtype} | rounds {args.rounds} x iters {args.iters}")
+            f"{args.dtype} | rounds {args.rounds} x iters {args.iters}"
+            f"{' | each round in fresh processes' if getattr(args, 'isolate', False) else ''}")
     lines = [f"### {head}", ""]
     key = None
     for e in entries:
@@ -453,6 +521,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--budget-s", type=float, default=0, help="stop preparing new entries after this many seconds")
     p.add_argument("--no-parity", dest="parity", action="store_false")
+    p.add_argument("--isolate", action="store_true",
+                   help="every implementation in a fresh process in every round (CPU: what ran earlier in a "
+                        "process moves the peers' speed by up to ~20%%)")
+    p.add_argument("--child-timeout-s", type=float, default=1800, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help="folder for bench.json, bench.md and bench.png")
     a = p.parse_args(argv)
     cuda = a.device == "cuda"
