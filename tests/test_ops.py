@@ -338,6 +338,38 @@ def test_cpu_tiled_full_size_swin_t_and_bf16():
     assert rel_err(fast16, ref) <= 3e-2
 
 
+@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("name,size", [("swin_micro", (46, 30)), ("swinv2_micro", (38, 54))])
+def test_cpu_tiled_under_bf16_autocast(name, size, onednn, monkeypatch):
+    """Under CPU autocast (bf16) every stage runs tiled in bf16, on weight copies made once and
+    renewed after a weight change; the logits are as far from fp32 as the reference path's under
+    the same autocast."""
+    from swin.ops import cpu_tiled
+
+    monkeypatch.setattr(cpu_tiled, "USE_ONEDNN", onednn)
+    calls = []
+    run = cpu_tiled.run_blocks
+    monkeypatch.setattr(cpu_tiled, "run_blocks", lambda blocks, x: calls.append(x.dtype) or run(blocks, x))
+    torch.manual_seed(0)
+    model = swin.create_model(name).eval()
+    ref = copy.deepcopy(model)
+    ref.set_backend("reference")
+    x = torch.randn(2, 3, *size)
+    for step in range(2):
+        with torch.inference_mode():
+            exact = ref(x)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                fast, slow = model(x), ref(x)
+        assert calls == [torch.bfloat16] * len(model.layers) and fast.dtype == torch.bfloat16
+        assert rel_err(fast.float(), exact) <= 1.3 * rel_err(slow.float(), exact) + 1e-3
+        assert rel_err(fast.float(), exact) <= 3e-2
+        calls.clear()
+        with torch.no_grad():  # the cached bf16 copies must follow a weight change
+            for m in (model, ref):
+                m.layers[0].blocks[0].mlp.fc2.weight.mul_(3.0)
+                m.layers[0].blocks[0].attn.qkv.weight.mul_(0.5)
+
+
 def test_cpu_tiled_fc1_gelu_both_ways_and_model_still_copies(monkeypatch):
     from swin.ops import cpu_tiled
 

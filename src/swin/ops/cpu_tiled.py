@@ -19,7 +19,7 @@ float rounding (tests/test_ops.py).
 
 Used only where it is the same function as the reference and faster: CPU, nothing to differentiate
 (no_grad / inference_mode, or a frozen model and an input without grad), eval mode, not under
-autocast, torch.export or torch.jit.trace, backend "auto" or "sdpa" (or "triton"/"fused", whose kernels
+torch.export or torch.jit.trace, backend "auto" or "sdpa" (or "triton"/"fused", whose kernels
 need CUDA), no forward hooks on the blocks
 or anything in them (they would not fire), and every LayerNorm/Linear/GELU the plain module (a LoRA
 wrapper or a quantized layer in their place is called as itself on the per-block path) (:func:`eligible`).
@@ -29,6 +29,11 @@ does not trace: traced, the chunk loop unrolls into hundreds of small kernels an
 eager path (stop 7); as one op, the compiled model keeps it and inductor compiles what lies between
 the stages. torch.export takes the per-block path instead, so that an exported program holds only
 standard operators.
+
+Under CPU autocast (bf16) the blocks' input is already autocast's dtype (the patch embedding's
+convolution made it so) and LayerNorm keeps it: the residual stream is bf16 and every product runs
+in bf16, as on the per-block path. Here the products take bf16 copies of the weights, made once and
+kept until the weights change, instead of autocast casting each weight on every call.
 """
 from __future__ import annotations
 
@@ -51,8 +56,11 @@ def eligible(layer, x: torch.Tensor) -> bool:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.blocks.parameters())):
         return False  # autograd would need what the per-block path saves (a frozen model needs nothing)
-    if _exporting() or torch.jit.is_tracing() or autocast_dtype("cpu") is not None:
+    if _exporting() or torch.jit.is_tracing():
         return False
+    dtype = autocast_dtype("cpu")
+    if dtype is not None and (x.dtype != dtype or torch.compiler.is_compiling()):
+        return False  # under autocast: a stage whose input autocast has made its dtype, eagerly
     return (all(_cpu_backend(blk.attn.backend) and _plain_block(blk) for blk in layer.blocks)
             and not has_hooks(layer.blocks))
 
@@ -126,8 +134,9 @@ def _run_blocks(blocks, x: torch.Tensor) -> torch.Tensor:
     # the stage's token buffer, padded map, flattened; padded rows stay zero throughout
     tokens = W.pad_to_window(x, window).reshape(B * Hp * Wp, C)
     tokens = tokens.clone() if tokens.data_ptr() == x.data_ptr() else tokens.contiguous()
-    for blk in blocks:
-        _run_block(blk, tokens, B, H, Wd, Hp, Wp, padded)
+    with torch.autocast("cpu", enabled=False):  # everything below in the tokens' dtype, weights cast once
+        for blk in blocks:
+            _run_block(blk, tokens, B, H, Wd, Hp, Wp, padded)
     out = tokens.view(B, Hp, Wp, C)
     return out[:, :H, :Wd].contiguous() if padded else out
 
@@ -149,9 +158,12 @@ def _run_block(blk, tokens: torch.Tensor, B: int, H: int, Wd: int, Hp: int, Wp: 
     if mask.shape[0] > 1 and k > nW:  # chunks of whole images: the mask repeated per image
         mask_k = mask.repeat(k // nW, 1, 1, 1)
 
-    qkv_w, qkv_b = attn.qkv.weight.t(), attn.qkv_bias()
-    proj_w, proj_b = attn.proj.weight.t(), attn.proj.bias
+    dtype = tokens.dtype
+    qkv_w, qkv_b = _weight(attn.qkv, "weight", dtype).t(), attn.qkv_bias()
+    qkv_b = None if qkv_b is None else qkv_b.to(dtype)
+    proj_w, proj_b = _weight(attn.proj, "weight", dtype).t(), _weight(attn.proj, "bias", dtype)
     fc1, fc2 = blk.mlp.fc1, blk.mlp.fc2
+    fc2_w, fc2_b = _weight(fc2, "weight", dtype).t(), _weight(fc2, "bias", dtype)
     n1, n2 = blk.norm1, blk.norm2
 
     def attention(h: torch.Tensor, w0: int, kk: int) -> torch.Tensor:
@@ -182,15 +194,24 @@ def _run_block(blk, tokens: torch.Tensor, B: int, H: int, Wd: int, Hp: int, Wp: 
                 h.mul_(keep)  # the reference pads after norm1: padded tokens enter attention as zeros
             xc.add_(proj_b).addmm_(attention(h, w0, kk), proj_w)
             h = F.layer_norm(xc, (C,), n2.weight, n2.bias, n2.eps)
-            xc.add_(fc2.bias).addmm_(fc1_gelu(fc1, h), fc2.weight.t())
+            xc.add_(fc2_b).addmm_(fc1_gelu(fc1, h), fc2_w)
         else:  # V2: res-post-norm
             a = torch.addmm(proj_b, attention(xc, w0, kk), proj_w)
             xc.add_(F.layer_norm(a, (C,), n1.weight, n1.bias, n1.eps))
-            y = torch.addmm(fc2.bias, fc1_gelu(fc1, xc), fc2.weight.t())
+            y = torch.addmm(fc2_b, fc1_gelu(fc1, xc), fc2_w)
             xc.add_(F.layer_norm(y, (C,), n2.weight, n2.bias, n2.eps))
         if keep is not None:
             xc.mul_(keep)  # padded rows go back as zeros (V2 feeds the raw map to attention)
         tokens.index_copy_(0, idx, xc)
+
+
+def _weight(linear, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """``linear.weight`` or ``linear.bias`` in ``dtype`` (bf16 under autocast): the parameter itself,
+    or a copy made once and kept until the parameter changes."""
+    p = getattr(linear, name)
+    if p.dtype == dtype:
+        return p
+    return cached(linear, ("cast", name, dtype), (p,), lambda: p.to(dtype))
 
 
 # -- fc1 + GELU as one oneDNN call ------------------------------------------------------------
@@ -203,7 +224,7 @@ def fc1_gelu(fc1, h: torch.Tensor) -> torch.Tensor:
     (what inductor's freezing pass uses); otherwise addmm then GELU. Same values either way."""
     packed = _packed_weight(fc1, h) if USE_ONEDNN else None
     if packed is None:
-        return F.gelu(torch.addmm(fc1.bias, h, fc1.weight.t()))
+        return F.gelu(torch.addmm(_weight(fc1, "bias", h.dtype), h, _weight(fc1, "weight", h.dtype).t()))
     return torch.ops.mkldnn._linear_pointwise(h, packed, fc1.bias, "gelu", [], "none")
 
 
@@ -217,18 +238,18 @@ def _onednn_ok(dtype: torch.dtype) -> bool:
 
 
 def _packed_weight(linear, h: torch.Tensor):
-    """``linear``'s weight in oneDNN's blocked layout, cached until the weight changes; None where
-    not applicable (no oneDNN, no bias, dtype mismatch, or the op failed here once)."""
+    """``linear``'s weight in ``h``'s dtype in oneDNN's blocked layout, cached until the weight
+    changes; None where not applicable (no oneDNN, no bias, or the op failed here once)."""
     w = linear.weight
-    if linear.bias is None or w.dtype != h.dtype or not _onednn_ok(h.dtype):
+    if linear.bias is None or not _onednn_ok(h.dtype):
         return None
 
     def build():
         try:
-            packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), CHUNK_TOKENS)
+            packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().to(h.dtype), CHUNK_TOKENS)
             torch.ops.mkldnn._linear_pointwise(h[:1], packed, linear.bias, "gelu", [], "none")  # runs here?
             return packed
         except (RuntimeError, NotImplementedError):
             return None
 
-    return cached(linear, ("onednn", tuple(w.shape)), (w, linear.bias), build)
+    return cached(linear, ("onednn", tuple(w.shape), h.dtype), (w, linear.bias), build)
