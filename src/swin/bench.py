@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .train import atomic_write_text
+from .train import atomic_savefig, atomic_write_text
 
 # Our model name -> the peers' equivalents (random init: no weights are downloaded).
 MODELS = {
@@ -484,10 +484,8 @@ def to_png(entries: list[Entry], info: dict, args, path: Path) -> None:
     fig.suptitle(f"{info.get('gpu') or 'CPU x' + str(info['cpu_count'])}, torch {info['torch']}, {args.dtype}, "
                  f"{info['date']}", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    atomic_savefig(fig, path)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

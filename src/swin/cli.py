@@ -336,6 +336,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .train import atomic_savefig
+
     run = Path(args.run_dir)
     path = run / "metrics.jsonl"
     if not path.is_file():
@@ -363,10 +365,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
     fig.suptitle(run.name)
     fig.tight_layout()
     out = Path(args.out) if args.out else run / "metrics.png"
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    atomic_savefig(fig, out)
     plt.close(fig)
-    os.replace(tmp, out)
     print(f"Wrote {out}")
     return 0
 

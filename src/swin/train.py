@@ -248,6 +248,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     os.replace(tmp, path)
 
 
+def atomic_savefig(fig, path: str | os.PathLike, dpi: int = 100) -> None:
+    """Save a matplotlib figure as PNG through a temporary file and a rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=dpi)
+    os.replace(tmp, path)
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The resumable checkpoint with the highest step in ``run_dir`` (None when there is none)."""
     ckpts = sorted(Path(run_dir).glob("ckpt-*.pt"))
