@@ -235,6 +235,7 @@ def test_triton_interpreted_matches_reference_on_cpu():
     # backend "fused" (the attention half as one kernel): fp32 and fp16 per case; compiled model logits
     assert len(report["fused_block_errs"]) == 10 and max(report["fused_block_errs"][0::2]) <= 1e-4, report
     assert max(report["fused_block_errs"][1::2]) <= 1e-2 and report["fused_compiled"] <= 1e-4, report
+    assert len(report["fused_autocast_errs"]) == 2 and max(report["fused_autocast_errs"]) <= 1e-2, report
     assert report["fused_eligible"] == {"eval_no_grad": True, "train_mode": False, "c192": False, "hooked": False,
                                         "replaced_proj": False, "grad_enabled": False}, report
     from swin.ops import triton_window as T  # benchmarks/kernel_bench.py ran every configuration

@@ -72,6 +72,9 @@ def main() -> int:
              for version, case, mask_padding in FUSED_CASES
              for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 1e-2))]
     worst = max(worst, *fused[0::2])
+    # fp32 weights under fp16 autocast: the halves take fp16 copies of the weights made once (ops.param_as)
+    fused_autocast = [check_fused_block(version, case, mask_padding, "cpu", torch.float16, 1e-2, autocast=True)
+                      for version, case, mask_padding in (FUSED_CASES[1], FUSED_CASES[3])]  # V1 and V2, padded
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import kernel_bench  # the GPU kernel benchmark, every configuration, at a tiny size
 
@@ -79,7 +82,8 @@ def main() -> int:
     compiled = {name: compiled_model_errors(name, backend) for name, backend in (("swin_micro", "auto"), ("swinv2_micro", "triton"))}
     worst = max(worst, *(e for errs in compiled.values() for e in errs))
     print(json.dumps({"cases": len(results), "max_rel_err": worst, "results": results, "compiled": compiled,
-                      "fused_block_errs": fused, "fused_compiled": compiled_fused_logits_error(),
+                      "fused_block_errs": fused, "fused_autocast_errs": fused_autocast,
+                      "fused_compiled": compiled_fused_logits_error(),
                       "fused_eligible": fused_eligibility(),
                       "fp16_cases": len(FP16_CASES), "kernel_bench_rows": len(bench_rows)}))
     return 0

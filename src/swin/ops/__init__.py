@@ -111,6 +111,17 @@ def cached(module: torch.nn.Module, slot, params, build):
     return value
 
 
+def param_as(module: torch.nn.Module, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """``module.<name>`` (a weight or bias) in ``dtype``, for inference: the parameter itself, or a
+    copy made once and kept until the parameter changes (made afresh inside torch.compile)."""
+    p = getattr(module, name)
+    if p.dtype == dtype:
+        return p
+    if torch.compiler.is_compiling():
+        return p.to(dtype)
+    return cached(module, ("as", name, dtype), (p,), lambda: p.to(dtype))
+
+
 def invalidate_caches() -> None:
     """Drop every parameter-derived cache; needed only after changing weights in a way PyTorch does
     not record (writing through ``param.data`` or raw storage). Optimizer steps and in-place

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import windows as W
-from . import _INTERPRET, autocast_dtype, cached, has_hooks
+from . import _INTERPRET, autocast_dtype, cached, has_hooks, param_as
 from .mlp import plain_mlp
 from .sdpa import bias_and_mask, split_qkv, window_indices
 
@@ -159,11 +159,11 @@ def _run_block(blk, tokens: torch.Tensor, B: int, H: int, Wd: int, Hp: int, Wp: 
         mask_k = mask.repeat(k // nW, 1, 1, 1)
 
     dtype = tokens.dtype
-    qkv_w, qkv_b = _weight(attn.qkv, "weight", dtype).t(), attn.qkv_bias()
+    qkv_w, qkv_b = param_as(attn.qkv, "weight", dtype).t(), attn.qkv_bias()
     qkv_b = None if qkv_b is None else qkv_b.to(dtype)
-    proj_w, proj_b = _weight(attn.proj, "weight", dtype).t(), _weight(attn.proj, "bias", dtype)
+    proj_w, proj_b = param_as(attn.proj, "weight", dtype).t(), param_as(attn.proj, "bias", dtype)
     fc1, fc2 = blk.mlp.fc1, blk.mlp.fc2
-    fc2_w, fc2_b = _weight(fc2, "weight", dtype).t(), _weight(fc2, "bias", dtype)
+    fc2_w, fc2_b = param_as(fc2, "weight", dtype).t(), param_as(fc2, "bias", dtype)
     n1, n2 = blk.norm1, blk.norm2
 
     def attention(h: torch.Tensor, w0: int, kk: int) -> torch.Tensor:
@@ -205,15 +205,6 @@ def _run_block(blk, tokens: torch.Tensor, B: int, H: int, Wd: int, Hp: int, Wp: 
         tokens.index_copy_(0, idx, xc)
 
 
-def _weight(linear, name: str, dtype: torch.dtype) -> torch.Tensor:
-    """``linear.weight`` or ``linear.bias`` in ``dtype`` (bf16 under autocast): the parameter itself,
-    or a copy made once and kept until the parameter changes."""
-    p = getattr(linear, name)
-    if p.dtype == dtype:
-        return p
-    return cached(linear, ("cast", name, dtype), (p,), lambda: p.to(dtype))
-
-
 # -- fc1 + GELU as one oneDNN call ------------------------------------------------------------
 USE_ONEDNN = True  # set False to always take the plain addmm + GELU below
 
@@ -224,7 +215,7 @@ def fc1_gelu(fc1, h: torch.Tensor) -> torch.Tensor:
     (what inductor's freezing pass uses); otherwise addmm then GELU. Same values either way."""
     packed = _packed_weight(fc1, h) if USE_ONEDNN else None
     if packed is None:
-        return F.gelu(torch.addmm(_weight(fc1, "bias", h.dtype), h, _weight(fc1, "weight", h.dtype).t()))
+        return F.gelu(torch.addmm(param_as(fc1, "bias", h.dtype), h, param_as(fc1, "weight", h.dtype).t()))
     return torch.ops.mkldnn._linear_pointwise(h, packed, fc1.bias, "gelu", [], "none")
 
 

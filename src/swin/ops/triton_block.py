@@ -258,18 +258,18 @@ def mlp_eligible(blk, x: torch.Tensor) -> bool:
 
 def mlp_half(blk, x: torch.Tensor) -> torch.Tensor:
     """(B, H, W, C) -> x + the MLP half of ``blk``, in one kernel."""
-    from . import autocast_dtype
+    from . import autocast_dtype, param_as
 
     dtype = autocast_dtype(x.device.type) or x.dtype
     fc1, fc2, n2 = blk.mlp.fc1, blk.mlp.fc2, blk.norm2
     f32 = lambda t: t.detach().float().contiguous()  # noqa: E731
-    return _mlp_op(x.contiguous(), f32(n2.weight), f32(n2.bias), fc1.weight.to(dtype).contiguous(), f32(fc1.bias),
-                   fc2.weight.to(dtype).contiguous(), f32(fc2.bias), float(n2.eps), blk.post_norm)
+    return _mlp_op(x.contiguous(), f32(n2.weight), f32(n2.bias), param_as(fc1, "weight", dtype), f32(fc1.bias),
+                   param_as(fc2, "weight", dtype), f32(fc2.bias), float(n2.eps), blk.post_norm)
 
 
 def attention_half(blk, x: torch.Tensor) -> torch.Tensor:
     """(B, H, W, C) -> x + the attention half of ``blk`` (a SwinTransformerBlock), in one kernel."""
-    from . import autocast_dtype
+    from . import autocast_dtype, param_as
 
     attn = blk.attn
     H, Wd = x.shape[1], x.shape[2]
@@ -283,6 +283,6 @@ def attention_half(blk, x: torch.Tensor) -> torch.Tensor:
         logit = torch.clamp(attn.logit_scale, max=math.log(100.0)).exp().view(-1).float().contiguous()
     f32 = lambda t: None if t is None else t.detach().float().contiguous()  # noqa: E731
     n1 = blk.norm1
-    return _block_op(x.contiguous(), f32(n1.weight), f32(n1.bias), attn.qkv.weight.to(dtype).contiguous(), f32(qkv_b),
-                     _position_bias(attn, window), logit, attn.proj.weight.to(dtype).contiguous(), f32(attn.proj.bias),
+    return _block_op(x.contiguous(), f32(n1.weight), f32(n1.bias), param_as(attn.qkv, "weight", dtype), f32(qkv_b),
+                     _position_bias(attn, window), logit, param_as(attn.proj, "weight", dtype), f32(attn.proj.bias),
                      attn.num_heads, window, shift, mask_pad, float(attn.scale), float(n1.eps), blk.post_norm)
