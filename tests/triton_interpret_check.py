@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
+import triton_bounds  # noqa: E402
 from test_ops import check_fused_block, check_parity, make_attn, rel_err  # noqa: E402
 from swin import windows as W  # noqa: E402
 import copy  # noqa: E402
@@ -34,6 +35,8 @@ def main() -> int:
     from swin.ops import triton_window as T
 
     assert resolve_backend("triton", torch.zeros(1, 8, 8, 16), 4) == "triton", "interpreter not active"
+    triton_bounds.install()  # every launch below: each masked-in load/store inside a tensor argument
+    bounds_self_test = triton_bounds.self_test()
     worst, results = 0.0, []
     # every case with the first launch configuration, then with the first forward whose programs walk
     # several windows with pipelined loads (a different code path; the backward's programs always do)
@@ -75,6 +78,7 @@ def main() -> int:
     # fp32 weights under fp16 autocast: the halves take fp16 copies of the weights made once (ops.param_as)
     fused_autocast = [check_fused_block(version, case, mask_padding, "cpu", torch.float16, 1e-2, autocast=True)
                       for version, case, mask_padding in (FUSED_CASES[1], FUSED_CASES[3])]  # V1 and V2, padded
+    stage1 = fused_stage1_autocast()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import kernel_bench  # the GPU kernel benchmark, every configuration, at a tiny size
 
@@ -85,7 +89,9 @@ def main() -> int:
                       "fused_block_errs": fused, "fused_autocast_errs": fused_autocast,
                       "fused_compiled": compiled_fused_logits_error(),
                       "fused_eligible": fused_eligibility(),
-                      "fp16_cases": len(FP16_CASES), "kernel_bench_rows": len(bench_rows)}))
+                      "fp16_cases": len(FP16_CASES), "kernel_bench_rows": len(bench_rows),
+                      "fused_stage1": stage1, "bounds_self_test": bounds_self_test,
+                      "bounds": dict(triton_bounds.STATS)}))
     return 0
 
 
@@ -94,6 +100,37 @@ def main() -> int:
 FP16_CASES = [(1, (10, 7, 4, 2), True), (2, (8, 8, 4, 2), False), (2, (10, 7, 4, 2), True)]
 FUSED_CASES = [(1, (8, 8, 4, 2), False), (1, (10, 7, 4, 2), True), (1, (4, 9, 7, 3), False), (2, (10, 7, 4, 2), True),
                (2, (6, 6, 3, 0), False)]
+
+
+def fused_stage1_autocast() -> list[float]:
+    """Backend "fused"'s two kernels at the shape that stopped an H200 with an illegal memory access
+    (stop 12: Swin-T stage 1, 56 x 56 x 96, 3 heads, unshifted and shifted, fp32 input and weights
+    under 16-bit autocast), each launch configuration, under the bounds check; the change each half
+    makes to x against the reference path. Returns the errors (4 per configuration)."""
+    from swin.config import SwinConfig
+    from swin.model import SwinTransformerBlock
+    from swin.ops import fused_attention_half, fused_mlp_half
+    from swin.ops import triton_block as TB
+    from swin.ops import triton_window as T
+
+    cfg = SwinConfig(version=1, embed_dim=96, depths=(2,), num_heads=(3,), window_size=7, img_size=(224, 224),
+                     drop_path_rate=0.0, backend="fused")
+    torch.manual_seed(12)
+    x = torch.randn(1, 56, 56, 96)
+    errs = []
+    for force in range(max(len(TB.BLOCK_CONFIGS), len(TB.MLP_CONFIGS))):
+        T.FORCE_CONFIG = force
+        for shift in (0, 3):
+            blk = SwinTransformerBlock(cfg, 96, 3, shift, 0, 0.0).eval()
+            with torch.no_grad():
+                attn_ref = blk._shifted_window_attention(blk.norm1(x))
+                mlp_ref = blk.mlp(blk.norm2(x))
+                with torch.autocast("cpu", dtype=torch.float16):
+                    attn = fused_attention_half(blk, x) - x
+                    mlp = fused_mlp_half(blk, x) - x
+            errs += [rel_err(attn, attn_ref), rel_err(mlp, mlp_ref)]
+    T.FORCE_CONFIG = None
+    return errs
 
 
 def fused_eligibility() -> dict:

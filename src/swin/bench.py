@@ -584,8 +584,9 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_text(out / "bench.md", md)
             try:
                 to_png(_LIVE, info, args, out / "bench.png")
-            except ImportError as exc:  # the chart is a convenience; the numbers are already written
-                log(f"bench.png skipped: {exc}")
+            except Exception as exc:  # the chart is a convenience; the numbers are already written
+                # (also a matplotlib left half-imported by a SIGTERM that landed during its import)
+                log(f"bench.png skipped: {type(exc).__name__}: {exc}")
         return md
 
     def on_term(signum, frame):  # `timeout` sends SIGTERM: keep the rounds measured so far

@@ -38,6 +38,7 @@ from .. import windows as W
 from .triton_window import _bias_tile, _choose, _device_of, _dot, _logits, _position_bias, _token_offsets, _unit_rows
 
 MAX_CHANNELS = 128  # wider tiles spill (sm_90: 270-1300 bytes per thread at C = 192/256)
+AUTOCAST_ON_CUDA = False  # fp32 x under 16-bit autocast on CUDA: off (see eligible); the GPU probe turns it on
 
 
 @triton.jit
@@ -224,7 +225,8 @@ def _(x, ln_w, ln_b, qkv_w, qkv_b, bias, logit, proj_w, proj_b, heads, window, s
 
 def eligible(blk, x: torch.Tensor) -> bool:
     """True when :func:`attention_half` computes what ``blk``'s attention half computes: backend
-    "fused", nothing to differentiate, eval mode, CUDA (or the interpreter), window <= 8,
+    "fused", nothing to differentiate, eval mode, CUDA (or the interpreter), on CUDA no autocast
+    to a narrower dtype than x's (see below), window <= 8,
     C <= MAX_CHANNELS, plain LayerNorm and Linear layers with their biases and no hooks anywhere in the block."""
     from . import _INTERPRET, autocast_dtype, has_hooks, is_plain
 
@@ -236,6 +238,14 @@ def eligible(blk, x: torch.Tensor) -> bool:
     H, Wd, C = x.shape[1], x.shape[2], x.shape[3]
     window, _ = W.window_and_shift(H, Wd, blk.window_size, blk.shift_size)
     dtype = autocast_dtype(x.device.type) or x.dtype
+    if x.is_cuda and x.dtype != dtype and not AUTOCAST_ON_CUDA:
+        # fp32 residual stream under 16-bit autocast: on an H200 (Triton 3.6, stop 12) a Swin-T at
+        # 224 x 224 stopped here with "an illegal memory access" (batch 2 and 256), while fp32, a
+        # bf16 model and the same autocast at 224 x 248 ran right; the interpreter's bounds check
+        # (tests/triton_bounds.py) finds no access outside a tensor at that shape in any launch
+        # configuration. Until benchmarks/fused_probe.py pins it on a GPU, the block runs its
+        # usual path here ("triton" attention), which is right and costs only this backend's gain.
+        return False
     return (window * window <= 64 and C <= MAX_CHANNELS and attn.head_dim >= 16
             and dtype in (torch.float32, torch.float16, torch.bfloat16)
             and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
