@@ -209,7 +209,7 @@ def test_triton_matches_reference_bf16_cuda(version, case):
 
 
 @pytest.mark.skipif(not (CUDA and triton_available()), reason="needs CUDA and Triton")
-@pytest.mark.parametrize("config", range(5))
+@pytest.mark.parametrize("config", range(4))
 @pytest.mark.parametrize("version", [1, 2])
 def test_triton_every_launch_configuration_cuda(version, config, monkeypatch):
     """The other tests check the configuration the timing picked; here each one is forced, on a map
@@ -217,7 +217,7 @@ def test_triton_every_launch_configuration_cuda(version, config, monkeypatch):
     several windows."""
     from swin.ops import triton_window as T
 
-    assert max(len(T.FWD_CONFIGS), len(T.BWD_CONFIGS)) == 5  # index % len: each is run
+    assert max(len(T.FWD_CONFIGS), len(T.BWD_CONFIGS)) == 4  # index % len: each is run
     monkeypatch.setattr(T, "FORCE_CONFIG", config)
     check_parity("triton", version, (224, 170, 7, 3), True, "cuda", torch.float32, 1e-4)
     check_parity("triton", version, (224, 170, 7, 3), False, "cuda", torch.bfloat16, 1e-2)

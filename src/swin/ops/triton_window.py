@@ -247,12 +247,15 @@ def _geometry(qkv: torch.Tensor, heads: int, window: int):
 # (5 programs per SM), capped at 80 with 8-16 bytes spilled (6); the walking forward (programs
 # striding over windows, the next window's q/k/v/bias copied asynchronously while one computes,
 # 45 KB of shared memory) 150-168 (3), capped at 128 without spilling (4; V2 spills ~100 bytes);
-# the backward (walking, pipelined) 255 (2), capped at 168 / 128 with 240 / 416 bytes spilled (3).
-FWD_CONFIGS = (dict(num_warps=4), dict(num_warps=8), dict(num_warps=4, maxnreg=80),
+# the backward (walking, pipelined) 255 (2).
+# Dropped after the H200 timed them (stop 12, benchmarks/kernel_bench.py, Swin-T's four stages at
+# b256 bf16; never chosen in training b128 either): the forward at 8 warps (1.05-1.9x slower than
+# 4 warps at every stage) and the backward capped at 168 or 128 registers, or at 8 warps (their
+# spills made them 1.2-4x slower than 264 programs uncapped, the fastest at every stage). Each one
+# kept costs a compilation per input signature on the first call.
+FWD_CONFIGS = (dict(num_warps=4), dict(num_warps=4, maxnreg=80),
                dict(num_warps=4, programs=528, stages=2, maxnreg=128), dict(num_warps=4, programs=1056, stages=2))
-BWD_CONFIGS = (dict(programs=1056, num_warps=4), dict(programs=1056, num_warps=4, maxnreg=168),
-               dict(programs=1056, num_warps=4, maxnreg=128), dict(programs=264, num_warps=4),
-               dict(programs=1056, num_warps=8, maxnreg=128))
+BWD_CONFIGS = (dict(programs=1056, num_warps=4), dict(programs=264, num_warps=4))
 _CHOSEN: dict = {}  # (kind, signature) -> index into the configurations
 _CONFIGS: dict = {}  # kind -> its configurations (forward, backward, and triton_block's)
 FORCE_CONFIG: Optional[int] = None  # tests: run this configuration (index) instead of choosing
