@@ -308,3 +308,23 @@ def test_bench_isolated_rounds_run_in_fresh_processes(tmp_path, monkeypatch):
     assert (out / "bench.log").read_text().count("(fresh process") == 4
     assert "each round in fresh processes" in (out / "bench.md").read_text()
     assert "bench.png skipped: AttributeError" in (out / "bench.log").read_text() and not (out / "bench.png").exists()
+
+
+def test_bench_cast_times_a_16_bit_model(tmp_path):
+    """+cast: the model and its input in --dtype (no autocast), ours against the fp32 reference
+    within bf16 rounding; not a training entry; refused in fp32."""
+    pytest.importorskip("timm")
+    from swin import bench
+
+    out = tmp_path / "bench"
+    assert bench.main(["--device", "cpu", "--dtype", "bf16", "--models", "swin_t", "--modes", "infer,train",
+                       "--impls", "ours+cast,timm+cast", "--rounds", "1", "--iters", "1", "--warmup", "0",
+                       "--batch-infer", "1", "--out", str(out)]) == 0
+    entries = {(e["mode"], e["impl"]): e for e in json.loads((out / "bench.json").read_text())["entries"]}
+    assert set(entries) == {("infer", "ours+cast"), ("infer", "timm+cast")}  # no training with +cast
+    ours = entries[("infer", "ours+cast")]
+    assert ours["error"] is None and ours["median"] > 0 and 1e-4 < ours["parity_rel_err"] <= 3e-2, ours
+    assert bench.main(["--device", "cpu", "--models", "swin_t", "--modes", "infer", "--impls", "ours+cast",
+                       "--rounds", "1", "--iters", "1", "--warmup", "0", "--batch-infer", "1", "--out", str(out)]) == 0
+    err = json.loads((out / "bench.json").read_text())["entries"][0]["error"]
+    assert "+cast needs --dtype bf16 or fp16" in err

@@ -115,7 +115,7 @@ def _build(impl: str, name: str, drop_path: float) -> tuple[nn.Module, Callable]
             model = transformers.Swinv2ForImageClassification(cfg)
         return model, lambda x: model(pixel_values=x).logits
     raise ValueError(f"Unknown implementation {impl!r}; use ours[-ref|-sdpa|-triton|-fused], timm, timm-sdpa, tv or hf, "
-                     "with an optional +compile, +graph (CUDA graph) or +ro (compile reduce-overhead).")
+                     "with an optional +compile, +graph (CUDA graph), +ro (compile reduce-overhead) or +cast (a 16-bit model).")
 
 
 def _autocast(device: str, dtype: torch.dtype, cache: bool = True):
@@ -153,6 +153,12 @@ def _prepare(impl: str, name: str, mode: str, device: str, dtype: torch.dtype, b
     model, fwd = _build(impl, name, drop_path)
     model.to(device)
     flags = impl.split("+")[1:]
+    if "cast" in flags:  # a 16-bit model (weights and input in dtype) instead of autocast over fp32
+        if dtype == torch.float32:
+            raise ValueError(f"{impl}: +cast needs --dtype bf16 or fp16")
+        model.to(dtype)
+        inputs = [x.to(dtype) for x in inputs]
+        dtype = torch.float32  # no autocast around it (see _autocast)
     if "plainmlp" in flags:  # ours with autograd's plain MLP (GELU output kept): A/B of swin.ops.mlp
         if not impl.startswith("ours"):
             raise ValueError(f"+plainmlp applies to ours only, not {impl!r}")
@@ -241,8 +247,11 @@ def _parity(name: str, impl: str, device: str, dtype: torch.dtype, x: torch.Tens
     fast.set_backend("reference" if backend == "ref" else backend)
     with torch.inference_mode():
         r = ref(x[:2].float()).double()
-        with _autocast(device, dtype):
-            f = fast(x[:2]).double()
+        if "cast" in impl.split("+")[1:]:  # the 16-bit model against the fp32 reference
+            f = fast.to(dtype)(x[:2].to(dtype)).double()
+        else:
+            with _autocast(device, dtype):
+                f = fast(x[:2]).double()
     return ((f - r).norm() / r.norm()).item()
 
 
@@ -316,9 +325,11 @@ def run_mode(name: str, mode: str, impls: list[str], args, log) -> list[Entry]:
 
 
 def _applies(impl: str, mode: str) -> bool:
-    """CUDA graphs time latency only; training is not timed with graphs, reduce-overhead or freezing."""
+    """CUDA graphs time latency only; training is not timed with graphs, reduce-overhead, freezing or a
+    16-bit model (+cast: training keeps fp32 weights under autocast)."""
     flags = set(impl.split("+")[1:])
-    return not ((mode != "latency" and "graph" in flags) or (mode == "train" and {"graph", "ro", "freeze"} & flags))
+    return not ((mode != "latency" and "graph" in flags)
+                or (mode == "train" and {"graph", "ro", "freeze", "cast"} & flags))
 
 
 def _run_isolated(name: str, mode: str, impls: list[str], args, log) -> list[Entry]:
@@ -508,6 +519,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--impls", default=None,
                    help="comma list, e.g. ours,ours-ref,ours-sdpa,ours-triton,ours-fused,ours+graph,timm,timm+compile,tv,hf "
                         "(+compile: torch.compile, +ro: compile reduce-overhead, +freeze: compile with inductor freezing (inference), +graph: our CUDA-graph runner, "
+                        "+cast: the model and input in --dtype instead of autocast (inference), "
                         "+plainmlp: ours with the plain MLP instead of GELU recomputation)")
     p.add_argument("--compile", action="store_true", help="add +compile variants of ours, timm and hf")
     p.add_argument("--batch-infer", type=int, default=None, help="default: 256 on CUDA, 8 on CPU")
