@@ -251,7 +251,7 @@ def _geometry(qkv: torch.Tensor, heads: int, window: int):
 # Dropped after the H200 timed them (stop 12, benchmarks/kernel_bench.py, Swin-T's four stages at
 # b256 bf16; never chosen in training b128 either): the forward at 8 warps (1.05-1.9x slower than
 # 4 warps at every stage) and the backward capped at 168 or 128 registers, or at 8 warps (their
-# spills made them 1.2-4x slower than 264 programs uncapped, the fastest at every stage). Each one
+# spills made them 1.6-4x slower than 264 programs uncapped, the fastest at every stage). Each one
 # kept costs a compilation per input signature on the first call.
 FWD_CONFIGS = (dict(num_warps=4), dict(num_warps=4, maxnreg=80),
                dict(num_warps=4, programs=528, stages=2, maxnreg=128), dict(num_warps=4, programs=1056, stages=2))
