@@ -37,16 +37,16 @@ tail -n 1 "$OUT/env.txt"
 # timm + compile) and the kernel table; backend "fused" stopped the GPU under bf16 autocast, and the
 # training entries ran two rounds only.
 # 1. which fused launch crashes, each case in its own process, compute-sanitizer on the first crash
-section fused_probe 110 "$PY" benchmarks/fused_probe.py --out "$OUT/fused_probe" --timeout 60
+section fused_probe 100 "$PY" benchmarks/fused_probe.py --out "$OUT/fused_probe" --timeout 60
 
 # 2. Swin-T 224 inference b256 (stop 12: ours+compile 20,824 img/s, timm+compile 12,088), also as
 # 16-bit models (+cast: weights and input in bf16, no autocast), as many deploy
 B="$PY benchmarks/bench.py --device cuda --dtype bf16 --rounds 5 --iters 8 --warmup 3"
-section t_infer 170 $B --models swin_t --modes infer --budget-s 140 --out "$OUT/t_infer" \
+section t_infer 160 $B --models swin_t --modes infer --budget-s 130 --out "$OUT/t_infer" \
   --impls ours,timm+compile,ours+compile,timm+cast+compile,ours+cast+compile
 # backend "fused" on a bf16 model (its kernels run there; under autocast it steps aside), in its own
 # process so that a crash costs only this section; ours+cast+compile again as the same-process baseline
-section t_fused 75 $B --models swin_t --modes infer --budget-s 55 --out "$OUT/t_fused" \
+section t_fused 70 $B --models swin_t --modes infer --budget-s 50 --out "$OUT/t_fused" \
   --impls ours+cast+compile,ours-fused+cast+compile
 
 # 3. the training step b128 (fwd + bwd + AdamW), the decisive three, enough rounds to trust
@@ -54,7 +54,7 @@ section t_train 160 $B --models swin_t --modes train --budget-s 130 --out "$OUT/
   --impls ours,timm-sdpa+compile,ours+compile
 
 # 4. where a compiled training step's time goes (torch.profiler, kernels by group)
-section profile 60 "$PY" benchmarks/gpu_profile.py --device cuda --impls ours+compile --modes train \
+section profile 75 "$PY" benchmarks/gpu_profile.py --device cuda --impls ours+compile --modes train \
   --steps 3 --out "$OUT/profile"
 
 # 5. if time is left: parity of every Triton launch configuration (all passed in stop 12), latency
