@@ -12,7 +12,8 @@ line of a process that died names the launch; the next process resumes after it.
 (attention, MLP) x input dtype (fp32 under bf16 autocast, bf16 model) x map (56 x 56, 56 x 62) x
 unshifted/shifted x each launch configuration, on Swin-T stage 1's block (C = 96, 3 heads), batch 2;
 then the whole model as it crashed. Where compute-sanitizer runs, the first case that crashed is
-run again under its memcheck, which names the faulting access. Results: DIR/fused_probe.md/.json.
+run again under its memcheck, which names the faulting access. Results: DIR/fused_probe.md/.json,
+written after each group (a kill keeps what ran); no new process starts past --budget-s.
 """
 from __future__ import annotations
 
@@ -103,51 +104,29 @@ def child(group: int, skip: int, configs: int | None) -> None:
         print("done", i, json.dumps(dict(case, err=err)), flush=True)
 
 
-def parent(out: Path, timeout: int, groups: list[int], configs: int | None, with_model: bool) -> int:
-    out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1", SWIN_TRITON_TUNE="0")
-    me = [sys.executable, str(Path(__file__).resolve())]
+def _run(cmd: list[str], env: dict, timeout: int) -> subprocess.CompletedProcess:
+    """subprocess.run that turns a timeout into a failed run (returncode None) instead of raising."""
+    try:
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        return subprocess.CompletedProcess(cmd, None, out, err + f"\ntimed out after {timeout}s")
+
+
+def _sanitize(me: list[str], case: dict, configs: int | None, env: dict, timeout: int) -> str:
+    """compute-sanitizer's memcheck on ``case`` (where the tool runs): it names the faulting access."""
+    if not shutil.which("compute-sanitizer"):
+        return ""
+    g = GROUPS.index((case["xdtype"], case["width"]))
+    i = cases(*GROUPS[g], configs).index(case)
     limit = ["--configs", str(configs)] if configs else []
-    rows, crashed = [], []
-    for g in groups:
-        skip = 0
-        while True:
-            t = time.time()
-            p = subprocess.run(me + ["--child", str(g), "--skip", str(skip)] + limit, env=env, capture_output=True,
-                               text=True, timeout=timeout)
-            lines = p.stdout.splitlines()
-            done = [json.loads(ln.split(" ", 2)[2]) for ln in lines if ln.startswith("done ")]
-            rows += [dict(r, status="ok") for r in done]
-            if p.returncode == 0:
-                break
-            started = [ln for ln in lines if ln.startswith("start ")]
-            if not started:  # died before a launch: nothing to resume
-                rows.append(dict(group=GROUPS[g], status="process failed", tail=p.stderr[-800:]))
-                break
-            i, case = int(started[-1].split(" ", 2)[1]), json.loads(started[-1].split(" ", 2)[2])
-            error = next((ln for ln in reversed(p.stderr.splitlines()) if "Error" in ln), p.stderr[-200:])
-            rows.append(dict(case, status="CRASH", error=error.strip()[:200]))
-            crashed.append(case)
-            print(f"  crash in {case} after {time.time() - t:.0f}s: {error.strip()[:120]}", flush=True)
-            skip = i + 1
-    # the whole model as it crashed in the bench
-    model = "not run"
-    if with_model:
-        tuned = {k: v for k, v in env.items() if k != "SWIN_TRITON_TUNE"}  # as the bench: every configuration timed
-        p = subprocess.run(me + ["--model"], env=tuned, capture_output=True, text=True, timeout=timeout)
-        model = p.stdout.strip().splitlines()[-1] if p.returncode == 0 else "CRASH: " + p.stderr.strip()[-300:]
-    sanitizer = ""
-    if crashed and shutil.which("compute-sanitizer"):
-        c = crashed[0]
-        g = GROUPS.index((c["xdtype"], c["width"]))
-        i = cases(*GROUPS[g], configs).index(c)
-        try:
-            s = subprocess.run(["compute-sanitizer", "--tool", "memcheck", "--print-limit", "4"] + me +
-                               ["--child", str(g), "--skip", str(i)] + limit, env=env, capture_output=True, text=True,
-                               timeout=timeout)
-            sanitizer = (s.stdout + s.stderr)[-6000:]
-        except subprocess.TimeoutExpired:
-            sanitizer = "compute-sanitizer timed out"
+    s = _run(["compute-sanitizer", "--tool", "memcheck", "--print-limit", "4"] + me +
+             ["--child", str(g), "--skip", str(i)] + limit, env, timeout)
+    return (s.stdout + s.stderr)[-6000:]
+
+
+def _write(out: Path, rows: list[dict], model: str, sanitizer: str) -> list[str]:
     md = ["| half | x | map | config | shift | status | rel. error / error |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         if "kernel" not in r:
@@ -161,6 +140,46 @@ def parent(out: Path, timeout: int, groups: list[int], configs: int | None, with
         md.append("\ncompute-sanitizer memcheck on the first crash:\n```\n" + sanitizer + "\n```")
     (out / "fused_probe.md").write_text("\n".join(md) + "\n")
     (out / "fused_probe.json").write_text(json.dumps(dict(rows=rows, model=model, sanitizer=sanitizer), indent=1))
+    return md
+
+
+def parent(out: Path, timeout: int, groups: list[int], configs: int | None, with_model: bool,
+           budget_s: float) -> int:
+    """Each group in its own process(es); results written after each, so a kill keeps what ran.
+    Order: the groups, compute-sanitizer as soon as a first crash is seen, the whole model last;
+    no new process starts past ``budget_s``."""
+    t0 = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1", SWIN_TRITON_TUNE="0")
+    me = [sys.executable, str(Path(__file__).resolve())]
+    limit = ["--configs", str(configs)] if configs else []
+    rows, model, sanitizer = [], "not run", ""
+    for g in groups:
+        skip = 0
+        while time.time() - t0 < budget_s:
+            p = _run(me + ["--child", str(g), "--skip", str(skip)] + limit, env, timeout)
+            lines = p.stdout.splitlines()
+            rows += [dict(json.loads(ln.split(" ", 2)[2]), status="ok") for ln in lines if ln.startswith("done ")]
+            if p.returncode == 0:
+                break
+            started = [ln for ln in lines if ln.startswith("start ")]
+            if not started:  # died before a launch: nothing to resume
+                rows.append(dict(group=GROUPS[g], status="process failed", tail=p.stderr[-800:]))
+                break
+            i, case = int(started[-1].split(" ", 2)[1]), json.loads(started[-1].split(" ", 2)[2])
+            error = next((ln for ln in reversed(p.stderr.splitlines()) if "Error" in ln or "timed out" in ln),
+                         p.stderr[-200:])
+            rows.append(dict(case, status="CRASH", error=error.strip()[:200]))
+            print(f"  crash in {case}: {error.strip()[:120]}", flush=True)
+            if not sanitizer and p.returncode is not None:
+                sanitizer = _sanitize(me, case, configs, env, min(timeout, 60))
+            skip = i + 1
+        _write(out, rows, model, sanitizer)
+    if with_model and time.time() - t0 < budget_s:  # the whole model as it crashed in the bench
+        tuned = {k: v for k, v in env.items() if k != "SWIN_TRITON_TUNE"}  # as the bench: every configuration timed
+        p = _run(me + ["--model"], tuned, timeout)
+        model = p.stdout.strip().splitlines()[-1] if p.returncode == 0 else "CRASH: " + p.stderr.strip()[-300:]
+    md = _write(out, rows, model, sanitizer)
     print("\n".join(md[: 2 + len(rows) + 2]))
     return 0
 
@@ -173,6 +192,7 @@ def main() -> int:
                     help=f"comma list of indices into {GROUPS} (input dtype, map width)")
     ap.add_argument("--configs", type=int, help="only the first N launch configurations of each kernel")
     ap.add_argument("--no-model", action="store_true", help="skip the whole-model case")
+    ap.add_argument("--budget-s", type=float, default=600.0, help="start no new process after this many seconds")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--skip", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--model", action="store_true", help=argparse.SUPPRESS)
@@ -183,7 +203,8 @@ def main() -> int:
     if a.child is not None:
         child(a.child, a.skip, a.configs)
         return 0
-    return parent(Path(a.out), a.timeout, [int(g) for g in a.groups.split(",")], a.configs, not a.no_model)
+    return parent(Path(a.out), a.timeout, [int(g) for g in a.groups.split(",")], a.configs, not a.no_model,
+                  a.budget_s)
 
 
 if __name__ == "__main__":

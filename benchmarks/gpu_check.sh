@@ -37,7 +37,7 @@ tail -n 1 "$OUT/env.txt"
 # timm + compile) and the kernel table; backend "fused" stopped the GPU under bf16 autocast, and the
 # training entries ran two rounds only.
 # 1. which fused launch crashes, each case in its own process, compute-sanitizer on the first crash
-section fused_probe 100 "$PY" benchmarks/fused_probe.py --out "$OUT/fused_probe" --timeout 60
+section fused_probe 100 "$PY" benchmarks/fused_probe.py --out "$OUT/fused_probe" --timeout 45 --budget-s 75
 
 # 2. Swin-T 224 inference b256 (stop 12: ours+compile 20,824 img/s, timm+compile 12,088), also as
 # 16-bit models (+cast: weights and input in bf16, no autocast), as many deploy
