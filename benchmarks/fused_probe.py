@@ -42,8 +42,9 @@ def cases(xdtype: str, width: int, configs: int | None = None) -> list[dict]:
     return out
 
 
-def run_case(case: dict) -> float:
-    """One launch as the model makes it; the change to x against the fp32 reference path (rel. error)."""
+def run_case(case: dict, device: str = DEVICE, batch: int = 2) -> float:
+    """One launch as the model makes it; the change to x against the fp32 reference path (rel. error).
+    Also run by tests/triton_interpret_check.py on the CPU, under its bounds check."""
     import torch
 
     from swin.config import SwinConfig
@@ -52,23 +53,23 @@ def run_case(case: dict) -> float:
     from swin.ops import triton_window as T
 
     T.FORCE_CONFIG = case["config"]
-    low = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    low = torch.bfloat16 if device == "cuda" else torch.float16
     cfg = SwinConfig(version=1, embed_dim=96, depths=(2,), num_heads=(3,), window_size=7, img_size=(224, 224),
                      drop_path_rate=0.0, backend="fused")
     torch.manual_seed(case["config"] * 10 + case["shift"])
-    blk = SwinTransformerBlock(cfg, 96, 3, case["shift"], 0, 0.0).to(DEVICE).eval()
-    x = torch.randn(2, 56, case["width"], 96, device=DEVICE)
+    blk = SwinTransformerBlock(cfg, 96, 3, case["shift"], 0, 0.0).to(device).eval()
+    x = torch.randn(batch, 56, case["width"], 96, device=device)
     with torch.no_grad():
         ref = (blk._shifted_window_attention(blk.norm1(x)) if case["kernel"] == "attention"
                else blk.mlp(blk.norm2(x)))
         half = fused_attention_half if case["kernel"] == "attention" else fused_mlp_half
         if case["xdtype"] == "fp32":
-            with torch.autocast(DEVICE, dtype=low):
+            with torch.autocast(device, dtype=low):
                 out = half(blk, x)
         else:
             xb = x.to(low)
             out = half(blk.to(low), xb).float() - xb.float() + x
-        if DEVICE == "cuda":
+        if device == "cuda":
             torch.cuda.synchronize()
     d = out - x
     return float((d - ref).norm() / ref.norm())

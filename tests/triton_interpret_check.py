@@ -78,8 +78,8 @@ def main() -> int:
     # fp32 weights under fp16 autocast: the halves take fp16 copies of the weights made once (ops.param_as)
     fused_autocast = [check_fused_block(version, case, mask_padding, "cpu", torch.float16, 1e-2, autocast=True)
                       for version, case, mask_padding in (FUSED_CASES[1], FUSED_CASES[3])]  # V1 and V2, padded
-    stage1 = fused_stage1_autocast()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    stage1 = fused_stage1_autocast()
     import kernel_bench  # the GPU kernel benchmark, every configuration, at a tiny size
 
     bench_rows = kernel_bench.run(1, torch.float32, "cpu", 1, stages=[(8, 16, 2)], window=4)
@@ -105,30 +105,12 @@ FUSED_CASES = [(1, (8, 8, 4, 2), False), (1, (10, 7, 4, 2), True), (1, (4, 9, 7,
 def fused_stage1_autocast() -> list[float]:
     """Backend "fused"'s two kernels at the shape that stopped an H200 with an illegal memory access
     (stop 12: Swin-T stage 1, 56 x 56 x 96, 3 heads, unshifted and shifted, fp32 input and weights
-    under 16-bit autocast), each launch configuration, under the bounds check; the change each half
-    makes to x against the reference path. Returns the errors (4 per configuration)."""
-    from swin.config import SwinConfig
-    from swin.model import SwinTransformerBlock
-    from swin.ops import fused_attention_half, fused_mlp_half
-    from swin.ops import triton_block as TB
+    under 16-bit autocast), each launch configuration, under the bounds check: the GPU probe's cases
+    (benchmarks/fused_probe.py) at batch 1. Returns each case's error against the reference path."""
+    import fused_probe
     from swin.ops import triton_window as T
 
-    cfg = SwinConfig(version=1, embed_dim=96, depths=(2,), num_heads=(3,), window_size=7, img_size=(224, 224),
-                     drop_path_rate=0.0, backend="fused")
-    torch.manual_seed(12)
-    x = torch.randn(1, 56, 56, 96)
-    errs = []
-    for force in range(max(len(TB.BLOCK_CONFIGS), len(TB.MLP_CONFIGS))):
-        T.FORCE_CONFIG = force
-        for shift in (0, 3):
-            blk = SwinTransformerBlock(cfg, 96, 3, shift, 0, 0.0).eval()
-            with torch.no_grad():
-                attn_ref = blk._shifted_window_attention(blk.norm1(x))
-                mlp_ref = blk.mlp(blk.norm2(x))
-                with torch.autocast("cpu", dtype=torch.float16):
-                    attn = fused_attention_half(blk, x) - x
-                    mlp = fused_mlp_half(blk, x) - x
-            errs += [rel_err(attn, attn_ref), rel_err(mlp, mlp_ref)]
+    errs = [fused_probe.run_case(case, device="cpu", batch=1) for case in fused_probe.cases("fp32", 56)]
     T.FORCE_CONFIG = None
     return errs
 

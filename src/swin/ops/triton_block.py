@@ -260,6 +260,11 @@ def _affine(norm: torch.nn.LayerNorm) -> bool:
     return norm.weight is not None and norm.bias is not None
 
 
+def _fp32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A bias or LayerNorm parameter as the kernels read it: fp32, contiguous, outside autograd."""
+    return None if t is None else t.detach().float().contiguous()
+
+
 def mlp_eligible(blk, x: torch.Tensor) -> bool:
     """As :func:`eligible`, for the MLP half (plain fc1/fc2 with the exact GELU, no dropout)."""
     from .mlp import plain_mlp
@@ -274,9 +279,8 @@ def mlp_half(blk, x: torch.Tensor) -> torch.Tensor:
 
     dtype = autocast_dtype(x.device.type) or x.dtype
     fc1, fc2, n2 = blk.mlp.fc1, blk.mlp.fc2, blk.norm2
-    f32 = lambda t: t.detach().float().contiguous()  # noqa: E731
-    return _mlp_op(x.contiguous(), f32(n2.weight), f32(n2.bias), param_as(fc1, "weight", dtype), f32(fc1.bias),
-                   param_as(fc2, "weight", dtype), f32(fc2.bias), float(n2.eps), blk.post_norm)
+    return _mlp_op(x.contiguous(), _fp32(n2.weight), _fp32(n2.bias), param_as(fc1, "weight", dtype), _fp32(fc1.bias),
+                   param_as(fc2, "weight", dtype), _fp32(fc2.bias), float(n2.eps), blk.post_norm)
 
 
 def attention_half(blk, x: torch.Tensor) -> torch.Tensor:
@@ -293,8 +297,8 @@ def attention_half(blk, x: torch.Tensor) -> torch.Tensor:
     logit = None
     if attn.version == 2:
         logit = torch.clamp(attn.logit_scale, max=math.log(100.0)).exp().view(-1).float().contiguous()
-    f32 = lambda t: None if t is None else t.detach().float().contiguous()  # noqa: E731
     n1 = blk.norm1
-    return _block_op(x.contiguous(), f32(n1.weight), f32(n1.bias), param_as(attn.qkv, "weight", dtype), f32(qkv_b),
-                     _position_bias(attn, window), logit, param_as(attn.proj, "weight", dtype), f32(attn.proj.bias),
+    return _block_op(x.contiguous(), _fp32(n1.weight), _fp32(n1.bias), param_as(attn.qkv, "weight", dtype),
+                     _fp32(qkv_b), _position_bias(attn, window), logit, param_as(attn.proj, "weight", dtype),
+                     _fp32(attn.proj.bias),
                      attn.num_heads, window, shift, mask_pad, float(attn.scale), float(n1.eps), blk.post_norm)
