@@ -7,6 +7,7 @@
 # timm-sdpa + compile, 4. a profile of ours' compiled training step, 5. if time is left: the ops
 # parity tests on the GPU (every Triton launch configuration) and latency b1.
 # benchmarks/kernel_bench.py (the kernels alone, stop 12's table) is not rerun here.
+# ONLY="fused_probe t_infer ..." runs the named sections alone (a device call split in two).
 # Each section is separate and time-boxed: a failure is
 # logged and the rest still runs. Whole script: < 9.5 minutes. A short table is printed last.
 set -u
@@ -21,6 +22,7 @@ T0=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 section() {  # section NAME MAX_SECONDS CMD... ; runs CMD with a timeout of min(MAX, time left - reserve)
   local name="$1" max="$2"; shift 2
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
   local t=$(( $(left) - 15 )); [ "$t" -gt "$max" ] && t="$max"
   if [ "$t" -lt 20 ]; then echo "[$name] skipped: $(left)s left" | tee -a "$OUT/sections.txt"; return; fi
   local s=$(date +%s)
@@ -56,6 +58,10 @@ section t_train 160 $B --models swin_t --modes train --budget-s 130 --out "$OUT/
 # 4. where a compiled training step's time goes (torch.profiler, kernels by group)
 section profile 75 "$PY" benchmarks/gpu_profile.py --device cuda --impls ours+compile --modes train \
   --steps 3 --out "$OUT/profile"
+
+# 4b. where a compiled inference step's time goes (the 16-bit model; run by naming it in ONLY)
+[[ " ${ONLY:-} " == *" profile_infer "* ]] && section profile_infer 75 "$PY" benchmarks/gpu_profile.py \
+  --device cuda --impls ours+cast+compile,ours+compile --modes infer --steps 3 --out "$OUT/profile_infer"
 
 # 5. if time is left: parity of every Triton launch configuration (all passed in stop 12), latency
 section parity 140 "$PY" -m pytest tests/test_ops.py -q -p no:cacheprovider -rfE \
