@@ -79,9 +79,6 @@ def run_model() -> float:
     import torch
 
     import swin
-    from swin.ops import triton_block as TB
-
-    TB.AUTOCAST_ON_CUDA = True
     torch.manual_seed(0)
     low = torch.bfloat16 if DEVICE == "cuda" else torch.float16
     model = swin.create_model("swin_t", backend="fused").to(DEVICE).eval()

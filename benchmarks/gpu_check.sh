@@ -38,6 +38,10 @@ tail -n 1 "$OUT/env.txt"
 # Order (stop 12): what the last run left open first. Stop 12 measured compiled inference (1.72x
 # timm + compile) and the kernel table; backend "fused" stopped the GPU under bf16 autocast, and the
 # training entries ran two rounds only.
+# 0. the newest kernels' GPU parity first (run by naming it in ONLY): fc1 + GELU as one product, backend "fused"
+[[ " ${ONLY:-} " == *" parity_new "* ]] && section parity_new 60 "$PY" -m pytest tests/test_ops.py -q -p no:cacheprovider \
+  -rfE -k "linear_gelu_matches_reference_cuda or fused_block_matches_reference_cuda"
+
 # 1. which fused launch crashes, each case in its own process, compute-sanitizer on the first crash
 section fused_probe 100 "$PY" benchmarks/fused_probe.py --out "$OUT/fused_probe" --timeout 45 --budget-s 75
 
@@ -48,8 +52,8 @@ section t_infer 160 $B --models swin_t --modes infer --budget-s 130 --out "$OUT/
   --impls ours,timm+compile,ours+compile,timm+cast+compile,ours+cast+compile
 # backend "fused" on a bf16 model (its kernels run there; under autocast it steps aside), in its own
 # process so that a crash costs only this section; ours+cast+compile again as the same-process baseline
-section t_fused 70 $B --models swin_t --modes infer --budget-s 50 --out "$OUT/t_fused" \
-  --impls ours+cast+compile,ours-fused+cast+compile
+section t_fused 80 $B --models swin_t --modes infer --budget-s 60 --out "$OUT/t_fused" \
+  --impls ours+cast+compile,ours-fused+cast+compile,ours-fused+compile
 
 # 3. the training step b128 (fwd + bwd + AdamW), the decisive three, enough rounds to trust
 section t_train 160 $B --models swin_t --modes train --budget-s 130 --out "$OUT/t_train" \

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import triton_bounds  # noqa: E402
-from test_ops import check_fused_block, check_parity, make_attn, rel_err  # noqa: E402
+from test_ops import check_fused_block, check_linear_gelu, check_parity, make_attn, rel_err  # noqa: E402
 from swin import windows as W  # noqa: E402
 import copy  # noqa: E402
 
@@ -78,6 +78,12 @@ def main() -> int:
     # fp32 weights under fp16 autocast: the halves take fp16 copies of the weights made once (ops.param_as)
     fused_autocast = [check_fused_block(version, case, mask_padding, "cpu", torch.float16, 1e-2, autocast=True)
                       for version, case, mask_padding in (FUSED_CASES[1], FUSED_CASES[3])]  # V1 and V2, padded
+    # fc1 with GELU in its epilogue (16-bit inference): the product alone, every configuration; a model
+    from swin.ops.triton_linear import CONFIGS as LINEAR_CONFIGS
+
+    linear_gelu = check_linear_gelu("cpu", torch.float16, [(70, 48, 96, True), (33, 96, 384, False)],
+                                    range(len(LINEAR_CONFIGS)))
+    gelu_model = gelu_epilogue_model()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     stage1 = fused_stage1_autocast()
     import kernel_bench  # the GPU kernel benchmark, every configuration, at a tiny size
@@ -90,7 +96,7 @@ def main() -> int:
                       "fused_compiled": compiled_fused_logits_error(),
                       "fused_eligible": fused_eligibility(),
                       "fp16_cases": len(FP16_CASES), "kernel_bench_rows": len(bench_rows),
-                      "fused_stage1": stage1, "bounds_self_test": bounds_self_test,
+                      "fused_stage1": stage1, "linear_gelu_errs": linear_gelu, "gelu_epilogue_model": gelu_model, "bounds_self_test": bounds_self_test,
                       "bounds": dict(triton_bounds.STATS)}))
     return 0
 
@@ -113,6 +119,41 @@ def fused_stage1_autocast() -> list[float]:
     errs = [fused_probe.run_case(case, device="cpu", batch=1) for case in fused_probe.cases("fp32", 56)]
     T.FORCE_CONFIG = None
     return errs
+
+
+def gelu_epilogue_model() -> dict:
+    """A whole model (backend "triton", fp32 weights; "auto" would take the CPU's tiled path here) under
+    fp16 autocast without grad, eager and inside
+    torch.compile(fullgraph=True): each MLP's fc1 + GELU runs as one product (counted), logits
+    against the reference path's under the same autocast. With grad on it must not run."""
+    import swin
+    from swin.ops import triton_linear
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch.manual_seed(0)
+    model = swin.create_model("swin_micro", backend="triton", drop_path_rate=0.0).eval()
+    ref = copy.deepcopy(model)
+    ref.set_backend("reference")
+    x = torch.randn(2, 3, 36, 28)
+    calls = []
+    real = triton_linear.linear_gelu
+    triton_linear.linear_gelu = lambda *a: calls.append(1) or real(*a)
+    try:
+        with torch.autocast("cpu", dtype=torch.float16):
+            model(x)  # grad on: the training MLP, no epilogue product
+            grad_calls = len(calls)
+            with torch.no_grad():
+                out, r = model(x), ref(x)
+    finally:
+        triton_linear.linear_gelu = real
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        compiled = torch.compile(model, backend=counter, fullgraph=True)(x)
+    blocks = sum(len(stage.blocks) for stage in model.layers)
+    return {"calls": len(calls) - grad_calls, "blocks": blocks, "grad_calls": grad_calls,
+            "err": rel_err(out.float(), r.float()), "compiled_err": rel_err(compiled.float(), r.float()),
+            "in_graph": counter.frame_count == 1 and "linear_gelu" in counter.graphs[0].code}
 
 
 def fused_eligibility() -> dict:

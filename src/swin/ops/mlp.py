@@ -94,3 +94,31 @@ class _RecomputeGeluMlp(torch.autograd.Function):
 
 def _linear_into(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
     torch.addmm(b, x, w.t(), out=out) if b is not None else torch.mm(x, w.t(), out=out)
+
+
+def gelu_epilogue_eligible(mlp, x: torch.Tensor) -> bool:
+    """Inference on CUDA (or the Triton interpreter) with 16-bit products: fc1 and GELU run as one
+    Triton product (:mod:`.triton_linear`), fc2 as usual. Any fast backend, nothing to differentiate,
+    no active dropout, plain fc1/fc2/GELU and no hooks."""
+    from . import _INTERPRET, triton_available
+
+    if mlp.backend == "reference" or not (x.is_cuda or _INTERPRET) or torch.is_grad_enabled():
+        return False
+    if mlp.training and (mlp.drop1.p > 0 or mlp.drop2.p > 0):
+        return False
+    dtype = autocast_dtype(x.device.type) or x.dtype
+    fc1 = mlp.fc1
+    return (dtype in (torch.float16, torch.bfloat16) and x.dtype in (torch.float32, dtype)
+            and fc1.in_features % 16 == 0 and fc1.out_features % 16 == 0 and plain_mlp(mlp)
+            and not has_hooks(mlp) and triton_available())
+
+
+def mlp_gelu_epilogue(mlp, x: torch.Tensor) -> torch.Tensor:
+    """(..., C) -> (..., C): ``mlp.fc2(GELU(mlp.fc1(x)))`` with fc1's GELU in the product's epilogue."""
+    from . import param_as
+    from .triton_linear import linear_gelu
+
+    dtype = autocast_dtype(x.device.type) or x.dtype
+    fc1 = mlp.fc1
+    bias = None if fc1.bias is None else param_as(fc1, "bias", dtype)  # as autocast rounds it for F.linear
+    return mlp.fc2(linear_gelu(x.to(dtype), param_as(fc1, "weight", dtype), bias))

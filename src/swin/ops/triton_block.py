@@ -40,7 +40,6 @@ from .. import windows as W
 from .triton_window import _bias_tile, _choose, _device_of, _dot, _logits, _position_bias, _token_offsets, _unit_rows
 
 MAX_CHANNELS = 128  # wider tiles spill (sm_90: 270-1300 bytes per thread at C = 192/256)
-AUTOCAST_ON_CUDA = False  # fp32 x under 16-bit autocast on CUDA: off (see eligible); the GPU probe turns it on
 
 
 @triton.jit
@@ -115,8 +114,12 @@ def _block_kernel(X, LN_W, LN_B, QKV_W, QKV_B, BIAS, SCALE, PROJ_W, PROJ_B, OUT,
 # sm_90, bf16, Swin-T stage 1 (benchmarks/triton_resources.py): 8 warps, the head loop's weight loads
 # pipelined (2 stages): 238-250 registers, no spills, 106 KB shared memory, one program per SM; not
 # pipelined: 255 (V2 spills 264 bytes), 41 KB; 4 warps: 255 with 104-136 bytes spilled, two per SM.
-# Timed once per input signature on the GPU, as triton_window's launches.
-BLOCK_CONFIGS = (dict(num_warps=8, num_stages=2), dict(num_warps=8, num_stages=1), dict(num_warps=4, num_stages=2))
+# Timed once per input signature on the GPU, as triton_window's launches. The unpipelined 8-warp launch
+# (num_stages=1) is gone: on an H200 (Triton 3.6, stop 13, benchmarks/fused_probe.py) it, and no other
+# launch of either kernel, stopped the GPU with "an illegal memory access" at 56 x 56 and 56 x 62,
+# shifted and not, with an fp32 input under bf16 autocast; the interpreter's bounds check finds every
+# access of that launch inside its tensors, so it is taken for a miscompilation.
+BLOCK_CONFIGS = (dict(num_warps=8, num_stages=2), dict(num_warps=4, num_stages=2))
 
 
 @triton.jit
@@ -227,8 +230,7 @@ def _(x, ln_w, ln_b, qkv_w, qkv_b, bias, logit, proj_w, proj_b, heads, window, s
 
 def eligible(blk, x: torch.Tensor) -> bool:
     """True when :func:`attention_half` computes what ``blk``'s attention half computes: backend
-    "fused", nothing to differentiate, eval mode, CUDA (or the interpreter), on CUDA no autocast
-    to a narrower dtype than x's (see below), window <= 8,
+    "fused", nothing to differentiate, eval mode, CUDA (or the interpreter), window <= 8,
     C <= MAX_CHANNELS, plain LayerNorm and Linear layers with their biases and no hooks anywhere in the block."""
     from . import _INTERPRET, autocast_dtype, has_hooks, is_plain
 
@@ -240,14 +242,6 @@ def eligible(blk, x: torch.Tensor) -> bool:
     H, Wd, C = x.shape[1], x.shape[2], x.shape[3]
     window, _ = W.window_and_shift(H, Wd, blk.window_size, blk.shift_size)
     dtype = autocast_dtype(x.device.type) or x.dtype
-    if x.is_cuda and x.dtype != dtype and not AUTOCAST_ON_CUDA:
-        # fp32 residual stream under 16-bit autocast: on an H200 (Triton 3.6, stop 12) a Swin-T at
-        # 224 x 224 stopped here with "an illegal memory access" (batch 2 and 256), while fp32, a
-        # bf16 model and the same autocast at 224 x 248 ran right; the interpreter's bounds check
-        # (tests/triton_bounds.py) finds no access outside a tensor at that shape in any launch
-        # configuration. Until benchmarks/fused_probe.py pins it on a GPU, the block runs its
-        # usual path here ("triton" attention), which is right and costs only this backend's gain.
-        return False
     return (window * window <= 64 and C <= MAX_CHANNELS and attn.head_dim >= 16
             and dtype in (torch.float32, torch.float16, torch.bfloat16)
             and x.dtype in (torch.float32, torch.float16, torch.bfloat16)

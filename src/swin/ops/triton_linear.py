@@ -1,0 +1,115 @@
+"""fc1 with GELU in its epilogue: ``GELU(x @ W^T + b)`` as one Triton matrix product (inference, CUDA).
+
+Compiled Swin-T inference on an H200 (stop 13 profile, bf16, batch 256) spent 18% of its kernel time
+in inductor's GELU passes alone: cuBLAS writes fc1's (tokens, 4C) output, GELU reads it and writes
+it again. At stage 1 that is 0.6 GB each way per block, for an elementwise function. Here the GELU is
+applied to the product's tile while it is still in registers, so the hidden layer is written once.
+
+The values are the plain module's: the product accumulates in fp32, adds the bias, is rounded to the
+output dtype (as fc1's output is), then the exact (erf) GELU is taken in fp32 and rounded again (as
+``F.gelu`` on a 16-bit tensor does). Only for 16-bit products (bf16/fp16: autocast or a 16-bit model);
+fp32 keeps cuBLAS. ``linear_gelu_reference`` is the plain function it is tested against.
+
+Launch configurations (tile sizes, warps, pipeline stages) are timed once per input signature on the
+GPU, like the attention kernels' (``triton_window._choose``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .triton_window import _choose, _device_of
+
+
+def linear_gelu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.gelu(F.linear(x, weight, bias))
+
+
+@triton.jit
+def _linear_gelu_kernel(X, Wt, B, OUT, M, N, K, stride_xm, stride_om,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """One (BLOCK_M, BLOCK_N) tile of GELU(X W^T + B); X (M, K) rows at stride_xm, W (N, K) contiguous,
+    K a multiple of BLOCK_K. Programs are ordered GROUP_M row tiles at a time, so that the weight
+    columns and those rows stay in L2 while their tiles run."""
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % rows_in_group
+    pid_n = (pid % per_group) // rows_in_group
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    row_ok = rm < M
+    col_ok = rn < N
+    a_ptr = X + rm[:, None] * stride_xm + rk[None, :]
+    w_ptr = Wt + rn[None, :] * K + rk[:, None]  # (BLOCK_K, BLOCK_N): W^T's tile, read from W's rows
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for _ in range(0, K, BLOCK_K):
+        a = tl.load(a_ptr, mask=row_ok[:, None], other=0.0)
+        w = tl.load(w_ptr, mask=col_ok[None, :], other=0.0)
+        acc = tl.dot(a, w, acc)
+        a_ptr += BLOCK_K
+        w_ptr += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(B + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    h = acc.to(OUT.dtype.element_ty).to(tl.float32)  # rounded as fc1's output is
+    y = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))  # exact (erf) GELU
+    tl.store(OUT + rm[:, None] * stride_om + rn[None, :], y.to(OUT.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); BLOCK_K shrinks to divide K. Swin's fc1 shapes at batch
+# 256: (802816 x 96 -> 384), (200704 x 192 -> 768), (50176 x 384 -> 1536), (12544 x 768 -> 3072): the
+# first two write-bound, the last two product-bound. sm_90 (ptxas): 155-158 registers, no spills, except
+# the 128 x 256 tile (255, 48-56 bytes spilled in the GELU epilogue); 128 x 128 at 4 warps spilled too.
+CONFIGS = (dict(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
+           dict(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4),
+           dict(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=4),
+           dict(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3))
+
+
+def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """16-bit operands of one dtype, K and N multiples of 16, rows of x contiguous."""
+    N, K = weight.shape
+    return (x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype and K % 16 == 0
+            and N % 16 == 0 and x.shape[-1] == K)
+
+
+@torch.library.custom_op("swin::linear_gelu", mutates_args=())
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(..., K) x, (N, K) weight, (N,) bias (any float dtype; read as fp32) -> GELU(x W^T + b), (..., N)
+    in x's dtype. x and weight 16-bit, of one dtype (see :func:`supports`)."""
+    N, K = weight.shape
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    weight = weight.contiguous()
+    M = x2.shape[0]
+    out = torch.empty(M, N, device=x.device, dtype=x.dtype)
+
+    def launch(config):
+        bk = config["block_k"]
+        while K % bk:
+            bk //= 2
+        grid = (triton.cdiv(M, config["block_m"]) * triton.cdiv(N, config["block_n"]),)
+        _linear_gelu_kernel[grid](x2, weight, weight if bias is None else bias, out, M, N, K, x2.stride(0),
+                                  out.stride(0), BLOCK_M=config["block_m"], BLOCK_N=config["block_n"],
+                                  BLOCK_K=bk, GROUP_M=8, HAS_BIAS=bias is not None,
+                                  num_warps=config["num_warps"], num_stages=config["num_stages"])
+
+    if M:
+        with _device_of(x):
+            _choose("linear_gelu", (M, N, K, x.dtype), CONFIGS, launch, x.is_cuda)
+    return out.view(*x.shape[:-1], N)
+
+
+@linear_gelu.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
