@@ -23,6 +23,9 @@ from swin.bench import MODELS, _prepare  # noqa: E402
 from swin.train import atomic_write_text  # noqa: E402
 
 GROUPS = [  # first match wins; kernel names (CUDA) and aten op names (CPU)
+    # inductor names a fused kernel after every op it read, custom ops included: a LayerNorm kernel
+    # reading swin::linear_gelu's output is "triton_per_fused_..._linear_gelu_native_layer_norm_..."
+    ("norm", r"^triton_\w*native_layer_norm"),
     ("matmul", r"gemm|matmul|\bmm\b|addmm|bmm|cutlass|sm90|cublas|linear|xmma|nvjet|wgmma"),
     ("attention", r"attention|flash|fmha|sdpa|softmax|_fwd_kernel|_bwd_kernel|window"),
     ("norm", r"layer_norm|layernorm|norm"),

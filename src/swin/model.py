@@ -320,7 +320,7 @@ class Mlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if mlp_ops.eligible(self, x):  # training: the same function, saving one hidden tensor, not two
             return mlp_ops.mlp_recompute_gelu(self, x)
-        if mlp_ops.gelu_epilogue_eligible(self, x):  # CUDA inference: fc1's output written once, GELU'd
+        if mlp_ops.gelu_epilogue_eligible(self, x):  # backend "fused", CUDA inference: fc1 + GELU, one product
             return mlp_ops.mlp_gelu_epilogue(self, x)
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 

@@ -14,7 +14,8 @@ Backends:
   the output back in token layout (forward and backward). Windows of up to 64 tokens.
 - ``"fused"``: as "triton", and in inference each half of a block with at most 128 channels as one
   kernel: LayerNorm, qkv, attention, projection and residual per window; LayerNorm, fc1, GELU, fc2
-  and residual per tile of tokens (``triton_block.py``); opt-in until a GPU run shows it faster.
+  and residual per tile of tokens (``triton_block.py``); in wider blocks fc1 + GELU as one product
+  (``triton_linear.py``); opt-in until a GPU run shows it faster.
 - ``"auto"`` (the default): triton on CUDA when Triton is importable and the window fits, eager
   or inside torch.compile (the kernels are custom operators there; H200, stop 9: 1.59x the SDPA
   path compiled for inference, 1.10x for training), sdpa otherwise (CPU, windows over 8).
