@@ -300,6 +300,7 @@ def test_whole_model_logits_equal_reference(name, size):
     model = swin.create_model(name, num_classes=10).eval()
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
+        model.set_backend("reference")
         ref = model(x)
         for backend in ("sdpa", "auto"):
             model.set_backend(backend)
@@ -307,6 +308,40 @@ def test_whole_model_logits_equal_reference(name, size):
             assert rel_err(out, ref) <= 1e-5, backend
             assert (out - ref).abs().max().item() <= 1e-4
         model.set_backend("reference")
+
+
+def test_patch_embed_as_one_product_equals_convolution(monkeypatch):
+    """On CUDA the stem's k = s = P convolution runs as one product over the gathered patches; forced
+    here on the CPU: output and every gradient equal the convolution's (padded, non-square input);
+    the "reference" backend and a hooked projection keep the convolution (and the hook fires)."""
+    from swin.model import PatchEmbed
+
+    torch.manual_seed(0)
+    fast = PatchEmbed(4, 3, 32, backend="auto")
+    with torch.no_grad():
+        fast.norm.weight.add_(torch.randn(32) * 0.3)
+    ref = copy.deepcopy(fast)
+    ref.backend = "reference"
+    convs = []
+    real_forward = torch.nn.Conv2d.forward
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", lambda m, x: convs.append(1) or real_forward(m, x))
+    monkeypatch.setattr(PatchEmbed, "PRODUCT_DEVICES", ("cpu",))
+    x = torch.randn(2, 3, 30, 21)
+    outs = {}
+    for name, module in (("fast", fast), ("ref", ref)):
+        xi = x.clone().requires_grad_(True)
+        out = module(xi)
+        out.backward(torch.randn_like(out, generator=torch.Generator().manual_seed(1)))
+        outs[name] = [out, xi.grad] + [p.grad for p in module.parameters()]
+        if name == "fast":
+            assert convs == [] and out.shape == (2, 8, 6, 32)
+    assert convs == [1]
+    for a, b in zip(outs["fast"], outs["ref"]):
+        assert rel_err(a, b) <= 1e-5
+    fired = []
+    fast.proj.register_forward_hook(lambda m, i, o: fired.append(1))
+    fast(x)
+    assert fired == [1] and convs == [1, 1]
 
 
 # -- CPU inference, chunk by chunk in cache (swin.ops.cpu_tiled) -------------------------------
