@@ -5,7 +5,8 @@
 # vs timm-sdpa + compile (not rerun with enough rounds since stop 9), 2. Swin-T 224 bf16 inference
 # b256 vs timm + compile, with autocast and as 16-bit models, 3. backend "fused" end to end in its
 # own process, 4. a profile of ours' compiled training step, 5. if time is left: the ops parity
-# tests on the GPU (every Triton launch configuration) and latency b1. By name only (ONLY=...):
+# tests on the GPU (every Triton launch configuration) and latency b1; 3b. the fc1 + GELU product
+# alone (kernel_bench --linear-only). By name only (ONLY=...):
 # fused_probe (backend "fused"'s launches one process each; pinned stop 13's crash), profile_infer.
 # benchmarks/kernel_bench.py (the kernels alone, stop 12's table) is not rerun here.
 # ONLY="fused_probe t_infer ..." runs the named sections alone (a device call split in two).
@@ -54,8 +55,11 @@ section t_infer 150 $B --models swin_t --modes infer --budget-s 120 --out "$OUT/
   --impls ours,timm+compile,ours+compile,timm+cast+compile,ours+cast+compile
 # 3. backend "fused" (opt-in) end to end, in its own process so that a crash costs only this
 # section; ours+cast+compile again as the same-process baseline (three compilations: ~75 s)
-section t_fused 130 $B --models swin_t --modes infer --budget-s 110 --out "$OUT/t_fused" \
+section t_fused 110 $B --models swin_t --modes infer --budget-s 95 --out "$OUT/t_fused" \
   --impls ours+cast+compile,ours-fused+cast+compile,ours-fused+compile
+# 3b. fc1 + GELU as one product alone, each configuration, vs cuBLAS + GELU and cuBLAS alone (stop 13:
+# 4.0 ms for the twelve in a model where cuBLAS + GELU took 3.8)
+section k_linear 45 "$PY" benchmarks/kernel_bench.py --linear-only --batch 256 --out "$OUT/k_linear.md"
 
 # which fused launch crashes, each case in its own process, compute-sanitizer on the first crash
 [[ " ${ONLY:-} " == *" fused_probe "* ]] && section fused_probe 100 "$PY" benchmarks/fused_probe.py \

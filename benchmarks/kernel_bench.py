@@ -9,7 +9,8 @@ and the output written; the backward also reads the output and its gradient and 
 as GB/s against the card's bandwidth: how far a kernel is from the memory bound. Runs on the CPU
 under ``TRITON_INTERPRET=1`` at tiny sizes (how it is tested); CPU timings mean nothing. Where C <= 128
 (stage 1), also backend "fused"'s attention and MLP halves, each one kernel, against the same work as
-separate calls; their GB/s count x read and the output written.
+separate calls; their GB/s count x read and the output written. In 16-bit, also fc1 with GELU in a
+Triton product's epilogue (backend "fused", wider blocks) against cuBLAS + GELU and cuBLAS alone.
 """
 from __future__ import annotations
 
@@ -59,6 +60,39 @@ def run(batch: int, dtype: torch.dtype, device: str, iters: int, stages=STAGES, 
         T.FORCE_CONFIG = None
         if C <= 128:  # backend "fused": the attention half as one kernel vs the same work as separate calls
             rows += _block_rows(timer, batch, side, C, heads, window, shift, dtype, device, iters)
+        if dtype != torch.float32:  # fc1 + GELU as one Triton product (16-bit only) vs cuBLAS + GELU
+            rows += linear_rows(timer, batch * side * side, C, dtype, device, iters, f"{side}x{side}x{C}")
+    return rows
+
+
+def linear_rows(timer, M: int, C: int, dtype, device, iters, stage: str = "") -> list[dict]:
+    """fc1 with GELU in the product's epilogue (swin.ops.triton_linear), each launch configuration,
+    against cuBLAS's fc1 followed by GELU and against cuBLAS's fc1 alone (the floor a fused product
+    should reach): (M, C) -> (M, 4C). GB/s count x read and the hidden layer written once; TFLOP/s
+    the product's 2 M C 4C."""
+    import torch.nn.functional as F
+
+    from swin.ops import triton_linear as TL
+    from swin.ops import triton_window as T
+
+    g = torch.Generator(device=device).manual_seed(2)
+    x = torch.randn(M, C, device=device, dtype=dtype, generator=g)
+    w = (torch.randn(4 * C, C, device=device, generator=g) * C ** -0.5).to(dtype)
+    b = torch.randn(4 * C, device=device, generator=g).to(dtype)
+    nbytes = (M * C + M * 4 * C) * x.element_size()
+    flop = 2 * M * C * 4 * C
+    forced = T.FORCE_CONFIG
+    cases = [("fc1+GELU: one product", i, lambda: TL.linear_gelu(x, w, b)) for i in range(len(TL.CONFIGS))]
+    cases += [("fc1+GELU: cuBLAS, then GELU", None, lambda: F.gelu(F.linear(x, w, b))),
+              ("fc1 alone: cuBLAS", None, lambda: F.linear(x, w, b))]
+    rows = []
+    for name, index, fn in cases:
+        T.FORCE_CONFIG = index
+        fn()  # compile, warm up
+        us = timer(lambda i: fn(), iters) * 1e6
+        rows.append(dict(stage=stage or f"{M}x{C}", kind=name, config="" if index is None else TL.CONFIGS[index],
+                         us=us, gbps=nbytes / us / 1e3, tflops=flop / us / 1e6))
+    T.FORCE_CONFIG = forced
     return rows
 
 
@@ -122,14 +156,25 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", default=None, help="also write the table to this file")
+    p.add_argument("--linear-only", action="store_true", help="only the fc1 + GELU products, each stage")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    rows = run(args.batch, dtype, "cuda" if cuda else "cpu", args.iters)
+    if args.linear_only:
+        from swin.bench import _Timer
+
+        device = "cuda" if cuda else "cpu"
+        rows = [r for side, C, _ in STAGES
+                for r in linear_rows(_Timer(device), args.batch * side * side, C, dtype, device, args.iters,
+                                     f"{side}x{side}x{C}")]
+    else:
+        rows = run(args.batch, dtype, "cuda" if cuda else "cpu", args.iters)
     name = torch.cuda.get_device_name() if cuda else "CPU (Triton interpreter: timings mean nothing)"
     lines = [f"{name}, torch {torch.__version__}, {args.dtype}, batch {args.batch}, window 7", "",
-             "| stage | kernel | configuration | us per call | GB/s moved |", "|---|---|---|---|---|"]
-    lines += [f"| {r['stage']} | {r['kind']} | {r['config']} | {r['us']:.1f} | {r['gbps']:.0f} |" for r in rows]
+             "| stage | kernel | configuration | us per call | GB/s moved | TFLOP/s |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['stage']} | {r['kind']} | {r['config']} | {r['us']:.1f} | {r['gbps']:.0f} | "
+              f"{r['tflops']:.0f} |" if "tflops" in r else
+              f"| {r['stage']} | {r['kind']} | {r['config']} | {r['us']:.1f} | {r['gbps']:.0f} | |" for r in rows]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -288,6 +288,7 @@ def test_triton_interpreted_matches_reference_on_cpu():
     # fc1 + GELU as one product: fp16, every configuration; a model under autocast, eager and compiled
     from swin.ops.triton_linear import CONFIGS as LINEAR_CONFIGS
 
+    assert report["linear_bench_rows"] == len(LINEAR_CONFIGS) + 2, report  # kernel_bench's product table
     assert len(report["linear_gelu_errs"]) == 2 * len(LINEAR_CONFIGS) and max(report["linear_gelu_errs"]) <= 1e-2, report
     gm = report["gelu_epilogue_model"]
     assert gm["calls"] == gm["blocks"] > 0 and gm["grad_calls"] == 0 and gm["in_graph"] is True, report

@@ -89,6 +89,9 @@ def main() -> int:
     import kernel_bench  # the GPU kernel benchmark, every configuration, at a tiny size
 
     bench_rows = kernel_bench.run(1, torch.float32, "cpu", 1, stages=[(8, 16, 2)], window=4)
+    from swin.bench import _Timer
+
+    linear_bench_rows = kernel_bench.linear_rows(_Timer("cpu"), 40, 32, torch.float16, "cpu", 1)
     compiled = {name: compiled_model_errors(name, backend) for name, backend in (("swin_micro", "auto"), ("swinv2_micro", "triton"))}
     worst = max(worst, *(e for errs in compiled.values() for e in errs))
     print(json.dumps({"cases": len(results), "max_rel_err": worst, "results": results, "compiled": compiled,
@@ -96,6 +99,7 @@ def main() -> int:
                       "fused_compiled": compiled_fused_logits_error(),
                       "fused_eligible": fused_eligibility(),
                       "fp16_cases": len(FP16_CASES), "kernel_bench_rows": len(bench_rows),
+                      "linear_bench_rows": len(linear_bench_rows),
                       "fused_stage1": stage1, "linear_gelu_errs": linear_gelu, "gelu_epilogue_model": gelu_model, "bounds_self_test": bounds_self_test,
                       "bounds": dict(triton_bounds.STATS)}))
     return 0
