@@ -339,6 +339,8 @@ def test_patch_embed_as_one_product_equals_convolution(monkeypatch):
     assert convs == [1]
     for a, b in zip(outs["fast"], outs["ref"]):
         assert rel_err(a, b) <= 1e-5
+    cl = x.contiguous(memory_format=torch.channels_last)  # another layout: the same patches
+    assert rel_err(fast(cl), outs["ref"][0]) <= 1e-5 and convs == [1]
     fired = []
     fast.proj.register_forward_hook(lambda m, i, o: fired.append(1))
     fast(x)
