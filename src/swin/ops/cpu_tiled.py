@@ -155,12 +155,15 @@ def _run_block(blk, tokens: torch.Tensor, B: int, H: int, Wd: int, Hp: int, Wp: 
         real = real.view(-1)[fwd].view(-1, 1)
     mask = bias_and_mask(attn, H, Wd, window, shift, blk.mask_padding, tokens.dtype, tokens.device)
     k = chunk_windows(nW, N)
-    if mask.shape[0] > 1 and k > nW:  # chunks of whole images: the mask repeated per image
-        mask_k = mask.repeat(k // nW, 1, 1, 1)
+    if mask.shape[0] > 1 and k > nW:  # chunks of whole images: the mask repeated per image, kept
+        mask_k = cached(attn, ("mask_k", H, Wd, window, shift, blk.mask_padding, k, tokens.dtype), (mask,),
+                        lambda: mask.repeat(k // nW, 1, 1, 1))
 
     dtype = tokens.dtype
-    qkv_w, qkv_b = param_as(attn.qkv, "weight", dtype).t(), attn.qkv_bias()
+    qkv_b = attn.qkv_bias()
     qkv_b = None if qkv_b is None else qkv_b.to(dtype)
+    qkv_packed = _packed_weight(attn.qkv, tokens) if USE_ONEDNN else None
+    qkv_w = param_as(attn.qkv, "weight", dtype).t() if qkv_packed is None else None
     proj_w, proj_b = param_as(attn.proj, "weight", dtype).t(), param_as(attn.proj, "bias", dtype)
     fc1, fc2 = blk.mlp.fc1, blk.mlp.fc2
     fc2_w, fc2_b = param_as(fc2, "weight", dtype).t(), param_as(fc2, "bias", dtype)
@@ -168,7 +171,10 @@ def _run_block(blk, tokens: torch.Tensor, B: int, H: int, Wd: int, Hp: int, Wp: 
 
     def attention(h: torch.Tensor, w0: int, kk: int) -> torch.Tensor:
         """(kk*N, C) normed tokens of windows w0..w0+kk -> (kk*N, C) attention output before proj."""
-        qkv = torch.addmm(qkv_b, h, qkv_w) if qkv_b is not None else h @ qkv_w
+        if qkv_packed is not None:  # the bias added inside the product (addmm copies it into the output first)
+            qkv = torch.ops.mkldnn._linear_pointwise(h, qkv_packed, qkv_b, "none", [], "none")
+        else:
+            qkv = torch.addmm(qkv_b, h, qkv_w) if qkv_b is not None else h @ qkv_w
         q, k_, v, scale = split_qkv(attn, qkv.view(kk, N, 3, heads, d))  # (kk, N, heads, d) views
         if mask.shape[0] == 1:
             m = mask
@@ -205,15 +211,15 @@ def _run_block(blk, tokens: torch.Tensor, B: int, H: int, Wd: int, Hp: int, Wp: 
         tokens.index_copy_(0, idx, xc)
 
 
-# -- fc1 + GELU as one oneDNN call ------------------------------------------------------------
-USE_ONEDNN = True  # set False to always take the plain addmm + GELU below
+# -- fc1 + GELU, and qkv, as oneDNN calls -------------------------------------------------------
+USE_ONEDNN = True  # set False to always take the plain addmm (+ GELU) instead
 
 
 def fc1_gelu(fc1, h: torch.Tensor) -> torch.Tensor:
     """GELU(fc1(h)) for (tokens, C) ``h``. Where PyTorch's oneDNN build is present, one call with
     the bias and the exact (erf) GELU fused into the matrix product on a weight prepacked once
     (what inductor's freezing pass uses); otherwise addmm then GELU. Same values either way."""
-    packed = _packed_weight(fc1, h) if USE_ONEDNN else None
+    packed = _packed_weight(fc1, h) if USE_ONEDNN and fc1.bias is not None else None
     if packed is None:
         return F.gelu(torch.addmm(param_as(fc1, "bias", h.dtype), h, param_as(fc1, "weight", h.dtype).t()))
     return torch.ops.mkldnn._linear_pointwise(h, packed, fc1.bias, "gelu", [], "none")
@@ -230,17 +236,19 @@ def _onednn_ok(dtype: torch.dtype) -> bool:
 
 def _packed_weight(linear, h: torch.Tensor):
     """``linear``'s weight in ``h``'s dtype in oneDNN's blocked layout, cached until the weight
-    changes; None where not applicable (no oneDNN, no bias, or the op failed here once)."""
+    changes; None where not applicable (no oneDNN, or the op failed here once)."""
     w = linear.weight
-    if linear.bias is None or not _onednn_ok(h.dtype):
+    if not _onednn_ok(h.dtype):
         return None
 
     def build():
         try:
             packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().to(h.dtype), CHUNK_TOKENS)
-            torch.ops.mkldnn._linear_pointwise(h[:1], packed, linear.bias, "gelu", [], "none")  # runs here?
+            bias = torch.zeros(w.shape[0], dtype=h.dtype)
+            for post_op in ("none", "gelu"):  # both run here?
+                torch.ops.mkldnn._linear_pointwise(h[:1], packed, bias, post_op, [], "none")
             return packed
         except (RuntimeError, NotImplementedError):
             return None
 
-    return cached(linear, ("onednn", tuple(w.shape), h.dtype), (w, linear.bias), build)
+    return cached(linear, ("onednn", tuple(w.shape), h.dtype), (w,), build)
