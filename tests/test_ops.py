@@ -312,9 +312,10 @@ def test_whole_model_logits_equal_reference(name, size):
 
 
 def test_patch_embed_as_one_product_equals_convolution(monkeypatch):
-    """On CUDA the stem's k = s = P convolution runs as one product over the gathered patches; forced
-    here on the CPU: output and every gradient equal the convolution's (padded, non-square input);
-    the "reference" backend and a hooked projection keep the convolution (and the hook fires)."""
+    """On CUDA in 16-bit the stem's k = s = P convolution runs as one product over the gathered
+    patches; forced here on the CPU in fp32: output and every gradient equal the convolution's
+    (padded, non-square input); the "reference" backend and a hooked projection keep the
+    convolution (and the hook fires); fp32 on the real setting keeps it too."""
     from swin.model import PatchEmbed
 
     torch.manual_seed(0)
@@ -327,6 +328,7 @@ def test_patch_embed_as_one_product_equals_convolution(monkeypatch):
     real_forward = torch.nn.Conv2d.forward
     monkeypatch.setattr(torch.nn.Conv2d, "forward", lambda m, x: convs.append(1) or real_forward(m, x))
     monkeypatch.setattr(PatchEmbed, "PRODUCT_DEVICES", ("cpu",))
+    monkeypatch.setattr(PatchEmbed, "PRODUCT_DTYPES", (torch.float32,))
     x = torch.randn(2, 3, 30, 21)
     outs = {}
     for name, module in (("fast", fast), ("ref", ref)):
@@ -341,10 +343,16 @@ def test_patch_embed_as_one_product_equals_convolution(monkeypatch):
         assert rel_err(a, b) <= 1e-5
     cl = x.contiguous(memory_format=torch.channels_last)  # another layout: the same patches
     assert rel_err(fast(cl), outs["ref"][0]) <= 1e-5 and convs == [1]
+    monkeypatch.setattr(PatchEmbed, "PRODUCT_DTYPES", (torch.float16, torch.bfloat16))
+    fast(x)  # fp32: the convolution
+    assert convs == [1, 1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # 16-bit: the product, within bf16 of it
+        low = fast(x)
+    assert convs == [1, 1] and low.dtype == torch.bfloat16 and rel_err(low.float(), outs["ref"][0]) <= 2e-2
     fired = []
     fast.proj.register_forward_hook(lambda m, i, o: fired.append(1))
     fast(x)
-    assert fired == [1] and convs == [1, 1]
+    assert fired == [1] and convs == [1, 1, 1]
 
 
 # -- CPU inference, chunk by chunk in cache (swin.ops.cpu_tiled) -------------------------------

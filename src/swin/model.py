@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import windows as W
 from .config import SwinConfig
-from .ops import cpu_tiled, fused_attention_half, fused_block_eligible, fused_mlp_half, is_plain
+from .ops import autocast_dtype, cpu_tiled, fused_attention_half, fused_block_eligible, fused_mlp_half, is_plain
 from .ops import mlp as mlp_ops
 
 
@@ -329,12 +329,17 @@ class Mlp(nn.Module):
 class PatchEmbed(nn.Module):
     """(B, 3, H, W) -> (B, H/P, W/P, C): pad to a multiple of P, conv k=s=P, LayerNorm."""
 
-    PRODUCT_DEVICES = ("cuda",)  # where the convolution runs as one product (tests add "cpu")
+    # where the convolution runs as one product: CUDA, 16-bit products (autocast or a 16-bit model).
+    # In fp32 cuDNN may run the convolution in TF32 (torch.backends.cudnn.allow_tf32, on by default)
+    # and cuBLAS the product in full fp32: the two would differ by ~1e-3, so fp32 keeps the
+    # convolution and the reference path's numbers. Tests add "cpu" and float32.
+    PRODUCT_DEVICES = ("cuda",)
+    PRODUCT_DTYPES = (torch.float16, torch.bfloat16)
 
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int, backend: str = "reference"):
         super().__init__()
         self.patch_size = patch_size
-        self.backend = backend  # on CUDA any but "reference" runs the convolution as one product (below)
+        self.backend = backend  # any but "reference": the convolution as one product where PRODUCT_* say
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
         self.norm = nn.LayerNorm(embed_dim)
 
@@ -343,7 +348,8 @@ class PatchEmbed(nn.Module):
         H, Wd = x.shape[2], x.shape[3]
         if H % P or Wd % P:
             x = F.pad(x, (0, (P - Wd % P) % P, 0, (P - H % P) % P))
-        if x.device.type in self.PRODUCT_DEVICES and self.backend != "reference" and self._patchwise():
+        if (x.device.type in self.PRODUCT_DEVICES and self.backend != "reference"
+                and (autocast_dtype(x.device.type) or x.dtype) in self.PRODUCT_DTYPES and self._patchwise()):
             # a k = s = P convolution is one product over each patch's (C, P, P) values: one copy
             # that gathers the patches, one cuBLAS call. cuDNN's generic engine for 3 input channels
             # took 0.50 ms of an 11.4 ms compiled Swin-T step on an H200 (b256 bf16, stop 13), and
