@@ -2,11 +2,11 @@
 # One command for a CUDA machine (H100/H200; torch, triton, timm, transformers, torchvision installed):
 #   bash benchmarks/gpu_check.sh            # results under $OUT (default /tmp/swin_gpu_check)
 # 0. the newest kernels' parity on the GPU, 1. the Swin-T training step b128 with peak memory, ours
-# vs timm-sdpa + compile (not rerun with enough rounds since stop 9), 2. Swin-T 224 bf16 inference
-# b256 vs timm + compile, with autocast and as 16-bit models, 3. backend "fused" end to end in its
-# own process, 4. a profile of ours' compiled training step, 5. if time is left: the ops parity
-# tests on the GPU (every Triton launch configuration) and latency b1; 3b. the fc1 + GELU product
-# alone (kernel_bench --linear-only). By name only (ONLY=...):
+# vs timm-sdpa + compile (not rerun with enough rounds since stop 9; compiling takes ~100 s of it),
+# 2. Swin-T 224 bf16 inference b256 vs timm + compile, with autocast and as 16-bit models, 3. a
+# profile of ours' compiled training step, 4. the fc1 + GELU product alone (kernel_bench
+# --linear-only), then if time is left: backend "fused" end to end in its own process, the ops
+# parity tests on the GPU (every Triton launch configuration) and latency b1. By name only (ONLY=...):
 # fused_probe (backend "fused"'s launches one process each; pinned stop 13's crash), profile_infer.
 # benchmarks/kernel_bench.py (the kernels alone, stop 12's table) is not rerun here.
 # ONLY="fused_probe t_infer ..." runs the named sections alone (a device call split in two).
@@ -46,34 +46,35 @@ section parity_new 60 "$PY" -m pytest tests/test_ops.py -q -p no:cacheprovider \
 
 B="$PY benchmarks/bench.py --device cuda --dtype bf16 --rounds 5 --iters 8 --warmup 3"
 # 1. the training step b128 (fwd + bwd + AdamW), the decisive three, enough rounds to trust
-section t_train 160 $B --models swin_t --modes train --budget-s 130 --out "$OUT/t_train" \
+section t_train 190 $B --models swin_t --modes train --budget-s 165 --out "$OUT/t_train" \
   --impls ours,timm-sdpa+compile,ours+compile
 
 # 2. Swin-T 224 inference b256 (stop 13: ours+compile 20,665 img/s, timm+compile 12,159), also as
 # 16-bit models (+cast: weights and input in bf16, no autocast), as many deploy
-section t_infer 150 $B --models swin_t --modes infer --budget-s 120 --out "$OUT/t_infer" \
+section t_infer 150 $B --models swin_t --modes infer --budget-s 125 --out "$OUT/t_infer" \
   --impls ours,timm+compile,ours+compile,timm+cast+compile,ours+cast+compile
-# 3. backend "fused" (opt-in) end to end, in its own process so that a crash costs only this
-# section; ours+cast+compile again as the same-process baseline (three compilations: ~75 s)
-section t_fused 110 $B --models swin_t --modes infer --budget-s 95 --out "$OUT/t_fused" \
-  --impls ours+cast+compile,ours-fused+cast+compile,ours-fused+compile
-# 3b. fc1 + GELU as one product alone, each configuration, vs cuBLAS + GELU and cuBLAS alone (stop 13:
-# 4.0 ms for the twelve in a model where cuBLAS + GELU took 3.8)
-section k_linear 45 "$PY" benchmarks/kernel_bench.py --linear-only --batch 256 --out "$OUT/k_linear.md"
 
-# which fused launch crashes, each case in its own process, compute-sanitizer on the first crash
+# by name only: which fused launch crashes, each case in its own process, compute-sanitizer on the first crash
 [[ " ${ONLY:-} " == *" fused_probe "* ]] && section fused_probe 100 "$PY" benchmarks/fused_probe.py \
   --out "$OUT/fused_probe" --timeout 45 --budget-s 75
 
-# 4. where a compiled training step's time goes (torch.profiler, kernels by group)
+# 3. where a compiled training step's time goes (torch.profiler, kernels by group)
 section profile 75 "$PY" benchmarks/gpu_profile.py --device cuda --impls ours+compile --modes train \
   --steps 3 --out "$OUT/profile"
 
-# 4b. where a compiled inference step's time goes (the 16-bit model; run by naming it in ONLY)
+# 4. fc1 + GELU as one product alone, each configuration, vs cuBLAS + GELU and cuBLAS alone (stop 13:
+# 4.0 ms for the twelve in a model where cuBLAS + GELU took 3.8)
+section k_linear 45 "$PY" benchmarks/kernel_bench.py --linear-only --batch 256 --out "$OUT/k_linear.md"
+
+# 5. if time is left: backend "fused" (opt-in) end to end, in its own process so that a crash costs only this
+# section; ours+cast+compile again as the same-process baseline (three compilations: ~75 s)
+section t_fused 110 $B --models swin_t --modes infer --budget-s 95 --out "$OUT/t_fused" \
+  --impls ours+cast+compile,ours-fused+cast+compile,ours-fused+compile
+# by name only: where a compiled inference step's time goes (the 16-bit model)
 [[ " ${ONLY:-} " == *" profile_infer "* ]] && section profile_infer 75 "$PY" benchmarks/gpu_profile.py \
   --device cuda --impls ours+cast+compile,ours+compile --modes infer --steps 3 --out "$OUT/profile_infer"
 
-# 5. if time is left: parity of every Triton launch configuration (all passed in stop 12), latency
+# 6. if time is left: parity of every Triton launch configuration (all passed in stop 12), latency
 section parity 140 "$PY" -m pytest tests/test_ops.py -q -p no:cacheprovider -rfE \
   -k "cuda and not under_torch_compile" --junitxml="$OUT/parity.xml"
 section t_latency 40 $B --models swin_t --modes latency --iters 20 --out "$OUT/t_latency" \
