@@ -18,8 +18,8 @@ Intermediate results are rounded to the compute dtype where the separate kernels
 
 Scope: inference (nothing to differentiate), eval mode, CUDA (or the Triton interpreter), windows
 of up to 64 tokens, C <= 128 (the first stage of Swin-T/S/B: 69% of Swin-T's token-blocks), plain
-LayerNorm/Linear/GELU modules without hooks; on CUDA, not an fp32 x under 16-bit autocast (see
-:func:`eligible`). Elsewhere the block runs its usual path. The backend is opt-in
+LayerNorm/Linear/GELU modules without hooks (see :func:`eligible`). Elsewhere the block runs its
+usual path. The backend is opt-in
 (``backend="fused"``; attention otherwise as "triton"). Timed alone on an H200 (stop 12, b256 bf16,
 ``benchmarks/kernel_bench.py``): the MLP half 1.69x the separate calls, the attention half 1.00x;
 ``swin bench --dtype bf16 --impls ours+cast+compile,ours-fused+cast+compile`` times the whole model.

@@ -90,17 +90,11 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """16-bit operands of one dtype, K and N multiples of 16, rows of x contiguous."""
-    N, K = weight.shape
-    return (x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype and K % 16 == 0
-            and N % 16 == 0 and x.shape[-1] == K)
-
-
 @torch.library.custom_op("swin::linear_gelu", mutates_args=())
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """(..., K) x, (N, K) weight, (N,) bias (any float dtype; read as fp32) -> GELU(x W^T + b), (..., N)
-    in x's dtype. x and weight 16-bit, of one dtype (see :func:`supports`)."""
+    in x's dtype. x and weight 16-bit, of one dtype, K and N multiples of 16 (what
+    ``ops.mlp.gelu_epilogue_eligible`` admits)."""
     N, K = weight.shape
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
