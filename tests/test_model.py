@@ -272,3 +272,61 @@ def test_drop_path_scales_kept_samples():
     assert torch.all(y[kept] == 2.0)
     assert 0.4 < kept.float().mean() < 0.6
     assert torch.equal(dp.eval()(x), x)
+
+
+@pytest.mark.parametrize("p,seed", [(0.5, 0), (0.5, 3), (0.999, 0), (1e-6, 0)],
+                         ids=["some-dropped", "some-dropped-2", "all-dropped", "none-dropped"])
+def test_drop_path_residual_skips_dropped_samples(p, seed):
+    """residual(x, f) = x + DropPath(f(x)) with the same mask: values and gradients, f run on kept rows only."""
+    torch.manual_seed(1)
+    f = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.GELU(), torch.nn.Linear(12, 6))
+    x = torch.randn(8, 5, 6, requires_grad=True)
+    dp = swin.model.DropPath(p).train()
+    rows = []
+    f[0].register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
+
+    def run(fn):
+        torch.manual_seed(seed)
+        out = fn()
+        grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(),
+                                    (x, *f.parameters()))
+        return out, grads
+
+    out, grads = run(lambda: dp.residual(x, f))
+    kept = rows[-1]
+    rows.clear()
+    torch.manual_seed(seed)
+    mask = torch.empty(8).bernoulli_(1 - p)  # the draw residual() makes first
+    ref, ref_grads = run(lambda: x + dp(f(x)))  # the reference draws the same mask after f
+    n_kept = int(mask.sum())
+    assert kept == (8 if n_kept in (0, 8) else n_kept)  # the branch saw only the kept samples
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)  # all dropped: zeros, not None
+
+
+def test_drop_path_training_step_equals_mask_product(monkeypatch):
+    """A whole model's loss and parameter gradients with dropped samples skipped equal the plain
+    mask product's (same seed, so the same masks)."""
+    model = tiny(drop_path_rate=0.5, img_size=(32, 32)).train()
+    x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 7, (6,))
+    seen = []  # batch sizes that the attention branches ran on
+    for m in model.modules():
+        if isinstance(m, swin.model.WindowAttention):
+            m.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+
+    def grads():
+        torch.manual_seed(5)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        g = torch.autograd.grad(loss, list(model.parameters()))
+        return loss, g
+
+    loss, g = grads()
+    assert min(seen) < 6  # some branches skipped samples
+    seen.clear()
+    monkeypatch.setattr(swin.model.DropPath, "SKIP_DEVICES", ())
+    ref_loss, ref_g = grads()
+    assert set(seen) == {6}
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    for a, b in zip(g, ref_g):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

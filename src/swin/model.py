@@ -182,11 +182,12 @@ class SwinTransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
         if self.attn.backend == "fused" and fused_block_eligible(self, x):  # inference: each half below in one kernel
             return fused_mlp_half(self, fused_attention_half(self, x))
+        residual = self.drop_path.residual  # x + DropPath(branch(x)), the branch run on kept samples only
         if self.post_norm:
-            x = x + self.drop_path(self.norm1(self._shifted_window_attention(x)))
-            return x + self.drop_path(self.norm2(self.mlp(x)))
-        x = x + self.drop_path(self._shifted_window_attention(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+            x = residual(x, lambda t: self.norm1(self._shifted_window_attention(t)))
+            return residual(x, lambda t: self.norm2(self.mlp(t)))
+        x = residual(x, lambda t: self._shifted_window_attention(self.norm1(t)))
+        return residual(x, lambda t: self.mlp(self.norm2(t)))
 
     def _shifted_window_attention(self, x: torch.Tensor) -> torch.Tensor:
         B, H, Wd, C = x.shape
@@ -407,6 +408,32 @@ class DropPath(nn.Module):
         keep = 1.0 - self.p
         mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
         return x * mask.div_(keep)  # one pass over x (timm's order of operations, too)
+
+    SKIP_DEVICES = ("cpu",)  # where residual() skips dropped samples (CUDA: not yet timed, see BENCHMARKS.md)
+
+    def residual(self, x: torch.Tensor, branch) -> torch.Tensor:
+        """``x + self(branch(x))``, computing the branch only for the samples it keeps.
+
+        A dropped sample's branch is multiplied by 0, so computing it is wasted work: on average the
+        fraction p of the branch's products. In eager training the per-sample mask is drawn first
+        (the same Bernoulli draw as :meth:`forward`), the branch runs on the kept samples and its
+        output, scaled by 1/(1-p), is added to their rows. The values and every gradient are those of
+        ``x + self(branch(x))`` with that mask. When all samples drop, the branch still runs (times
+        0) so that its parameters get zero gradients rather than none, as an optimizer expects.
+        """
+        if self.p == 0.0 or not self.training:
+            return x + branch(x)
+        if (x.device.type not in self.SKIP_DEVICES or torch.compiler.is_compiling()
+                or torch.jit.is_tracing()):  # data-dependent shapes: the plain mask product
+            return x + self(branch(x))
+        keep = 1.0 - self.p
+        mask = x.new_empty(x.shape[0]).bernoulli_(keep)
+        idx = mask.nonzero().squeeze(1)
+        if idx.numel() == x.shape[0]:
+            return torch.add(x, branch(x), alpha=1.0 / keep)
+        if idx.numel() == 0:
+            return x + branch(x) * mask.view((-1,) + (1,) * (x.ndim - 1))
+        return x.index_add(0, idx, branch(x.index_select(0, idx)), alpha=1.0 / keep)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
