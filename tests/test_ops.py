@@ -393,6 +393,87 @@ def test_cpu_tiled_inference_equals_reference(name, size, mask_padding, chunk_to
         assert rel_err(f, r) <= 1e-5
 
 
+# -- CPU window-attention kernel (swin.ops.cpu_attention) --------------------------------------
+def _cpu_kernel():
+    from swin.ops import cpu_attention
+
+    if not cpu_attention.available():
+        pytest.skip("the CPU attention kernel needs x86-64 with AVX-512 and a C compiler")
+    return cpu_attention
+
+
+# (windows, N, heads, d, per-window mask, q/k token stride in units of C): window 7 (N = 49, padded
+# to 64 key columns) shifted and not, window 8, 12 and 16 (rows longer than one register tile), head
+# sizes that are not multiples of 16, one-token windows, q/k normalised into a (.., 2, heads, d) buffer
+@pytest.mark.parametrize("windows,n,heads,d,per_window,qk_stride", [
+    (6, 49, 3, 32, True, 3), (6, 49, 3, 32, False, 3), (4, 64, 2, 32, True, 2), (3, 144, 2, 32, True, 3),
+    (2, 256, 1, 64, False, 3), (5, 16, 2, 24, True, 3), (3, 49, 2, 40, False, 2), (4, 1, 2, 8, True, 3)])
+def test_cpu_attention_kernel_equals_sdpa(windows, n, heads, d, per_window, qk_stride):
+    ca = _cpu_kernel()
+    g = torch.Generator().manual_seed(n * 100 + d)
+    qk = torch.randn(windows, n, qk_stride, heads, d, generator=g)
+    v = torch.randn(windows, n, 3, heads, d, generator=g)[:, :, 2]
+    q, k = qk[:, :, 0], qk[:, :, 1]
+    mask = torch.randn(windows if per_window else 1, heads, n, n, generator=g)
+    if per_window:  # the shift mask's -100 entries (subnormal probabilities, flushed by the kernel)
+        mask += torch.where(torch.rand(windows, 1, n, n, generator=g) < 0.4, -100.0, 0.0)
+    scale = d ** -0.5
+    assert ca.eligible(q, k, v, mask)
+    out = ca.window_attention(q, k, v, mask, scale)  # (windows * n, heads * d)
+    t = lambda x: x.double().transpose(1, 2)  # noqa: E731
+    ref = torch.softmax(t(q) @ t(k).transpose(-2, -1) * scale + mask.double(), -1) @ t(v)
+    ref = ref.transpose(1, 2).reshape(windows * n, heads * d)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                            attn_mask=mask, scale=scale)
+    sdpa = sdpa.transpose(1, 2).reshape(windows * n, heads * d)
+    err, err_sdpa = ((out.double() - ref).abs().max() / ref.abs().max()).item(), ((sdpa.double() - ref).abs().max() / ref.abs().max()).item()
+    assert err <= max(1e-6, 2 * err_sdpa), (err, err_sdpa)
+
+
+def test_cpu_attention_kernel_in_the_model_and_without_it(monkeypatch):
+    """Full-size Swin-T and SwinV2-T stages call the kernel for every chunk; without the kernel (no
+    compiler, another CPU, SWIN_CPU_KERNELS=0) the same model takes SDPA, with the same logits."""
+    ca = _cpu_kernel()
+    calls = []
+    kernel = ca.window_attention
+    monkeypatch.setattr(ca, "window_attention", lambda *a: calls.append(a[0].shape) or kernel(*a))
+    for name, size in [("swin_t", 224), ("swinv2_t_w8", 256)]:
+        model = _random_model(name, num_classes=10)
+        x = torch.randn(1, 3, size, size)
+        with torch.inference_mode():
+            fast = model(x)
+            n_calls = len(calls)
+            monkeypatch.setattr(ca, "_lib", False)  # as if the build had failed
+            sdpa = model(x)
+            monkeypatch.undo()
+            monkeypatch.setattr(ca, "window_attention", lambda *a: calls.append(a[0].shape) or kernel(*a))
+            model.set_backend("reference")
+            ref = model(x)
+            ref64 = model.double()(x.double())
+        assert n_calls >= sum(model.config.depths) and len(calls) == n_calls  # none on the SDPA run
+        calls.clear()
+        # perturbed weights amplify fp32 rounding over the blocks (the reference is ~1e-4 from fp64
+        # here): each path must be as close to the fp64 truth as the reference path is
+        for out in (fast, sdpa):
+            assert rel_err(out, ref64) <= 1.2 * rel_err(ref, ref64) + 1e-6 and rel_err(out, ref) <= 1e-3
+
+
+def test_cpu_attention_kernel_build_failure_falls_back(monkeypatch, tmp_path):
+    """No C compiler: available() says False (SDPA is used) instead of raising; a build goes to a
+    temporary file first, so an interrupted build never leaves a half-written library behind."""
+    from swin.ops import cpu_attention as ca
+
+    monkeypatch.setattr(ca, "_lib", None)
+    monkeypatch.setenv("SWIN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    assert ca.available() is False
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(ca, "_lib", None)
+    monkeypatch.setenv("SWIN_CPU_KERNELS", "0")
+    monkeypatch.delenv("CC")
+    assert ca.available() is False
+
+
 @pytest.mark.parametrize("backend", ["triton", "fused"])
 def test_cpu_tiled_serves_the_cuda_backends_on_cpu(backend, monkeypatch):
     """A model set to a CUDA-kernel backend and run on the CPU takes the chunked path, as "auto" does,

@@ -140,7 +140,9 @@ def window_attention_sdpa(attn, x: torch.Tensor, window: int, shift: int, mask_p
     fwd, rev = window_indices(H, Wd, window, shift, x.device)
 
     x = W.pad_to_window(x, window)  # zeros, as the reference: padded tokens get qkv = qkv bias
-    tokens = x.reshape(B, Hp * Wp, C).index_select(1, fwd)  # (B, nW*N, C) in window order
+    unpadded = fwd.numel() == rev.numel()  # then fwd and rev are permutations, each the other's inverse
+    x = x.reshape(B, Hp * Wp, C)
+    tokens = permute_tokens(x, fwd, rev) if unpadded else x.index_select(1, fwd)  # (B, nW*N, C) in window order
     qkv = attn.project_qkv(tokens)  # (B, nW*N, 3C)
     q, k, v, scale = split_qkv(attn, qkv.view(B, nW, N, 3, heads, d))  # each (B, nW, N, heads, d)
     mask = bias_and_mask(attn, H, Wd, window, shift, mask_padding, q.dtype, x.device)  # (nW or 1, heads, N, N)
@@ -173,8 +175,31 @@ def window_attention_sdpa(attn, x: torch.Tensor, window: int, shift: int, mask_p
                                                attn_mask=mask, dropout_p=p, scale=scale).transpose(1, 2)
                 for b in range(B)]  # each (nW, N, heads, d)
         out = torch.stack(outs)
-    out = out.reshape(B, nW * N, C).index_select(1, rev).view(B, H, Wd, C)  # reverse, unshift, crop
-    return attn.proj_drop(attn.proj(out))
+    out = out.reshape(B, nW * N, C)
+    out = permute_tokens(out, rev, fwd) if unpadded else out.index_select(1, rev)  # reverse, unshift, crop
+    return attn.proj_drop(attn.proj(out.view(B, H, Wd, C)))
+
+
+class _PermuteTokens(torch.autograd.Function):
+    """``x.index_select(1, perm)`` for a permutation ``perm``: its gradient is the gather by the
+    inverse permutation, where autograd's index_select backward scatter-adds into a zeroed tensor."""
+
+    @staticmethod
+    def forward(ctx, x, perm, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(1, perm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(1, inverse), None, None
+
+
+def permute_tokens(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """(B, L, C) -> (B, L, C): rows in the order ``perm``; ``inverse`` is its inverse permutation."""
+    if x.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return _PermuteTokens.apply(x, perm, inverse)
+    return x.index_select(1, perm)
 
 
 # Probabilities below this are set to exactly 0 after the softmax. The official shift mask adds -100

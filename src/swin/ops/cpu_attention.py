@@ -1,0 +1,318 @@
+"""CPU window attention for inference: one small AVX-512 kernel, compiled on first use.
+
+Why. On a CPU, Swin's attention is a great many tiny products: per window and head, (N x d) @ (d x N)
+and (N x N) @ (N x d) with N = 49 and d = 32. PyTorch's CPU flash-attention kernel (what
+``F.scaled_dot_product_attention`` runs) reaches ~55-85 GFLOP/s on them, a fifth of what the same
+two cores give the model's large products; attention is 9-12% of fp32 inference on the chunked path
+(``cpu_tiled``) while holding 2-3% of its arithmetic. This kernel keeps one window-head's K^T,
+logits and probabilities in a few KB of stack, computes q k^T in 4 x 64 register tiles (16 AVX-512
+accumulators), adds the (bias + shift mask) row, takes the softmax with a polynomial exp, and
+multiplies by V in the same tiles, writing straight into the (tokens, C) output at the head's
+columns. No (windows, heads, N, N) tensor is made.
+
+The function is ``softmax(scale * q k^T + mask) v``, the reference's; probabilities below e^-80
+(the shift mask's -100 gives ~1e-44: subnormal floats, which slow every later multiply) are set to 0,
+which changes no output by more than 1e-34 of its scale. Equal to SDPA within fp32 rounding
+(tests/test_ops.py).
+
+Used by ``cpu_tiled`` for fp32 inference where the CPU has AVX-512 and a C compiler (``cc``, or
+``$CC``) is on the PATH; the shared library is built once into ``$SWIN_CACHE_DIR`` (default
+``~/.cache/swin``) and loaded with ctypes. Its threads are PyTorch's own OpenMP threads (the library
+links ``libgomp.so.1``, which the process has already loaded from torch). Anything else (no
+compiler, another CPU, bf16, heads above 64 channels, windows above 256 tokens, or
+``SWIN_CPU_KERNELS=0``) takes SDPA.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+MAX_TOKENS = 256  # tokens per window the kernel's stack buffers hold (window 16)
+
+_SOURCE = r"""
+#include <immintrin.h>
+#include <stdint.h>
+
+#define MAXN 256
+#define MAXD 64
+
+int swin_cpu_ok(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+}
+
+#define AVX512 __attribute__((target("avx512f,fma")))
+
+/* exp(x) for x <= 0 (logits minus their row maximum), Cephes' expf polynomial, ~1 ulp;
+   lanes below -80 (and -inf) give exactly 0 */
+static inline AVX512 __m512 exp_nonpos(__m512 x) {
+    __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-80.0f), _CMP_GE_OQ);
+    x = _mm512_max_ps(x, _mm512_set1_ps(-80.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
+    p = _mm512_add_ps(p, _mm512_set1_ps(1.0f));
+    return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
+}
+
+/* logits of rows i0..i0+3 against key columns [16*c0, 16*(c0+NV)): s = scale * q k^T + mask,
+   lanes past the last key -inf. Rows past the last query repeat it (computed, not stored). */
+static inline AVX512 __attribute__((always_inline)) void qk_tile(
+        const float *q, long qs, const float *kt, int np, const float *mrow, int n, int d,
+        int i0, int c0, float scale, float *s, const int NV) {
+    __m512 acc[4][4];
+    const float *qr[4];
+    for (int r = 0; r < 4; r++) {
+        int i = i0 + r < n ? i0 + r : n - 1;
+        qr[r] = q + (long)i * qs;
+        for (int u = 0; u < NV; u++) acc[r][u] = _mm512_setzero_ps();
+    }
+    for (int c = 0; c < d; c++) {
+        __m512 kv[4];
+        for (int u = 0; u < NV; u++) kv[u] = _mm512_loadu_ps(kt + (long)c * np + 16 * (c0 + u));
+        for (int r = 0; r < 4; r++) {
+            __m512 qb = _mm512_set1_ps(qr[r][c]);
+            for (int u = 0; u < NV; u++) acc[r][u] = _mm512_fmadd_ps(qb, kv[u], acc[r][u]);
+        }
+    }
+    __m512 vs = _mm512_set1_ps(scale);
+    for (int r = 0; r < 4 && i0 + r < n; r++) {
+        for (int u = 0; u < NV; u++) {
+            int j = 16 * (c0 + u);
+            int left = n - j;
+            __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+            __m512 b = _mm512_maskz_loadu_ps(m, mrow + (long)(i0 + r) * n + j);
+            __m512 v = _mm512_fmadd_ps(acc[r][u], vs, b);
+            v = _mm512_mask_blend_ps(m, _mm512_set1_ps(-__builtin_inff()), v);
+            _mm512_storeu_ps(s + r * np + j, v);
+        }
+    }
+}
+
+/* rows i0..i0+3 when all n <= 16 * NV keys fit one tile: logits as qk_tile, then each row's max,
+   exp and sum in registers; s gets the unnormalised exponentials, inv[r] 1 / (row sum) */
+static inline AVX512 __attribute__((always_inline)) void qk_softmax_tile(
+        const float *q, long qs, const float *kt, int np, const float *mrow, int n, int d,
+        int i0, float scale, float *s, float *inv, const int NV) {
+    __m512 acc[4][4];
+    const float *qr[4];
+    for (int r = 0; r < 4; r++) {
+        int i = i0 + r < n ? i0 + r : n - 1;
+        qr[r] = q + (long)i * qs;
+        for (int u = 0; u < NV; u++) acc[r][u] = _mm512_setzero_ps();
+    }
+    for (int c = 0; c < d; c++) {
+        __m512 kv[4];
+        for (int u = 0; u < NV; u++) kv[u] = _mm512_load_ps(kt + (long)c * np + 16 * u);
+        for (int r = 0; r < 4; r++) {
+            __m512 qb = _mm512_set1_ps(qr[r][c]);
+            for (int u = 0; u < NV; u++) acc[r][u] = _mm512_fmadd_ps(qb, kv[u], acc[r][u]);
+        }
+    }
+    __m512 vs = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-__builtin_inff());
+    for (int r = 0; r < 4; r++) {
+        int i = i0 + r < n ? i0 + r : n - 1;
+        __m512 mx = ninf;
+        for (int u = 0; u < NV; u++) {
+            int left = n - 16 * u;
+            __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+            __m512 b = _mm512_maskz_loadu_ps(m, mrow + (long)i * n + 16 * u);
+            acc[r][u] = _mm512_mask_blend_ps(m, ninf, _mm512_fmadd_ps(acc[r][u], vs, b));
+            mx = _mm512_max_ps(mx, acc[r][u]);
+        }
+        __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        __m512 sum = _mm512_setzero_ps();
+        for (int u = 0; u < NV; u++) {
+            __m512 e = exp_nonpos(_mm512_sub_ps(acc[r][u], m));
+            _mm512_store_ps(s + r * np + 16 * u, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
+    }
+}
+
+/* out rows i0..i0+3 (those < n) = inv[r] * (p v), DV = ceil(d / 16) vectors per row, the last one's
+   lanes past d masked by tail */
+static inline AVX512 __attribute__((always_inline)) void pv_tile(
+        const float *p, const float *inv, int np, const float *v, long vs_, float *out, long os, int n, int i0,
+        __mmask16 tail, const int DV) {
+    __m512 acc[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int u = 0; u < DV; u++) acc[r][u] = _mm512_setzero_ps();
+    for (int j = 0; j < n; j++) {
+        __m512 vv[4];
+        for (int u = 0; u < DV; u++) vv[u] = _mm512_maskz_loadu_ps(u == DV - 1 ? tail : 0xFFFF, v + (long)j * vs_ + 16 * u);
+        for (int r = 0; r < 4; r++) {
+            __m512 pb = _mm512_set1_ps(p[r * np + j]);
+            for (int u = 0; u < DV; u++) acc[r][u] = _mm512_fmadd_ps(pb, vv[u], acc[r][u]);
+        }
+    }
+    for (int r = 0; r < 4 && i0 + r < n; r++) {
+        __m512 f = _mm512_set1_ps(inv[r]);
+        for (int u = 0; u < DV; u++)
+            _mm512_mask_storeu_ps(out + (long)(i0 + r) * os + 16 * u, u == DV - 1 ? tail : 0xFFFF, _mm512_mul_ps(acc[r][u], f));
+    }
+}
+
+/* rows i0..i0+3 for n > 64: logits tile by tile into s, then each row's softmax over s */
+static AVX512 void long_rows(const float *q, long qs, const float *kt, int np, const float *mask, int n, int d,
+                             int i0, float scale, float *s, float *inv) {
+    int nv = np / 16, c0 = 0;
+    for (; c0 + 4 <= nv; c0 += 4) qk_tile(q, qs, kt, np, mask, n, d, i0, c0, scale, s, 4);
+    switch (nv - c0) {
+        case 3: qk_tile(q, qs, kt, np, mask, n, d, i0, c0, scale, s, 3); break;
+        case 2: qk_tile(q, qs, kt, np, mask, n, d, i0, c0, scale, s, 2); break;
+        case 1: qk_tile(q, qs, kt, np, mask, n, d, i0, c0, scale, s, 1); break;
+    }
+    for (int r = 0; r < 4 && i0 + r < n; r++) {
+        float *row = s + r * np;
+        __m512 mx = _mm512_set1_ps(-__builtin_inff());
+        for (int j = 0; j < np; j += 16) mx = _mm512_max_ps(mx, _mm512_load_ps(row + j));
+        __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        __m512 sum = _mm512_setzero_ps();
+        for (int j = 0; j < np; j += 16) {
+            __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_load_ps(row + j), m));
+            _mm512_store_ps(row + j, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
+    }
+}
+
+/* one (window, head): q, k, v, out point at its token 0, head column 0 */
+static AVX512 void window_head(const float *q, long qs, const float *k, long ks, const float *v, long vs_,
+                               const float *mask, float *out, long os, int n, int d, float scale) {
+    int np = (n + 15) & ~15;
+    float kt[MAXD * MAXN] __attribute__((aligned(64)));
+    float s[4 * MAXN] __attribute__((aligned(64)));
+    /* K^T, 16 keys at a time by gathers; columns past the last key 0 */
+    __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                      _mm512_set1_epi32((int)ks));
+    for (int j = 0; j < np; j += 16) {
+        int left = n - j;
+        __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+        const float *kb = k + (long)j * ks;
+        for (int c = 0; c < d; c++)
+            _mm512_store_ps(kt + c * np + j, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, rows, kb + c, 4));
+    }
+    int nv = np / 16;
+    __mmask16 tail = d % 16 ? (__mmask16)((1u << (d % 16)) - 1u) : (__mmask16)0xFFFF;
+    float inv[4];
+    for (int i0 = 0; i0 < n; i0 += 4) {
+        switch (nv) {  /* n <= 64: one tile holds whole rows, softmax in registers */
+            case 4: qk_softmax_tile(q, qs, kt, np, mask, n, d, i0, scale, s, inv, 4); break;
+            case 3: qk_softmax_tile(q, qs, kt, np, mask, n, d, i0, scale, s, inv, 3); break;
+            case 2: qk_softmax_tile(q, qs, kt, np, mask, n, d, i0, scale, s, inv, 2); break;
+            case 1: qk_softmax_tile(q, qs, kt, np, mask, n, d, i0, scale, s, inv, 1); break;
+            default: long_rows(q, qs, kt, np, mask, n, d, i0, scale, s, inv);
+        }
+        for (int r = n - i0; r < 4; r++)  /* rows past the last query: zeros, not stale stack values */
+            for (int j = 0; j < np; j++) s[r * np + j] = 0.0f;
+        switch ((d + 15) / 16) {
+            case 4: pv_tile(s, inv, np, v, vs_, out, os, n, i0, tail, 4); break;
+            case 3: pv_tile(s, inv, np, v, vs_, out, os, n, i0, tail, 3); break;
+            case 2: pv_tile(s, inv, np, v, vs_, out, os, n, i0, tail, 2); break;
+            default: pv_tile(s, inv, np, v, vs_, out, os, n, i0, tail, 1); break;
+        }
+    }
+}
+
+/* windows x heads items over PyTorch's OpenMP threads. q/k/v/out: element [w, i, h, c] at
+   ptr[(w * n + i) * stride + h * d + c]; mask: (mask_windows, heads, n, n), window w uses
+   mask[mask_windows == 1 ? 0 : w]. */
+AVX512 void swin_window_attention_f32(const float *q, long qs, const float *k, long ks, const float *v, long vs_,
+                                      const float *mask, long mask_windows, float *out, long os,
+                                      long windows, long heads, long n, long d, float scale, int threads) {
+    long total = windows * heads;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (long t = 0; t < total; t++) {
+        long w = t / heads, h = t % heads;
+        long base = w * n;
+        const float *mrow = mask + ((mask_windows == 1 ? 0 : w) * heads + h) * n * n;
+        window_head(q + base * qs + h * d, qs, k + base * ks + h * d, ks, v + base * vs_ + h * d, vs_,
+                    mrow, out + base * os + h * d, os, (int)n, (int)d, scale);
+    }
+}
+"""
+
+_lock = threading.Lock()
+_lib = None  # the loaded library, False once building or loading failed
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("SWIN_CACHE_DIR") or Path.home() / ".cache" / "swin")
+
+
+def _build() -> ctypes.CDLL | None:
+    cc = os.environ.get("CC", "cc")
+    flags = ["-O3", "-fPIC", "-shared", "-fopenmp"]
+    tag = hashlib.sha256((_SOURCE + cc + " ".join(flags)).encode()).hexdigest()[:16]
+    path = _cache_dir() / f"cpu_attention_{tag}.so"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            src, so = Path(tmp) / "cpu_attention.c", Path(tmp) / path.name
+            src.write_text(_SOURCE)
+            subprocess.run([cc, *flags, str(src), "-o", str(so)], check=True, capture_output=True, timeout=120)
+            os.replace(so, path)  # atomic: a concurrent build or a reader never sees half a file
+    lib = ctypes.CDLL(str(path))
+    if not lib.swin_cpu_ok():
+        return None
+    f = lib.swin_window_attention_f32
+    P, L = ctypes.c_void_p, ctypes.c_long
+    f.argtypes = [P, L, P, L, P, L, P, L, P, L, L, L, L, L, ctypes.c_float, ctypes.c_int]
+    f.restype = None
+    return lib
+
+
+def available() -> bool:
+    """True where the kernel is built and this CPU runs it (built on the first call)."""
+    global _lib
+    if _lib is None:
+        with _lock:
+            if _lib is None:
+                ok = os.environ.get("SWIN_CPU_KERNELS", "1") != "0" and platform.machine() in ("x86_64", "AMD64")
+                try:
+                    _lib = (_build() if ok else None) or False
+                except (OSError, subprocess.SubprocessError):  # no compiler, a failed build, a read-only home
+                    _lib = False
+    return _lib is not False
+
+
+def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> bool:
+    """q, k, v: (windows, N, heads, d) with heads-then-d contiguous rows; mask (1 or windows, heads, N, N)."""
+    windows, n, heads, d = q.shape
+    return (q.dtype == k.dtype == v.dtype == mask.dtype == torch.float32 and q.device.type == "cpu"
+            and d <= 64 and n <= MAX_TOKENS and mask.is_contiguous()
+            and mask.shape in ((1, heads, n, n), (windows, heads, n, n))
+            and all(t.stride(3) == 1 and t.stride(2) == d and t.stride(0) == n * t.stride(1) for t in (q, k, v))
+            and available())
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """softmax(scale * q k^T + mask) v per window and head -> (windows * N, heads * d), token rows.
+
+    q, k, v: (windows, N, heads, d) (see :func:`eligible`); mask: (1 or windows, heads, N, N)."""
+    windows, n, heads, d = q.shape
+    out = torch.empty(windows * n, heads * d, dtype=q.dtype)
+    _lib.swin_window_attention_f32(q.data_ptr(), q.stride(1), k.data_ptr(), k.stride(1), v.data_ptr(), v.stride(1),
+                                   mask.data_ptr(), mask.shape[0], out.data_ptr(), heads * d,
+                                   windows, heads, n, d, float(scale), torch.get_num_threads())
+    return out
