@@ -101,12 +101,16 @@ def split_qkv(attn, qkv: torch.Tensor):
         r[..., 0, :, :] *= logit.float()
         qk = (qk * r).to(v.dtype)
         return qk[..., 0, :, :], qk[..., 1, :, :], v, 1.0
-    # CPU training: autograd's F.normalize backward on these strided views costs ~10% of a V2 step
-    norm = unit_rows if (torch.is_grad_enabled() and not q.is_cuda) else (lambda t: F.normalize(t, dim=-1))
     # normalise and scale in fp32: in bf16 the product's rounding and a bf16 sum left logit_scale's
     # gradient 5x further from fp32 than the reference path's own bf16 error (H200, stop 9)
-    q = (norm(q.float()) * logit.float()).to(v.dtype)  # SDPA wants one dtype
-    return q, norm(k.float()).to(v.dtype), v, 1.0
+    if torch.is_grad_enabled() and not q.is_cuda:
+        # CPU training: autograd's F.normalize backward on these strided views costs ~10% of a V2
+        # step (unit_rows instead); q and k are written heads-major (the same (..., N, heads, d)
+        # shape, transposed memory) so that the batched products read them without a copy
+        q = (unit_rows(q.float().transpose(-3, -2)) * logit.float().view(-1, 1, 1)).to(v.dtype)
+        return q.transpose(-3, -2), unit_rows(k.float().transpose(-3, -2)).to(v.dtype).transpose(-3, -2), v, 1.0
+    q = (F.normalize(q.float(), dim=-1) * logit.float()).to(v.dtype)  # SDPA wants one dtype
+    return q, F.normalize(k.float(), dim=-1).to(v.dtype), v, 1.0
 
 
 class _UnitRows(torch.autograd.Function):
@@ -116,7 +120,7 @@ class _UnitRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         n = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(1e-12)
-        y = x / n
+        y = torch.div(x, n, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))  # contiguous, whatever x's strides
         ctx.save_for_backward(y, n)
         return y
 
