@@ -393,13 +393,19 @@ def test_cpu_tiled_inference_equals_reference(name, size, mask_padding, chunk_to
         assert rel_err(f, r) <= 1e-5
 
 
-# -- CPU window-attention kernel (swin.ops.cpu_attention) --------------------------------------
+# -- CPU window-attention kernel (swin.ops.cpu_kernels) --------------------------------------
 def _cpu_kernel():
-    from swin.ops import cpu_attention
+    import platform
+    import shutil
 
-    if not cpu_attention.available():
-        pytest.skip("the CPU attention kernel needs x86-64 with AVX-512 and a C compiler")
-    return cpu_attention
+    from swin.ops import cpu_kernels
+
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text() if cpuinfo.exists() else ""
+    if not (platform.machine() == "x86_64" and " avx512f" in flags and shutil.which(os.environ.get("CC", "cc"))):
+        pytest.skip("the CPU kernels need x86-64 with AVX-512 and a C compiler")
+    assert cpu_kernels.available(), "the CPU kernels did not build here"  # not a silent skip where they should
+    return cpu_kernels
 
 
 # (windows, N, heads, d, per-window mask, q/k token stride in units of C): window 7 (N = 49, padded
@@ -428,6 +434,22 @@ def test_cpu_attention_kernel_equals_sdpa(windows, n, heads, d, per_window, qk_s
     sdpa = sdpa.transpose(1, 2).reshape(windows * n, heads * d)
     err, err_sdpa = ((out.double() - ref).abs().max() / ref.abs().max()).item(), ((sdpa.double() - ref).abs().max() / ref.abs().max()).item()
     assert err <= max(1e-6, 2 * err_sdpa), (err, err_sdpa)
+
+
+@pytest.mark.parametrize("shape", [(2048, 384), (37, 5), (1, 1)])
+def test_cpu_gelu_and_grad_kernel_equals_torch(shape):
+    """GELU's recomputed forward and its gradient in one pass: as close to fp64 as PyTorch's own."""
+    ck = _cpu_kernel()
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(shape, generator=g) * 4  # |h| up to ~16: erf saturates, exp(-h^2/2) underflows
+    grad = torch.randn(shape, generator=g)
+    d = grad.clone()
+    a = ck.gelu_and_grad_(h, d)
+    ref_a, ref_d = torch.nn.functional.gelu(h.double()), torch.ops.aten.gelu_backward(grad.double(), h.double())
+    torch_a, torch_d = torch.nn.functional.gelu(h), torch.ops.aten.gelu_backward(grad, h)
+    for out, ref, theirs in ((a, ref_a, torch_a), (d, ref_d, torch_d)):
+        err, err_torch = (out.double() - ref).abs().max().item(), (theirs.double() - ref).abs().max().item()
+        assert err <= max(2 * err_torch, 1e-6), (err, err_torch)
 
 
 def test_cpu_attention_kernel_in_the_model_and_without_it(monkeypatch):
@@ -461,7 +483,7 @@ def test_cpu_attention_kernel_in_the_model_and_without_it(monkeypatch):
 def test_cpu_attention_kernel_build_failure_falls_back(monkeypatch, tmp_path):
     """No C compiler: available() says False (SDPA is used) instead of raising; a build goes to a
     temporary file first, so an interrupted build never leaves a half-written library behind."""
-    from swin.ops import cpu_attention as ca
+    from swin.ops import cpu_kernels as ca
 
     monkeypatch.setattr(ca, "_lib", None)
     monkeypatch.setenv("SWIN_CACHE_DIR", str(tmp_path))

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import windows as W
-from . import _INTERPRET, autocast_dtype, cached, cpu_attention, has_hooks, param_as
+from . import _INTERPRET, autocast_dtype, cached, cpu_kernels, has_hooks, param_as
 from .mlp import plain_mlp
 from .sdpa import bias_and_mask, split_qkv, window_indices
 
@@ -182,8 +182,8 @@ def _run_block(blk, tokens: torch.Tensor, B: int, H: int, Wd: int, Hp: int, Wp: 
             m = mask_k[:kk]
         else:
             m = mask[w0 % nW:w0 % nW + kk]
-        if cpu_attention.eligible(q, k_, v, m):  # fp32 on AVX-512: one kernel writes the token rows
-            return cpu_attention.window_attention(q, k_, v, m, scale)
+        if cpu_kernels.eligible(q, k_, v, m):  # fp32 on AVX-512: one kernel writes the token rows
+            return cpu_kernels.window_attention(q, k_, v, m, scale)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k_.transpose(1, 2), v.transpose(1, 2),
                                            attn_mask=m, scale=scale)  # (kk, heads, N, d)
         return o.transpose(1, 2).reshape(kk * N, C)

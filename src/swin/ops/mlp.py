@@ -8,7 +8,9 @@ elementwise pass), so training stores 4C fewer values per token per block.
 On CPU it also walks the tokens in chunks: GELU, fc2 and the whole backward (GELU again, its
 gradient, the three products) then run on chunk-sized buffers that stay in cache, instead of
 allocating fresh (tokens x 4C) tensors (each page faulted in from the OS) and streaming GELU and its
-gradient through memory. On CUDA one chunk is the whole batch.
+gradient through memory; in fp32 the recomputed GELU and its gradient are one pass of a small C
+kernel (``cpu_kernels.gelu_and_grad_``: one erf and one exp per element instead of two and one).
+On CUDA one chunk is the whole batch.
 
 The values are the reference MLP's (same products, same GELU); gradients equal it to float
 rounding (tests/test_ops.py). Used for the "auto"/"sdpa"/"triton" backends when autograd is on, the
@@ -20,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import autocast_dtype, has_hooks
+from . import autocast_dtype, cpu_kernels, has_hooks
 
 CPU_CHUNK_TOKENS = 2048
 
@@ -78,11 +80,15 @@ class _RecomputeGeluMlp(torch.autograd.Function):
         dw1 = dw2 = db1 = db2 = None
         for s in range(0, x.shape[0], ctx.chunk):
             g, hs = grad[s:s + ctx.chunk], h[s:s + ctx.chunk]
+            dh = g @ w2  # (chunk, 4C): the gradient at GELU's output, then at its input
+            if cpu_kernels.gelu_grad_eligible(hs, dh):  # GELU and its gradient in one pass (fp32 CPU)
+                a = cpu_kernels.gelu_and_grad_(hs, dh)
+            else:
+                a, dh = F.gelu(hs) if need_w2 else None, torch.ops.aten.gelu_backward(dh, hs)
             if need_w2:  # (C, 4C), summed over chunks
-                dw2 = g.t() @ F.gelu(hs) if dw2 is None else dw2.addmm_(g.t(), F.gelu(hs))
+                dw2 = g.t() @ a if dw2 is None else dw2.addmm_(g.t(), a)
             if need_b2:
                 db2 = g.sum(0) if db2 is None else db2.add_(g.sum(0))
-            dh = torch.ops.aten.gelu_backward(g @ w2, hs)  # (chunk, 4C)
             if need_w1:
                 dw1 = dh.t() @ x[s:s + ctx.chunk] if dw1 is None else dw1.addmm_(dh.t(), x[s:s + ctx.chunk])
             if need_b1:
