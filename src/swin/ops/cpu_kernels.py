@@ -197,7 +197,7 @@ static AVX512 void long_rows(const float *q, long qs, const float *kt, int np, c
 
 /* one (window, head): q, k, v, out point at its token 0, head column 0 */
 static AVX512 void window_head(const float *q, long qs, const float *k, long ks, const float *v, long vs_,
-                               const float *mask, float *out, long os, int n, int d, float scale) {
+                               const float *mask, float *out, long os, float *probs, int n, int d, float scale) {
     int np = (n + 15) & ~15;
     float kt[MAXD * MAXN] __attribute__((aligned(64)));
     float s[4 * MAXN] __attribute__((aligned(64)));
@@ -224,6 +224,15 @@ static AVX512 void window_head(const float *q, long qs, const float *k, long ks,
         }
         for (int r = n - i0; r < 4; r++)  /* rows past the last query: zeros, not stale stack values */
             for (int j = 0; j < np; j++) s[r * np + j] = 0.0f;
+        if (probs)  /* training: the probabilities, for the backward */
+            for (int r = 0; r < 4 && i0 + r < n; r++) {
+                __m512 f = _mm512_set1_ps(inv[r]);
+                for (int j = 0; j < n; j += 16) {
+                    int left = n - j;
+                    __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+                    _mm512_mask_storeu_ps(probs + (long)(i0 + r) * n + j, m, _mm512_mul_ps(_mm512_load_ps(s + r * np + j), f));
+                }
+            }
         switch ((d + 15) / 16) {
             case 4: pv_tile(s, inv, np, v, vs_, out, os, n, i0, tail, 4); break;
             case 3: pv_tile(s, inv, np, v, vs_, out, os, n, i0, tail, 3); break;
@@ -270,19 +279,22 @@ AVX512 void swin_gelu_grad_f32(const float *h, float *g, float *a, long n, int t
 }
 
 /* windows x heads items over PyTorch's OpenMP threads. q/k/v/out: element [w, i, h, c] at
-   ptr[(w * n + i) * stride + h * d + c]; mask: (mask_windows, heads, n, n), window w uses
-   mask[mask_windows == 1 ? 0 : w]. */
-AVX512 void swin_window_attention_f32(const float *q, long qs, const float *k, long ks, const float *v, long vs_,
-                                      const float *mask, long mask_windows, float *out, long os,
+   ptr[w * ws + i * ts + h * hs + c] (each with its own strides); mask: (mask_windows, heads, n, n),
+   window w uses mask[w % mask_windows]; probs: NULL, or (windows, heads, n, n) to receive the
+   probabilities (training). */
+AVX512 void swin_window_attention_f32(const float *q, long q_ws, long q_ts, long q_hs,
+                                      const float *k, long k_ws, long k_ts, long k_hs,
+                                      const float *v, long v_ws, long v_ts, long v_hs,
+                                      const float *mask, long mask_windows,
+                                      float *out, long o_ws, long o_ts, long o_hs, float *probs,
                                       long windows, long heads, long n, long d, float scale, int threads) {
     long total = windows * heads;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (long t = 0; t < total; t++) {
         long w = t / heads, h = t % heads;
-        long base = w * n;
-        const float *mrow = mask + ((mask_windows == 1 ? 0 : w) * heads + h) * n * n;
-        window_head(q + base * qs + h * d, qs, k + base * ks + h * d, ks, v + base * vs_ + h * d, vs_,
-                    mrow, out + base * os + h * d, os, (int)n, (int)d, scale);
+        const float *mrow = mask + ((w % mask_windows) * heads + h) * n * n;
+        window_head(q + w * q_ws + h * q_hs, q_ts, k + w * k_ws + h * k_hs, k_ts, v + w * v_ws + h * v_hs, v_ts,
+                    mrow, out + w * o_ws + h * o_hs, o_ts, probs ? probs + t * n * n : 0, (int)n, (int)d, scale);
     }
 }
 """
@@ -312,7 +324,7 @@ def _build() -> ctypes.CDLL | None:
         return None
     f = lib.swin_window_attention_f32
     P, L = ctypes.c_void_p, ctypes.c_long
-    f.argtypes = [P, L, P, L, P, L, P, L, P, L, L, L, L, L, ctypes.c_float, ctypes.c_int]
+    f.argtypes = [P, L, L, L, P, L, L, L, P, L, L, L, P, L, P, L, L, L, P, L, L, L, L, ctypes.c_float, ctypes.c_int]
     f.restype = None
     lib.swin_gelu_grad_f32.argtypes = [P, P, P, L, ctypes.c_int]
     lib.swin_gelu_grad_f32.restype = None
@@ -334,26 +346,32 @@ def available() -> bool:
 
 
 def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> bool:
-    """q, k, v: (windows, N, heads, d) with heads-then-d contiguous rows; mask (1 or windows, heads, N, N)."""
+    """q, k, v: (windows, N, heads, d), any strides but a contiguous last dim; mask: (mw, heads, N, N)
+    contiguous, window w using mask[w % mw] (mw = 1, the windows of one image, or all windows)."""
     windows, n, heads, d = q.shape
     return (q.dtype == k.dtype == v.dtype == mask.dtype == torch.float32 and q.device.type == "cpu"
-            and d <= 64 and n <= MAX_TOKENS and mask.is_contiguous()
-            and mask.shape in ((1, heads, n, n), (windows, heads, n, n))
-            and all(t.stride(3) == 1 and t.stride(2) == d and t.stride(0) == n * t.stride(1) for t in (q, k, v))
-            and available())
+            and d <= 64 and n <= MAX_TOKENS and mask.is_contiguous() and mask.dim() == 4
+            and mask.shape[1:] == (heads, n, n) and windows % mask.shape[0] == 0
+            and all(t.shape == q.shape and t.stride(3) == 1 for t in (k, v))
+            and q.stride(3) == 1 and available())
 
 
-def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                     scale: float) -> torch.Tensor:
-    """softmax(scale * q k^T + mask) v per window and head -> (windows * N, heads * d), token rows.
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                     probs: bool = False):
+    """softmax(scale * q k^T + mask) v per window and head -> (windows * N, heads * d), token rows;
+    with ``probs``, also the (windows, heads, N, N) probabilities (for a backward pass).
 
-    q, k, v: (windows, N, heads, d) (see :func:`eligible`); mask: (1 or windows, heads, N, N)."""
+    q, k, v: (windows, N, heads, d); mask: (mw, heads, N, N) (see :func:`eligible`)."""
     windows, n, heads, d = q.shape
     out = torch.empty(windows * n, heads * d, dtype=q.dtype)
-    _lib.swin_window_attention_f32(q.data_ptr(), q.stride(1), k.data_ptr(), k.stride(1), v.data_ptr(), v.stride(1),
-                                   mask.data_ptr(), mask.shape[0], out.data_ptr(), heads * d,
-                                   windows, heads, n, d, float(scale), torch.get_num_threads())
-    return out
+    p = torch.empty(windows, heads, n, n, dtype=q.dtype) if probs else None
+    _lib.swin_window_attention_f32(q.data_ptr(), q.stride(0), q.stride(1), q.stride(2),
+                                   k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
+                                   v.data_ptr(), v.stride(0), v.stride(1), v.stride(2),
+                                   mask.data_ptr(), mask.shape[0], out.data_ptr(), n * heads * d, heads * d, d,
+                                   None if p is None else p.data_ptr(), windows, heads, n, d, float(scale),
+                                   torch.get_num_threads())
+    return (out, p) if probs else out
 
 
 def gelu_grad_eligible(h: torch.Tensor, g: torch.Tensor) -> bool:

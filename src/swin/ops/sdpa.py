@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import windows as W
+from . import cpu_kernels
 
 
 def _build_indices(height: int, width: int, window: int, shift: int, device: torch.device):
@@ -152,6 +153,11 @@ def window_attention_sdpa(attn, x: torch.Tensor, window: int, shift: int, mask_p
     mask = bias_and_mask(attn, H, Wd, window, shift, mask_padding, q.dtype, x.device)  # (nW or 1, heads, N, N)
     p = attn.attn_drop.p if attn.training else 0.0
 
+    if (not x.is_cuda and mask.requires_grad and p == 0.0 and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing() and cpu_kernels.eligible(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), mask)):
+        # training on CPU in fp32: the forward is one C kernel that also keeps the probabilities
+        out = _CpuKernelAttention.apply(q, k, v, mask, scale)  # (B, nW*N, C)
+        return attn.proj_drop(attn.proj(_unpermute(out, rev, fwd, unpadded, B, H, Wd)))
     if not x.is_cuda and mask.requires_grad:
         # training the bias on CPU: SDPA's CPU kernel has no gradient for the mask and would fall
         # back to its generic math path; plain batched matmuls with the (nW, heads, N, N) bias
@@ -179,9 +185,43 @@ def window_attention_sdpa(attn, x: torch.Tensor, window: int, shift: int, mask_p
                                                attn_mask=mask, dropout_p=p, scale=scale).transpose(1, 2)
                 for b in range(B)]  # each (nW, N, heads, d)
         out = torch.stack(outs)
-    out = out.reshape(B, nW * N, C)
-    out = permute_tokens(out, rev, fwd) if unpadded else out.index_select(1, rev)  # reverse, unshift, crop
-    return attn.proj_drop(attn.proj(out.view(B, H, Wd, C)))
+    return attn.proj_drop(attn.proj(_unpermute(out.reshape(B, nW * N, C), rev, fwd, unpadded, B, H, Wd)))
+
+
+def _unpermute(out, rev, fwd, unpadded: bool, B: int, H: int, Wd: int) -> torch.Tensor:
+    """(B, nW*N, C) in window order -> (B, H, W, C): reverse the partition, unshift, crop."""
+    out = permute_tokens(out, rev, fwd) if unpadded else out.index_select(1, rev)
+    return out.view(B, H, Wd, out.shape[-1])
+
+
+class _CpuKernelAttention(torch.autograd.Function):
+    """softmax(scale q k^T + mask) v for (B, nW, N, heads, d) q/k/v views and a (nW or 1, heads, N, N)
+    mask broadcast over the batch -> (B, nW*N, C) token rows. Forward: :mod:`.cpu_kernels` (no
+    logits tensor, probabilities below e^-80 flushed to 0 as softmax_flush_tiny does below 1e-30);
+    backward: the same products and softmax gradient autograd would run on the plain path."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale):
+        B, nW, N, heads, d = q.shape
+        out, probs = cpu_kernels.window_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), mask, scale,
+                                                  probs=True)
+        ctx.save_for_backward(q, k, v, probs)
+        ctx.scale, ctx.mask_windows = scale, mask.shape[0]
+        return out.view(B, nW * N, heads * d)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, probs = ctx.saved_tensors
+        B, nW, N, heads, d = q.shape
+        probs = probs.view(B, nW, heads, N, N)
+        g = grad.view(B, nW, N, heads, d).transpose(2, 3)  # (B, nW, heads, N, d)
+        q, k, v = (t.transpose(2, 3) for t in (q, k, v))
+        dv = probs.transpose(-2, -1) @ g
+        dlogits = torch._softmax_backward_data(g @ v.transpose(-2, -1), probs, -1, probs.dtype)
+        dq = (dlogits @ k).mul_(ctx.scale) if ctx.scale != 1.0 else dlogits @ k
+        dk = (dlogits.transpose(-2, -1) @ q).mul_(ctx.scale) if ctx.scale != 1.0 else dlogits.transpose(-2, -1) @ q
+        dmask = dlogits.sum(0) if ctx.mask_windows == nW else dlogits.sum((0, 1)).unsqueeze(0)
+        return dq.transpose(2, 3), dk.transpose(2, 3), dv.transpose(2, 3), dmask, None
 
 
 class _PermuteTokens(torch.autograd.Function):
