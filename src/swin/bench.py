@@ -435,12 +435,17 @@ def machine_info(device: str) -> dict:
             info[mod] = None
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
+    else:  # whether ours runs its C kernels here (fp32) or falls back to PyTorch's paths
+        from swin.ops import cpu_kernels
+
+        info["swin_cpu_kernels"] = cpu_kernels.available()
     info["threads"] = torch.get_num_threads()
     return info
 
 
 def to_markdown(entries: list[Entry], info: dict, args) -> str:
-    head = (f"{info['date']} | {info.get('gpu') or 'CPU x' + str(info['cpu_count'])} | torch {info['torch']} | "
+    cpu_kernels = {True: " (ours: C kernels)", False: " (ours: no C kernels)"}.get(info.get("swin_cpu_kernels"), "")
+    head = (f"{info['date']} | {info.get('gpu') or 'CPU x' + str(info['cpu_count']) + cpu_kernels} | torch {info['torch']} | "
             f"{args.dtype} | rounds {args.rounds} x iters {args.iters}"
             f"{' | each round in fresh processes' if getattr(args, 'isolate', False) else ''}")
     lines = [f"### {head}", ""]

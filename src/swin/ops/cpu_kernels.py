@@ -1,26 +1,30 @@
-"""CPU window attention for inference: one small AVX-512 kernel, compiled on first use.
+"""Two small AVX-512 kernels for fp32 on the CPU, in C, compiled on first use: window attention and
+GELU's backward.
 
-Why. On a CPU, Swin's attention is a great many tiny products: per window and head, (N x d) @ (d x N)
-and (N x N) @ (N x d) with N = 49 and d = 32. PyTorch's CPU flash-attention kernel (what
-``F.scaled_dot_product_attention`` runs) reaches ~55-85 GFLOP/s on them, a fifth of what the same
-two cores give the model's large products; attention is 9-12% of fp32 inference on the chunked path
-(``cpu_tiled``) while holding 2-3% of its arithmetic. This kernel keeps one window-head's K^T,
-logits and probabilities in a few KB of stack, computes q k^T in 4 x 64 register tiles (16 AVX-512
-accumulators), adds the (bias + shift mask) row, takes the softmax with a polynomial exp, and
-multiplies by V in the same tiles, writing straight into the (tokens, C) output at the head's
-columns. No (windows, heads, N, N) tensor is made.
+**Window attention.** On a CPU, Swin's attention is a great many tiny products: per window and
+head, (N x d) @ (d x N) and (N x N) @ (N x d) with N = 49 and d = 32. PyTorch's CPU flash-attention
+kernel (what ``F.scaled_dot_product_attention`` runs) reaches ~55-85 GFLOP/s on them, a fifth of what
+the same two cores give the model's large products; attention was 9-12% of fp32 inference on the
+chunked path (``cpu_tiled``) while holding 2-3% of its arithmetic. This kernel keeps one
+window-head's K^T, logits and probabilities in a few KB of stack, computes q k^T in 4 x 64 register
+tiles (16 AVX-512 accumulators), adds the (bias + shift mask) row, takes the softmax with a
+polynomial exp, and multiplies by V in the same tiles, writing straight into the (tokens, C) output
+at the head's columns (1.6-1.8x SDPA at N = 49). No logits tensor is made; in training the kernel
+also writes the probabilities, which the backward (plain PyTorch products, ``sdpa._CpuKernelAttention``)
+reads. The function is ``softmax(scale * q k^T + mask) v``; probabilities below e^-80 (the shift
+mask's -100 gives ~1e-44: subnormal floats, which slow every later multiply) are set to 0, which
+changes no output by more than 1e-34 of its scale.
 
-The function is ``softmax(scale * q k^T + mask) v``, the reference's; probabilities below e^-80
-(the shift mask's -100 gives ~1e-44: subnormal floats, which slow every later multiply) are set to 0,
-which changes no output by more than 1e-34 of its scale. Equal to SDPA within fp32 rounding
-(tests/test_ops.py).
+**GELU's backward** with its forward recomputed (``mlp._RecomputeGeluMlp``): GELU(h) and the
+gradient at h in one pass, one erf and one exp per element (PyTorch's pair: two and one).
 
-Used by ``cpu_tiled`` for fp32 inference where the CPU has AVX-512 and a C compiler (``cc``, or
-``$CC``) is on the PATH; the shared library is built once into ``$SWIN_CACHE_DIR`` (default
-``~/.cache/swin``) and loaded with ctypes. Its threads are PyTorch's own OpenMP threads (the library
-links ``libgomp.so.1``, which the process has already loaded from torch). Anything else (no
-compiler, another CPU, bf16, heads above 64 channels, windows above 256 tokens, or
-``SWIN_CPU_KERNELS=0``) takes SDPA.
+Both are checked against fp64 and against PyTorch (tests/test_ops.py). They run where the CPU has
+AVX-512 and a C compiler (``cc``, or ``$CC``) is on the PATH; the shared library is built once into
+``$SWIN_CACHE_DIR`` (default ``~/.cache/swin``; a temporary file renamed into place) and loaded with
+ctypes. Its threads are PyTorch's own OpenMP threads (the library links ``libgomp.so.1``, which the
+process has already loaded from torch). Anywhere else (no compiler, another CPU, bf16, heads above
+64 channels, windows above 256 tokens, inside torch.compile, or ``SWIN_CPU_KERNELS=0``) the callers
+take their PyTorch path.
 """
 from __future__ import annotations
 
