@@ -45,9 +45,10 @@ section parity_new 60 "$PY" -m pytest tests/test_ops.py -q -p no:cacheprovider \
   -rfE -k "linear_gelu_matches_reference_cuda or fused_block_matches_reference_cuda"
 
 B="$PY benchmarks/bench.py --device cuda --dtype bf16 --rounds 5 --iters 8 --warmup 3"
-# 1. the training step b128 (fwd + bwd + AdamW), the decisive three, enough rounds to trust
+# 1. the training step b128 (fwd + bwd + AdamW), the decisive three, enough rounds to trust; last, ours
+#    eager skipping dropped samples on CUDA too (+dpskip; CPU does since stop 14; predicted ~1.05x ours)
 section t_train 190 $B --models swin_t --modes train --budget-s 165 --out "$OUT/t_train" \
-  --impls ours,timm-sdpa+compile,ours+compile
+  --impls ours,timm-sdpa+compile,ours+compile,ours+dpskip
 
 # 2. Swin-T 224 inference b256 (stop 13: ours+compile 20,665 img/s, timm+compile 12,159), also as
 # 16-bit models (+cast: weights and input in bf16, no autocast), as many deploy

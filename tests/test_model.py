@@ -305,6 +305,25 @@ def test_drop_path_residual_skips_dropped_samples(p, seed):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)  # all dropped: zeros, not None
 
 
+def test_drop_path_residual_under_autocast():
+    """A bf16 branch (CPU autocast) added to an fp32 stream: the dtype x + DropPath(f(x)) would have."""
+    torch.manual_seed(0)
+    f = torch.nn.Linear(6, 6)
+    x = torch.randn(8, 6, requires_grad=True)
+    dp = swin.model.DropPath(0.5).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(2)
+        out = dp.residual(x, f)
+        torch.manual_seed(2)
+        mask = torch.empty(8).bernoulli_(0.5)
+        torch.manual_seed(2)
+        ref = x + dp(f(x))
+    assert 0 < mask.sum() < 8 and out.dtype == ref.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)
+    out.sum().backward()
+    assert x.grad is not None and f.weight.grad is not None
+
+
 def test_drop_path_training_step_equals_mask_product(monkeypatch):
     """A whole model's loss and parameter gradients with dropped samples skipped equal the plain
     mask product's (same seed, so the same masks)."""

@@ -165,6 +165,14 @@ def _prepare(impl: str, name: str, mode: str, device: str, dtype: torch.dtype, b
         for m in model.modules():
             if hasattr(m, "fc1") and hasattr(m, "backend"):
                 m.backend = "reference"
+    if "dpskip" in flags:  # ours skipping dropped samples on CUDA too (eager; swin.model.DropPath.residual)
+        if not impl.startswith("ours"):
+            raise ValueError(f"+dpskip applies to ours only, not {impl!r}")
+        from swin.model import DropPath
+
+        for m in model.modules():
+            if isinstance(m, DropPath):
+                m.SKIP_DEVICES = ("cpu", "cuda")
     if "compile" in flags:
         fwd = torch.compile(fwd)
     elif "ro" in flags:
@@ -525,7 +533,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="comma list, e.g. ours,ours-ref,ours-sdpa,ours-triton,ours-fused,ours+graph,timm,timm+compile,tv,hf "
                         "(+compile: torch.compile, +ro: compile reduce-overhead, +freeze: compile with inductor freezing (inference), +graph: our CUDA-graph runner, "
                         "+cast: the model and input in --dtype instead of autocast (inference), "
-                        "+plainmlp: ours with the plain MLP instead of GELU recomputation)")
+                        "+plainmlp: ours with the plain MLP instead of GELU recomputation, "
+                        "+dpskip: ours skipping drop-path-dropped samples on CUDA too, as it does on CPU)")
     p.add_argument("--compile", action="store_true", help="add +compile variants of ours, timm and hf")
     p.add_argument("--batch-infer", type=int, default=None, help="default: 256 on CUDA, 8 on CPU")
     p.add_argument("--batch-train", type=int, default=None, help="default: 128 on CUDA, 8 on CPU")

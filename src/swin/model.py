@@ -433,7 +433,9 @@ class DropPath(nn.Module):
             return torch.add(x, branch(x), alpha=1.0 / keep)
         if idx.numel() == 0:
             return x + branch(x) * mask.view((-1,) + (1,) * (x.ndim - 1))
-        return x.index_add(0, idx, branch(x.index_select(0, idx)), alpha=1.0 / keep)
+        y = branch(x.index_select(0, idx))
+        dtype = torch.promote_types(x.dtype, y.dtype)  # as x + y would (autocast: a bf16 branch, fp32 x)
+        return x.to(dtype).index_add(0, idx, y.to(dtype), alpha=1.0 / keep)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
