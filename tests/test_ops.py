@@ -496,6 +496,18 @@ def test_cpu_attention_kernel_build_failure_falls_back(monkeypatch, tmp_path):
     assert ca.available() is False
 
 
+def test_cpu_kernels_build_from_scratch(monkeypatch, tmp_path):
+    """A fresh cache: the library is compiled, renamed into place (nothing else left) and loads."""
+    _cpu_kernel()
+    from swin.ops import cpu_kernels as ca
+
+    monkeypatch.setattr(ca, "_lib", None)
+    monkeypatch.setenv("SWIN_CACHE_DIR", str(tmp_path / "cache"))
+    assert ca.available() is True
+    files = list((tmp_path / "cache").iterdir())
+    assert len(files) == 1 and files[0].suffix == ".so"
+
+
 @pytest.mark.parametrize("backend", ["triton", "fused"])
 def test_cpu_tiled_serves_the_cuda_backends_on_cpu(backend, monkeypatch):
     """A model set to a CUDA-kernel backend and run on the CPU takes the chunked path, as "auto" does,
