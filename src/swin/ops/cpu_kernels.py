@@ -55,6 +55,11 @@ int swin_cpu_ok(void) {
 
 #define AVX512 __attribute__((target("avx512f,fma")))
 
+/* the first min(left, 16) lanes of a vector */
+static inline __mmask16 first_lanes(long left) {
+    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+}
+
 /* exp(x) for x <= 0 (logits minus their row maximum), Cephes' expf polynomial, ~1 ulp;
    lanes below -80 (and -inf) give exactly 0 */
 static inline AVX512 __m512 exp_nonpos(__m512 x) {
@@ -75,32 +80,39 @@ static inline AVX512 __m512 exp_nonpos(__m512 x) {
     return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
 }
 
-/* logits of rows i0..i0+3 against key columns [16*c0, 16*(c0+NV)): s = scale * q k^T + mask,
-   lanes past the last key -inf. Rows past the last query repeat it (computed, not stored). */
-static inline AVX512 __attribute__((always_inline)) void qk_tile(
-        const float *q, long qs, const float *kt, int np, const float *mrow, int n, int d,
-        int i0, int c0, float scale, float *s, const int NV) {
-    __m512 acc[4][4];
+/* acc[r][u] = q_(i0+r) . K^T columns [16*(c0+u), 16*(c0+u+1)), 4 rows x NV vectors of 16 keys
+   (16 accumulators in registers); rows past the last query repeat it (computed, never stored) */
+static inline AVX512 __attribute__((always_inline)) void qk_accumulate(
+        __m512 acc[4][4], const float *q, long qs, const float *kt, int np, int n, int d, int i0, int c0,
+        const int NV) {
     const float *qr[4];
     for (int r = 0; r < 4; r++) {
         int i = i0 + r < n ? i0 + r : n - 1;
         qr[r] = q + (long)i * qs;
         for (int u = 0; u < NV; u++) acc[r][u] = _mm512_setzero_ps();
     }
-    for (int c = 0; c < d; c++) {
+    for (int c = 0; c < d; c++) {  /* kt rows are 64-byte aligned (np a multiple of 16) */
         __m512 kv[4];
-        for (int u = 0; u < NV; u++) kv[u] = _mm512_loadu_ps(kt + (long)c * np + 16 * (c0 + u));
+        for (int u = 0; u < NV; u++) kv[u] = _mm512_load_ps(kt + (long)c * np + 16 * (c0 + u));
         for (int r = 0; r < 4; r++) {
             __m512 qb = _mm512_set1_ps(qr[r][c]);
             for (int u = 0; u < NV; u++) acc[r][u] = _mm512_fmadd_ps(qb, kv[u], acc[r][u]);
         }
     }
+}
+
+/* logits of rows i0..i0+3 against key columns [16*c0, 16*(c0+NV)): s = scale * q k^T + mask,
+   lanes past the last key -inf */
+static inline AVX512 __attribute__((always_inline)) void qk_tile(
+        const float *q, long qs, const float *kt, int np, const float *mrow, int n, int d,
+        int i0, int c0, float scale, float *s, const int NV) {
+    __m512 acc[4][4];
+    qk_accumulate(acc, q, qs, kt, np, n, d, i0, c0, NV);
     __m512 vs = _mm512_set1_ps(scale);
     for (int r = 0; r < 4 && i0 + r < n; r++) {
         for (int u = 0; u < NV; u++) {
             int j = 16 * (c0 + u);
-            int left = n - j;
-            __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+            __mmask16 m = first_lanes(n - j);
             __m512 b = _mm512_maskz_loadu_ps(m, mrow + (long)(i0 + r) * n + j);
             __m512 v = _mm512_fmadd_ps(acc[r][u], vs, b);
             v = _mm512_mask_blend_ps(m, _mm512_set1_ps(-__builtin_inff()), v);
@@ -115,27 +127,13 @@ static inline AVX512 __attribute__((always_inline)) void qk_softmax_tile(
         const float *q, long qs, const float *kt, int np, const float *mrow, int n, int d,
         int i0, float scale, float *s, float *inv, const int NV) {
     __m512 acc[4][4];
-    const float *qr[4];
-    for (int r = 0; r < 4; r++) {
-        int i = i0 + r < n ? i0 + r : n - 1;
-        qr[r] = q + (long)i * qs;
-        for (int u = 0; u < NV; u++) acc[r][u] = _mm512_setzero_ps();
-    }
-    for (int c = 0; c < d; c++) {
-        __m512 kv[4];
-        for (int u = 0; u < NV; u++) kv[u] = _mm512_load_ps(kt + (long)c * np + 16 * u);
-        for (int r = 0; r < 4; r++) {
-            __m512 qb = _mm512_set1_ps(qr[r][c]);
-            for (int u = 0; u < NV; u++) acc[r][u] = _mm512_fmadd_ps(qb, kv[u], acc[r][u]);
-        }
-    }
+    qk_accumulate(acc, q, qs, kt, np, n, d, i0, 0, NV);
     __m512 vs = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-__builtin_inff());
     for (int r = 0; r < 4; r++) {
         int i = i0 + r < n ? i0 + r : n - 1;
         __m512 mx = ninf;
         for (int u = 0; u < NV; u++) {
-            int left = n - 16 * u;
-            __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+            __mmask16 m = first_lanes(n - 16 * u);
             __m512 b = _mm512_maskz_loadu_ps(m, mrow + (long)i * n + 16 * u);
             acc[r][u] = _mm512_mask_blend_ps(m, ninf, _mm512_fmadd_ps(acc[r][u], vs, b));
             mx = _mm512_max_ps(mx, acc[r][u]);
@@ -209,8 +207,7 @@ static AVX512 void window_head(const float *q, long qs, const float *k, long ks,
     __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                       _mm512_set1_epi32((int)ks));
     for (int j = 0; j < np; j += 16) {
-        int left = n - j;
-        __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+        __mmask16 m = first_lanes(n - j);
         const float *kb = k + (long)j * ks;
         for (int c = 0; c < d; c++)
             _mm512_store_ps(kt + c * np + j, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, rows, kb + c, 4));
@@ -232,8 +229,7 @@ static AVX512 void window_head(const float *q, long qs, const float *k, long ks,
             for (int r = 0; r < 4 && i0 + r < n; r++) {
                 __m512 f = _mm512_set1_ps(inv[r]);
                 for (int j = 0; j < n; j += 16) {
-                    int left = n - j;
-                    __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+                    __mmask16 m = first_lanes(n - j);
                     _mm512_mask_storeu_ps(probs + (long)(i0 + r) * n + j, m, _mm512_mul_ps(_mm512_load_ps(s + r * np + j), f));
                 }
             }
@@ -276,8 +272,7 @@ AVX512 void swin_gelu_grad_f32(const float *h, float *g, float *a, long n, int t
     for (long b = 0; b < blocks; b++) {
         long end = (b + 1) * 1024 < n ? (b + 1) * 1024 : n;
         for (long i = b * 1024; i < end; i += 16) {
-            long left = end - i;
-            gelu_grad16(h + i, g + i, a + i, left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u));
+            gelu_grad16(h + i, g + i, a + i, first_lanes(end - i));
         }
     }
 }

@@ -218,8 +218,9 @@ class _CpuKernelAttention(torch.autograd.Function):
         q, k, v = (t.transpose(2, 3) for t in (q, k, v))
         dv = probs.transpose(-2, -1) @ g
         dlogits = torch._softmax_backward_data(g @ v.transpose(-2, -1), probs, -1, probs.dtype)
-        dq = (dlogits @ k).mul_(ctx.scale) if ctx.scale != 1.0 else dlogits @ k
-        dk = (dlogits.transpose(-2, -1) @ q).mul_(ctx.scale) if ctx.scale != 1.0 else dlogits.transpose(-2, -1) @ q
+        dq, dk = dlogits @ k, dlogits.transpose(-2, -1) @ q
+        if ctx.scale != 1.0:  # V2's q carries its scale already
+            dq.mul_(ctx.scale), dk.mul_(ctx.scale)
         dmask = dlogits.sum(0) if ctx.mask_windows == nW else dlogits.sum((0, 1)).unsqueeze(0)
         return dq.transpose(2, 3), dk.transpose(2, 3), dv.transpose(2, 3), dmask, None
 
