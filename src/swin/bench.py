@@ -72,6 +72,8 @@ class Entry:
     saved_gib: float | None = None  # training: activations autograd keeps for backward (any device)
     saved_vs_timm: float | None = None
     parity_rel_err: float | None = None
+    host_share: float | None = None  # CUDA: host seconds to issue the steps / device seconds (~1: host-bound)
+    host_samples: list[float] = field(default_factory=list)
     error: str | None = None
 
 
@@ -128,17 +130,24 @@ def _autocast(device: str, dtype: torch.dtype, cache: bool = True):
 class _Timer:
     def __init__(self, device: str):
         self.cuda = device == "cuda"
+        self.host_share = None  # CUDA: the last call's host issue time / its device time
 
     def __call__(self, fn: Callable[[int], None], iters: int) -> float:
-        """Seconds per call of fn(i), i = 0..iters-1 (CUDA events around the loop on GPU)."""
+        """Seconds per call of fn(i), i = 0..iters-1 (CUDA events around the loop on GPU). On CUDA
+        also ``host_share``: how long the host took to issue the calls over how long the device took
+        to run them; near 1 the host is the bottleneck (launch overhead), well under 1 the device."""
         if self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0 = time.perf_counter()
             start.record()
             for i in range(iters):
                 fn(i)
             end.record()
+            host = time.perf_counter() - t0
             end.synchronize()
-            return start.elapsed_time(end) / 1e3 / iters
+            device = start.elapsed_time(end) / 1e3
+            self.host_share = host / device
+            return device / iters
         t0 = time.perf_counter()
         for i in range(iters):
             fn(i)
@@ -321,6 +330,8 @@ def run_mode(name: str, mode: str, impls: list[str], args, log) -> list[Entry]:
             try:
                 sec = timer(steps[e.impl], iters)
                 e.samples.append(sec * 1e3 if unit == "ms" else batch / sec)
+                if timer.host_share is not None:
+                    e.host_samples.append(timer.host_share)
             except Exception as exc:
                 e.error = f"{type(exc).__name__}: {exc}"[:200]
                 steps.pop(e.impl)
@@ -333,11 +344,12 @@ def run_mode(name: str, mode: str, impls: list[str], args, log) -> list[Entry]:
 
 
 def _applies(impl: str, mode: str) -> bool:
-    """CUDA graphs time latency only; training is not timed with graphs, reduce-overhead, freezing or a
-    16-bit model (+cast: training keeps fp32 weights under autocast)."""
+    """CUDA graphs (+graph) time latency only; training is not timed with freezing or a 16-bit model
+    (+cast: training keeps fp32 weights under autocast). Training with reduce-overhead (+ro: the
+    compiled forward and backward replayed as CUDA graphs, the optimizer outside) is timed."""
     flags = set(impl.split("+")[1:])
     return not ((mode != "latency" and "graph" in flags)
-                or (mode == "train" and {"graph", "ro", "freeze", "cast"} & flags))
+                or (mode == "train" and {"graph", "freeze", "cast"} & flags))
 
 
 def _run_isolated(name: str, mode: str, impls: list[str], args, log) -> list[Entry]:
@@ -375,6 +387,7 @@ def _run_isolated(name: str, mode: str, impls: list[str], args, log) -> list[Ent
                 log(f"  FAILED {name} {mode} {e.impl}: {e.error}")
                 continue
             e.samples.append(child["samples"][0])
+            e.host_samples += child.get("host_samples", [])
             if r == 0:
                 e.peak_gib, e.saved_gib, e.parity_rel_err = child["peak_gib"], child["saved_gib"], child["parity_rel_err"]
             log(f"  round {r} {name} {mode} {e.impl}: {child['samples'][0]:.2f} {e.unit} "
@@ -401,6 +414,8 @@ def _summarise(entries: list[Entry]) -> None:
         if e.samples:
             e.median = statistics.median(e.samples)
             e.spread = (max(e.samples) - min(e.samples)) / e.median
+        if e.host_samples:
+            e.host_share = statistics.median(e.host_samples)
     peers = [e for e in entries if e.median and e.impl.split("+")[0] in PEERS]
     if not peers:
         return
@@ -462,14 +477,14 @@ def to_markdown(entries: list[Entry], info: dict, args) -> str:
         if (e.model, e.mode) != key:
             key = (e.model, e.mode)
             lines += ["", f"**{e.model} {e.mode}, batch {e.batch}** ({e.unit}; median of rounds; spread = (max-min)/median)", "",
-                      "| impl | median | spread | vs best peer | paired | peak GiB | mem vs timm | saved GiB | saved vs timm | parity rel err |",
-                      "|---|---|---|---|---|---|---|---|---|---|"]
+                      "| impl | median | spread | vs best peer | paired | peak GiB | mem vs timm | saved GiB | saved vs timm | parity rel err | host/device |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|"]
         if e.median is None:
-            lines.append(f"| {e.impl} | {e.error or 'n/a'} | | | | | | | | |")
+            lines.append(f"| {e.impl} | {e.error or 'n/a'} | | | | | | | | | |")
             continue
         f = (lambda v, p=2: "" if v is None else f"{v:.{p}f}")
         lines.append(f"| {e.impl} | {e.median:,.2f} | {e.spread:.0%} | {f(e.vs_best_peer)}x | {f(e.paired_vs_best_peer)}x | {f(e.peak_gib)} | "
-                     f"{f(e.mem_vs_timm)} | {f(e.saved_gib)} | {f(e.saved_vs_timm)} | {'' if e.parity_rel_err is None else f'{e.parity_rel_err:.1e}'} |")
+                     f"{f(e.mem_vs_timm)} | {f(e.saved_gib)} | {f(e.saved_vs_timm)} | {'' if e.parity_rel_err is None else f'{e.parity_rel_err:.1e}'} | {f(e.host_share)} |")
     return "\n".join(lines) + "\n"
 
 
