@@ -2,12 +2,12 @@
 # One command for a CUDA machine (H100/H200; torch, triton, timm, transformers, torchvision installed):
 #   bash benchmarks/gpu_check.sh            # results under $OUT (default /tmp/swin_gpu_check)
 # 0. the newest kernels' parity on the GPU, 1. the Swin-T training step b128 with peak memory, ours
-# vs timm-sdpa + compile (not rerun with enough rounds since stop 9; compiling takes ~100 s of it),
-# 2. Swin-T 224 bf16 inference b256 vs timm + compile, with autocast and as 16-bit models, 3. a
-# profile of ours' compiled training step, 4. the fc1 + GELU product alone (kernel_bench
-# --linear-only), then if time is left: backend "fused" end to end in its own process, the ops
-# parity tests on the GPU (every Triton launch configuration) and latency b1. By name only (ONLY=...):
-# fused_probe (backend "fused"'s launches one process each; pinned stop 13's crash), profile_infer.
+# with reduce-overhead vs timm-sdpa with reduce-overhead and with compile, timm eager for memory,
+# 2. Swin-T 224 bf16 inference b256 vs timm + compile, with autocast and as 16-bit models, 3. latency
+# b1, 4. a profile of ours' compiled training step, then if time is left the ops parity tests on the
+# GPU (every Triton launch configuration). By name only (ONLY=...): fused_probe (backend "fused"'s
+# launches one process each; pinned stop 13's crash), profile_infer, k_linear (the fc1 + GELU product
+# alone; stop 15: still slower than cuBLAS + GELU), t_fused (backend "fused" end to end; stop 15: 0.94x).
 # benchmarks/kernel_bench.py (the kernels alone, stop 12's table) is not rerun here.
 # ONLY="fused_probe t_infer ..." runs the named sections alone (a device call split in two).
 # Each section is separate and time-boxed: a failure is
@@ -37,49 +37,54 @@ section() {  # section NAME MAX_SECONDS CMD... ; runs CMD with a timeout of min(
 { date; nvidia-smi; "$PY" -c "import torch, triton, timm, transformers, torchvision; print('torch', torch.__version__, 'triton', triton.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name())"; } > "$OUT/env.txt" 2>&1
 tail -n 1 "$OUT/env.txt"
 
+# Order (stop 15): training first (reduce-overhead against timm's reduce-overhead), then inference.
 # Order (stop 13): what the last runs left open first. Stop 13 pinned backend "fused"'s crash (one
 # launch, dropped), measured inference (1.70x timm + compile; bf16 models 1.76x) and found fc1 + GELU
 # as one Triton product no faster; training has had two rounds only since stop 9.
 # 0. the newest kernels' parity: fc1 + GELU as one product, backend "fused" (all passed in stop 13)
-section parity_new 60 "$PY" -m pytest tests/test_ops.py -q -p no:cacheprovider \
+section parity_new 90 "$PY" -m pytest tests/test_ops.py -q -p no:cacheprovider \
   -rfE -k "linear_gelu_matches_reference_cuda or fused_block_matches_reference_cuda"
 
 B="$PY benchmarks/bench.py --device cuda --dtype bf16 --rounds 5 --iters 8 --warmup 3"
-# 1. the training step b128 (fwd + bwd + AdamW), the decisive three, enough rounds to trust; last, ours
-#    eager skipping dropped samples on CUDA too (+dpskip; CPU does since stop 14; predicted ~1.05x ours)
-section t_train 190 $B --models swin_t --modes train --budget-s 165 --out "$OUT/t_train" \
-  --impls ours,timm-sdpa+compile,ours+compile,ours+dpskip
+# 1. the training step b128 (fwd + bwd + AdamW). Stop 15: plain compile is host-bound for ours (host/device
+#    1.00, rounds 4,585-6,354 img/s); reduce-overhead (CUDA graphs) 6,944 = 1.40x timm-sdpa+compile. timm
+#    with reduce-overhead has not been timed: it is the fair peer for ours+ro. Peak memory now counts the
+#    graphs' pools. timm eager gives the memory ratio's denominator (8.81 GiB in stop 15).
+section t_train 200 $B --models swin_t --modes train --budget-s 175 --out "$OUT/t_train" \
+  --impls ours+ro,timm-sdpa+ro,timm-sdpa+compile,timm
 
 # 2. Swin-T 224 inference b256 (stop 13: ours+compile 20,665 img/s, timm+compile 12,159), also as
 # 16-bit models (+cast: weights and input in bf16, no autocast), as many deploy
 section t_infer 150 $B --models swin_t --modes infer --budget-s 125 --out "$OUT/t_infer" \
   --impls ours,timm+compile,ours+compile,timm+cast+compile,ours+cast+compile
 
+# 3. latency b1 (stop 15: ours+graph 0.81 ms)
+section t_latency 40 $B --models swin_t --modes latency --iters 20 --out "$OUT/t_latency" \
+  --impls ours+graph,ours,timm-sdpa
+
 # by name only: which fused launch crashes, each case in its own process, compute-sanitizer on the first crash
 [[ " ${ONLY:-} " == *" fused_probe "* ]] && section fused_probe 100 "$PY" benchmarks/fused_probe.py \
   --out "$OUT/fused_probe" --timeout 45 --budget-s 75
 
-# 3. where a compiled training step's time goes (torch.profiler, kernels by group)
+# 4. where a compiled training step's time goes (torch.profiler, kernels by group)
 section profile 75 "$PY" benchmarks/gpu_profile.py --device cuda --impls ours+compile --modes train \
   --steps 3 --out "$OUT/profile"
 
-# 4. fc1 + GELU as one product alone, each configuration, vs cuBLAS + GELU and cuBLAS alone (stop 13:
+# by name only: fc1 + GELU as one product alone, each configuration, vs cuBLAS + GELU and cuBLAS alone (stop 13:
 # 4.0 ms for the twelve in a model where cuBLAS + GELU took 3.8)
-section k_linear 45 "$PY" benchmarks/kernel_bench.py --linear-only --batch 256 --out "$OUT/k_linear.md"
+[[ " ${ONLY:-} " == *" k_linear "* ]] && section k_linear 45 "$PY" benchmarks/kernel_bench.py --linear-only --batch 256 --out "$OUT/k_linear.md"
 
-# 5. if time is left: backend "fused" (opt-in) end to end, in its own process so that a crash costs only this
+# by name only: backend "fused" (opt-in) end to end, in its own process so that a crash costs only this
 # section; ours+cast+compile again as the same-process baseline (three compilations: ~75 s)
-section t_fused 110 $B --models swin_t --modes infer --budget-s 95 --out "$OUT/t_fused" \
+[[ " ${ONLY:-} " == *" t_fused "* ]] && section t_fused 110 $B --models swin_t --modes infer --budget-s 95 --out "$OUT/t_fused" \
   --impls ours+cast+compile,ours-fused+cast+compile,ours-fused+compile
 # by name only: where a compiled inference step's time goes (the 16-bit model)
 [[ " ${ONLY:-} " == *" profile_infer "* ]] && section profile_infer 75 "$PY" benchmarks/gpu_profile.py \
   --device cuda --impls ours+cast+compile,ours+compile --modes infer --steps 3 --out "$OUT/profile_infer"
 
-# 6. if time is left: parity of every Triton launch configuration (all passed in stop 12), latency
+# 5. if time is left: parity of every Triton launch configuration (all passed in stop 12)
 section parity 140 "$PY" -m pytest tests/test_ops.py -q -p no:cacheprovider -rfE \
   -k "cuda and not under_torch_compile" --junitxml="$OUT/parity.xml"
-section t_latency 40 $B --models swin_t --modes latency --iters 20 --out "$OUT/t_latency" \
-  --impls ours+graph,ours,timm-sdpa
 
 # short table last
 "$PY" - "$OUT" <<'PYEOF'
@@ -89,12 +94,12 @@ out = Path(sys.argv[1]); rows = []
 for f in sorted(out.glob("*/bench.json")):
     for e in json.loads(f.read_text())["entries"]:
         rows.append(e)
-md = ["| model | mode | batch | impl | median | unit | vs best peer | paired | peak GiB | mem vs timm | saved GiB | parity |", "|" + "---|" * 12]
+md = ["| model | mode | batch | impl | median | unit | vs best peer | paired | peak GiB | mem vs timm | saved GiB | parity | host/device |", "|" + "---|" * 13]
 for e in rows:
     fmt = lambda v, p=2: "" if v is None else f"{v:.{p}f}"
     md.append(f"| {e['model']} | {e['mode']} | {e['batch']} | {e['impl']} | "
               f"{fmt(e['median']) if e['median'] else (e['error'] or '')[:60]} | {e['unit']} | {fmt(e['vs_best_peer'])} | {fmt(e.get('paired_vs_best_peer'))} | "
-              f"{fmt(e['peak_gib'])} | {fmt(e['mem_vs_timm'])} | {fmt(e.get('saved_gib'))} | {'' if e['parity_rel_err'] is None else '%.1e' % e['parity_rel_err']} |")
+              f"{fmt(e['peak_gib'])} | {fmt(e['mem_vs_timm'])} | {fmt(e.get('saved_gib'))} | {'' if e['parity_rel_err'] is None else '%.1e' % e['parity_rel_err']} | {fmt(e.get('host_share'))} |")
 md.append("\nTriton launch configurations chosen (swin.ops.triton_window.choices()):")
 for f in sorted(out.glob("*/bench.json")):
     for c in json.loads(f.read_text()).get("triton_configs", []):
