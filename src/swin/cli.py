@@ -38,6 +38,8 @@ _TRAIN_FLAGS: list[tuple[str, type, str]] = [
     ("--ema-decay", float, "EMA decay (with --ema)"),
     ("--pretrained", str, "start from these weights (our runs, official, timm, torchvision, HF, mmdet)"),
     ("--amp", str, "auto (bf16 on GPU), bf16, fp16 or off"),
+    ("--compile", str, "torch.compile the training step: off (default), default, reduce-overhead (CUDA graphs; "
+                       "fastest on GPU), max-autotune"),
     ("--device", str, "auto, cpu, cuda, cuda:N"),
     ("--workers", int, "data-loading processes per rank"),
     ("--threads", int, "CPU threads (default: the idle cores)"),

@@ -94,6 +94,8 @@ class TrainConfig:
     ema_decay: float = 0.9998
     # machinery
     amp: str = "auto"              # "auto" (bf16 on GPU, off on CPU), "bf16", "fp16", "off"
+    compile: str = "off"           # torch.compile the training forward/backward: "off", "default",
+                                   # "reduce-overhead" (CUDA graphs; fastest on GPU: see BENCHMARKS.md)
     device: str = "auto"           # "auto", "cpu", "cuda", "cuda:1", ...
     workers: int = 8               # data-loading processes per rank (in-memory data uses none)
     threads: int = 0               # torch CPU threads; 0 = torch's default
@@ -368,6 +370,28 @@ def pick_device(device: str, local_rank: int = 0) -> torch.device:
 # Evaluation (shared by the Trainer and `swin eval`)
 # ---------------------------------------------------------------------------------------------
 
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+
+
+def compiled_for_training(net: nn.Module, mode: str, world: int = 1, accum_steps: int = 1) -> nn.Module:
+    """``net`` itself ("off") or ``torch.compile(net, mode=...)`` for the training forward and its
+    backward; checkpoints, EMA and evaluation keep using the plain module (same parameters).
+    "reduce-overhead" replays the compiled graphs as CUDA graphs: one process, no accumulation, since
+    a replay reuses the memory the previous micro-batch's gradients would still be in."""
+    check_compile(mode, world, accum_steps)
+    if mode == "off":
+        return net
+    return torch.compile(net, mode=None if mode == "default" else mode)
+
+
+def check_compile(mode: str, world: int = 1, accum_steps: int = 1) -> None:
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}; got {mode!r}.")
+    if mode == "reduce-overhead" and (world > 1 or accum_steps > 1):
+        raise ValueError("compile=reduce-overhead needs one process and accum_steps=1 (CUDA graphs reuse their "
+                         "memory on every replay); use compile=default with several GPUs or accumulation.")
+
+
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp not in ("auto", "bf16", "fp16", "off"):
         raise ValueError(f"amp must be auto, bf16, fp16 or off; got {amp!r}.")
@@ -446,6 +470,7 @@ class Trainer:
         self.is_main = self.rank == 0
         self.device = pick_device(cfg.device, local_rank)
         self.amp = amp_dtype(cfg.amp, self.device)
+        check_compile(cfg.compile, self.world, cfg.accum_steps)
         micro = cfg.batch_size // (self.world * cfg.accum_steps)
         if micro * self.world * cfg.accum_steps != cfg.batch_size:
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by processes x accum_steps "
@@ -480,6 +505,7 @@ class Trainer:
         if self.world > 1:
             self.ddp = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.train_net = compiled_for_training(self.ddp or self.model, cfg.compile, self.world, cfg.accum_steps)
         if self.rank:
             torch.manual_seed(cfg.seed + self.rank)  # each rank its own drop-path draws
         scale = cfg.batch_size / cfg.lr_batch
@@ -626,7 +652,7 @@ class Trainer:
     def forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Cross-entropy with label smoothing (hard targets) or soft-target cross-entropy (mixed)."""
         with self.autocast():
-            logits = (self.ddp or self.model)(x)
+            logits = self.train_net(x)
         logits = logits.float()
         if y.ndim == 2:
             return torch.sum(-y * F.log_softmax(logits, dim=-1), dim=-1).mean()
@@ -849,7 +875,7 @@ class Trainer:
         if self.world > 1 and dist.is_initialized():
             if self.finished:
                 dist.barrier()
-            self.ddp = None
+            self.ddp = self.train_net = None
             dist.destroy_process_group()
 
 
