@@ -62,6 +62,12 @@ section t_infer 150 $B --models swin_t --modes infer --budget-s 125 --out "$OUT/
 section t_latency 40 $B --models swin_t --modes latency --iters 20 --out "$OUT/t_latency" \
   --impls ours+graph,ours,timm-sdpa
 
+# 3b. `swin train --compile reduce-overhead` (the Trainer with CUDA graphs; tested on CPU only so far): the
+#     digits demo for 40 steps, eager then compiled, the two loss curves side by side in the logs
+section t_cli 90 bash -c "$PY -m swin train --device cuda --max-steps 40 --no-progress --name eager \
+  --out-dir $OUT/runs && $PY -m swin train --device cuda --max-steps 40 --no-progress --name ro \
+  --compile reduce-overhead --out-dir $OUT/runs && tail -n 2 $OUT/runs/*/metrics.jsonl"
+
 # by name only: which fused launch crashes, each case in its own process, compute-sanitizer on the first crash
 [[ " ${ONLY:-} " == *" fused_probe "* ]] && section fused_probe 100 "$PY" benchmarks/fused_probe.py \
   --out "$OUT/fused_probe" --timeout 45 --budget-s 75
