@@ -1055,6 +1055,15 @@ def test_triton_launch_configuration_is_timed_once_and_the_fastest_kept(monkeypa
     monkeypatch.setattr(T, "FORCE_CONFIG", 2)
     assert T._choose("fwd", ("sig",), configs, launch, cuda=True) == 2
     assert T.choices() == {("fwd", ("sig",)): configs[1]}
+    # varying batch sizes share the timing of their power-of-two bucket (dropped samples, last batches)
+    a, b, c = (T._shape_key((n, 56, 56, 288)) for n in (120, 128, 129))
+    assert a == b == (128, 56, 56, 288) and c == (256, 56, 56, 288) and T._pow2(1) == 1
+    monkeypatch.setattr(T, "FORCE_CONFIG", None)
+    monkeypatch.delenv("SWIN_TRITON_TUNE")
+    before = len(timed)
+    assert T._choose("bwd", (a,), configs, launch, cuda=True) == 1 and len(timed) == before + 3
+    assert T._choose("bwd", (b,), configs, launch, cuda=True) == 1 and len(timed) == before + 3
+    assert T._choose("bwd", (c,), configs, launch, cuda=True) == 1 and len(timed) == before + 6
 
 
 def _resources_tool():

@@ -37,7 +37,8 @@ import triton
 import triton.language as tl
 
 from .. import windows as W
-from .triton_window import _bias_tile, _choose, _device_of, _dot, _logits, _position_bias, _token_offsets, _unit_rows
+from .triton_window import (_bias_tile, _choose, _device_of, _dot, _logits, _position_bias, _shape_key, _token_offsets,
+                            _unit_rows)
 
 MAX_CHANNELS = 128  # wider tiles spill (sm_90: 270-1300 bytes per thread at C = 192/256)
 
@@ -182,7 +183,7 @@ def _mlp_op(x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, w1: torch.T
             POST_NORM=post_norm, num_warps=config["num_warps"], num_stages=config["num_stages"])
 
     with _device_of(x):
-        _choose("mlp", (tuple(x.shape), x.dtype, w1.dtype, post_norm), MLP_CONFIGS, launch, x.is_cuda)
+        _choose("mlp", (_shape_key(x.shape), x.dtype, w1.dtype, post_norm), MLP_CONFIGS, launch, x.is_cuda)
     return out
 
 
@@ -217,7 +218,7 @@ def _block_op(x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, qkv_w: to
             num_stages=config["num_stages"], **meta)
 
     with _device_of(x):
-        _choose("block", (tuple(x.shape), x.dtype, qkv_w.dtype, heads, window, shift > 0, mask_pad, post_norm),
+        _choose("block", (_shape_key(x.shape), x.dtype, qkv_w.dtype, heads, window, shift > 0, mask_pad, post_norm),
                 BLOCK_CONFIGS, launch, x.is_cuda)
     return out
 

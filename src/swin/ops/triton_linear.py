@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .triton_window import _choose, _device_of
+from .triton_window import _choose, _device_of, _pow2
 
 
 def linear_gelu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -117,7 +117,7 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
     if M:
         with _device_of(x):
-            _choose("linear_gelu", (M, N, K, x.dtype), CONFIGS, launch, x.is_cuda)
+            _choose("linear_gelu", (_pow2(M), N, K, x.dtype), CONFIGS, launch, x.is_cuda)
     return out.view(*x.shape[:-1], N)
 
 

@@ -289,6 +289,18 @@ def _elapsed_ms(launch, config) -> float:
     return start.elapsed_time(end)
 
 
+def _pow2(n: int) -> int:
+    """n rounded up to a power of two."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _shape_key(shape) -> tuple:
+    """A tensor shape as a timing signature: the leading (batch) dimension rounded up to a power of
+    two, so that varying batch sizes (a last partial batch, dynamic batching, samples skipped by
+    stochastic depth) reuse one timing instead of compiling and timing every launch anew."""
+    return (_pow2(shape[0]),) + tuple(shape[1:])
+
+
 def _choose(kind: str, signature: tuple, configs: tuple, launch, cuda: bool):
     """``launch(config)`` with the configuration that ran fastest for this signature; the timing
     (each configuration once to compile, then three timed launches) happens on the first call."""
@@ -337,7 +349,7 @@ def _fwd_op(qkv: torch.Tensor, bias: torch.Tensor, logit: Optional[torch.Tensor]
             STORE_LSE=need_lse, LOOP=loop, STAGES=config.get("stages", 2), **_compile_options(config), **meta)
 
     with _device_of(qkv):
-        _choose("fwd", (tuple(qkv.shape), qkv.dtype, heads, window, shift > 0, mask_pad, logit is not None,
+        _choose("fwd", (_shape_key(qkv.shape), qkv.dtype, heads, window, shift > 0, mask_pad, logit is not None,
                         need_lse), FWD_CONFIGS, launch, qkv.is_cuda)
     return out, lse
 
@@ -376,7 +388,7 @@ def _bwd_op(qkv: torch.Tensor, bias: torch.Tensor, logit: Optional[torch.Tensor]
         return dqkv, dbias, dlogit
 
     with _device_of(qkv):
-        return _choose("bwd", (tuple(qkv.shape), qkv.dtype, heads, window, shift > 0, mask_pad, logit is not None),
+        return _choose("bwd", (_shape_key(qkv.shape), qkv.dtype, heads, window, shift > 0, mask_pad, logit is not None),
                        BWD_CONFIGS, launch, qkv.is_cuda)
 
 
