@@ -95,7 +95,8 @@ class TrainConfig:
     # machinery
     amp: str = "auto"              # "auto" (bf16 on GPU, off on CPU), "bf16", "fp16", "off"
     compile: str = "off"           # torch.compile the training forward/backward: "off", "default",
-                                   # "reduce-overhead" (CUDA graphs; fastest on GPU: see BENCHMARKS.md)
+                                   # "reduce-overhead" (CUDA graphs; fastest on GPU: see BENCHMARKS.md);
+                                   # on CPU eager is faster (Swin-T b8: compiled 0.81x)
     device: str = "auto"           # "auto", "cpu", "cuda", "cuda:1", ...
     workers: int = 8               # data-loading processes per rank (in-memory data uses none)
     threads: int = 0               # torch CPU threads; 0 = torch's default
