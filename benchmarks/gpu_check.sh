@@ -84,6 +84,10 @@ section profile 75 "$PY" benchmarks/gpu_profile.py --device cuda --impls ours+co
 # section; ours+cast+compile again as the same-process baseline (three compilations: ~75 s)
 [[ " ${ONLY:-} " == *" t_fused "* ]] && section t_fused 110 $B --models swin_t --modes infer --budget-s 95 --out "$OUT/t_fused" \
   --impls ours+cast+compile,ours-fused+cast+compile,ours-fused+compile
+# by name only: Swin-B and SwinV2-T (last timed in stop 9: Swin-B inference 1.27x compiled), inference and
+# training, ours and timm in their fastest compiled modes (~6 compilations: give it a call of its own)
+[[ " ${ONLY:-} " == *" t_models "* ]] && section t_models 400 $B --models swin_b,swinv2_t_w8 --modes infer,train \
+  --budget-s 380 --out "$OUT/t_models" --impls ours+compile,timm+compile,ours+ro,timm-sdpa+ro
 # by name only: where a compiled inference step's time goes (the 16-bit model)
 [[ " ${ONLY:-} " == *" profile_infer "* ]] && section profile_infer 75 "$PY" benchmarks/gpu_profile.py \
   --device cuda --impls ours+cast+compile,ours+compile --modes infer --steps 3 --out "$OUT/profile_infer"

@@ -565,8 +565,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.batch_train = a.batch_train or (128 if cuda else 8)
     a.iters = a.iters or (10 if cuda else 2)
     if a.impls is None:
-        # the compiled peers are the fastest ones on both devices: a comparison without them flatters us
-        a.impls = ("ours,ours+compile,ours+graph,timm,timm-sdpa,timm+compile,tv,hf" if cuda
+        # the compiled peers are the fastest ones on both devices: a comparison without them flatters us;
+        # on CUDA each compiled mode ours is timed in, the peers are too (+ro: CUDA graphs, stop 15)
+        a.impls = ("ours,ours+compile,ours+ro,ours+graph,timm,timm-sdpa,timm+compile,timm-sdpa+compile,timm-sdpa+ro,tv,hf"
+                   if cuda
                    else "ours,ours-ref,timm,timm-sdpa,timm-sdpa+compile,tv,hf")
         if a.compile:
             a.impls += ",ours+compile,timm+compile,timm-sdpa+compile,hf+compile"
