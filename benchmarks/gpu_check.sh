@@ -88,6 +88,10 @@ section profile 75 "$PY" benchmarks/gpu_profile.py --device cuda --impls ours+co
 # training, ours and timm in their fastest compiled modes (~6 compilations: give it a call of its own)
 [[ " ${ONLY:-} " == *" t_models "* ]] && section t_models 400 $B --models swin_b,swinv2_t_w8 --modes infer,train \
   --budget-s 380 --out "$OUT/t_models" --impls ours+compile,timm+compile,ours+ro,timm-sdpa+ro
+# by name only: torch.compile(mode="max-autotune") for ours and timm (inductor's Triton product templates with
+# GELU and bias fused in their epilogues, benchmarked against cuBLAS; long compilations: a call of its own)
+[[ " ${ONLY:-} " == *" t_autotune "* ]] && section t_autotune 500 $B --models swin_t --modes infer,train \
+  --budget-s 480 --out "$OUT/t_autotune" --impls ours+mat,timm+mat,timm-sdpa+mat
 # by name only: where a compiled inference step's time goes (the 16-bit model)
 [[ " ${ONLY:-} " == *" profile_infer "* ]] && section profile_infer 75 "$PY" benchmarks/gpu_profile.py \
   --device cuda --impls ours+cast+compile,ours+compile --modes infer --steps 3 --out "$OUT/profile_infer"

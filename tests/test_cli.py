@@ -328,3 +328,11 @@ def test_bench_cast_times_a_16_bit_model(tmp_path):
                        "--rounds", "1", "--iters", "1", "--warmup", "0", "--batch-infer", "1", "--out", str(out)]) == 0
     err = json.loads((out / "bench.json").read_text())["entries"][0]["error"]
     assert "+cast needs --dtype bf16 or fp16" in err
+
+
+def test_bench_rejects_an_unknown_flag():
+    """A typo in a flag must not silently bench the eager model under the compiled name."""
+    from swin import bench
+
+    with pytest.raises(ValueError, match=r"Unknown flag\(s\) \+compil in 'ours\+compil'"):
+        bench._build("ours+compil", "swin_t", 0.1)

@@ -78,10 +78,15 @@ class Entry:
 
 
 # -- building the implementations ------------------------------------------------------------
+FLAGS = ("compile", "ro", "mat", "freeze", "graph", "cast", "plainmlp", "dpskip")
 def _build(impl: str, name: str, drop_path: float) -> tuple[nn.Module, Callable]:
     """(module, forward fn x -> logits) for an implementation name like 'ours-sdpa' or 'timm'."""
     spec = MODELS[name]
-    base = impl.split("+")[0]
+    base, flags = impl.split("+")[0], impl.split("+")[1:]
+    unknown = [f for f in flags if f not in FLAGS]
+    if unknown:
+        raise ValueError(f"Unknown flag(s) {', '.join('+' + f for f in unknown)} in {impl!r}; "
+                         f"use {', '.join('+' + f for f in FLAGS)}.")
     if base.startswith("ours"):
         import swin
 
@@ -117,7 +122,8 @@ def _build(impl: str, name: str, drop_path: float) -> tuple[nn.Module, Callable]
             model = transformers.Swinv2ForImageClassification(cfg)
         return model, lambda x: model(pixel_values=x).logits
     raise ValueError(f"Unknown implementation {impl!r}; use ours[-ref|-sdpa|-triton|-fused], timm, timm-sdpa, tv or hf, "
-                     "with an optional +compile, +graph (CUDA graph), +ro (compile reduce-overhead) or +cast (a 16-bit model).")
+                     "with an optional +compile, +graph (CUDA graph), +ro (compile reduce-overhead), +mat (max-autotune) "
+                     "or +cast (a 16-bit model).")
 
 
 def _autocast(device: str, dtype: torch.dtype, cache: bool = True):
@@ -186,6 +192,8 @@ def _prepare(impl: str, name: str, mode: str, device: str, dtype: torch.dtype, b
         fwd = torch.compile(fwd)
     elif "ro" in flags:
         fwd = torch.compile(fwd, mode="reduce-overhead")
+    elif "mat" in flags:  # inductor benchmarks Triton product templates (epilogues fused) against cuBLAS
+        fwd = torch.compile(fwd, mode="max-autotune")
     elif "freeze" in flags:  # inference only: weights become constants (prepacked, folded) for inductor
         fwd = torch.compile(fwd, options={"freezing": True})
     info: dict = {"model": model, "fwd": fwd}
@@ -278,7 +286,7 @@ def run_mode(name: str, mode: str, impls: list[str], args, log) -> list[Entry]:
         e = Entry(name, mode, impl, batch, unit)
         entries.append(e)
         _LIVE.append(e)
-        compiled = bool({"compile", "ro", "freeze"} & set(impl.split("+")[1:]))
+        compiled = bool({"compile", "ro", "mat", "freeze"} & set(impl.split("+")[1:]))
         # past the budget, skip what compiles (slow to prepare); cheap eager entries still run
         if _over_budget(args, 1.0 if compiled else 1.3):
             e.error = "skipped: time budget"
@@ -537,7 +545,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--modes", default="infer,train,latency", help="comma list of infer, train, latency")
     p.add_argument("--impls", default=None,
                    help="comma list, e.g. ours,ours-ref,ours-sdpa,ours-triton,ours-fused,ours+graph,timm,timm+compile,tv,hf "
-                        "(+compile: torch.compile, +ro: compile reduce-overhead, +freeze: compile with inductor freezing (inference), +graph: our CUDA-graph runner, "
+                        "(+compile: torch.compile, +ro: compile reduce-overhead, +mat: compile max-autotune, +freeze: compile with inductor freezing (inference), +graph: our CUDA-graph runner, "
                         "+cast: the model and input in --dtype instead of autocast (inference), "
                         "+plainmlp: ours with the plain MLP instead of GELU recomputation, "
                         "+dpskip: ours skipping drop-path-dropped samples on CUDA too, as it does on CPU)")
