@@ -452,6 +452,54 @@ def test_cpu_gelu_and_grad_kernel_equals_torch(shape):
         assert err <= max(2 * err_torch, 1e-6), (err, err_torch)
 
 
+# (batch, windows per image, N, heads, d, mask windows, mask trains): window 7 shifted (a mask per
+# window) and not (one bias for all), window 8, small windows and odd head sizes, one-token windows,
+# a frozen mask (no logits gradient written), window 12 (N = 144: past the backward kernel's 64)
+@pytest.mark.parametrize("B,nW,n,heads,d,mw,mask_grad", [
+    (2, 4, 49, 3, 32, 4, True), (2, 4, 49, 3, 32, 1, True), (1, 3, 64, 2, 16, 3, True), (2, 2, 9, 4, 20, 1, True),
+    (1, 2, 64, 1, 64, 2, True), (3, 1, 1, 2, 8, 1, True), (2, 4, 49, 3, 32, 4, False), (1, 2, 144, 2, 32, 2, True)])
+def test_cpu_attention_backward_kernel_equals_fp64(monkeypatch, B, nW, n, heads, d, mw, mask_grad):
+    """The training attention's backward (dq, dk, dv and the mask's gradient from the forward's
+    probabilities): as close to fp64 as the plain PyTorch backward, which windows over 64 tokens keep."""
+    ca = _cpu_kernel()
+    from swin.ops.sdpa import _CpuKernelAttention
+
+    calls = []
+    kernel = ca.window_attention_backward
+    monkeypatch.setattr(ca, "window_attention_backward", lambda *a: calls.append(1) or kernel(*a))
+    g = torch.Generator().manual_seed(n * 10 + d)
+    qkv = torch.randn(B, nW, n, 3, heads, d, generator=g)
+    mask = torch.randn(mw, heads, n, n, generator=g)
+    if mw > 1:  # the shift mask's -100 entries
+        mask += torch.where(torch.rand(mw, 1, n, n, generator=g) < 0.4, -100.0, 0.0)
+    grad = torch.randn(B, nW * n, heads * d, generator=g)
+    scale = d ** -0.5
+
+    def grads(dtype, use_kernel):
+        leaf, m = qkv.to(dtype).requires_grad_(), mask.to(dtype).requires_grad_(mask_grad)
+        q, k, v = leaf[:, :, :, 0], leaf[:, :, :, 1], leaf[:, :, :, 2]
+        if use_kernel:
+            out = _CpuKernelAttention.apply(q, k, v, m, scale)
+        else:
+            t = lambda x: x.transpose(2, 3)  # noqa: E731
+            p = torch.softmax(t(q) @ t(k).transpose(-2, -1) * scale + (m if mw == 1 else m.unsqueeze(0)), -1)
+            out = t(p @ t(v)).reshape(B, nW * n, heads * d)
+        return torch.autograd.grad(out, (leaf, m) if mask_grad else (leaf,), grad.to(dtype))
+
+    ref = grads(torch.float64, False)
+    plain = grads(torch.float32, False)
+    with_kernel = grads(torch.float32, True)
+    assert len(calls) == (1 if n <= ca.MAX_BACKWARD_TOKENS else 0)
+    if n > ca.MAX_BACKWARD_TOKENS:  # called directly anyway: a clear error, not a stack overflow
+        q = qkv.flatten(0, 1)[:, :, 0]
+        with pytest.raises(ValueError, match="at most 64 tokens"):
+            kernel(q, q, q, torch.rand(B * nW, heads, n, n), grad.view(B * nW, n, heads, d), scale)
+    for ours, theirs, r in zip(with_kernel, plain, ref):
+        scale_r = r.abs().max().clamp_min(1e-30)
+        err, err_plain = ((ours.double() - r).abs().max() / scale_r).item(), ((theirs.double() - r).abs().max() / scale_r).item()
+        assert err <= max(1e-6, 2 * err_plain), (err, err_plain)
+
+
 def test_cpu_attention_kernel_in_the_model_and_without_it(monkeypatch):
     """Full-size Swin-T and SwinV2-T stages call the kernel for every chunk; without the kernel (no
     compiler, another CPU, SWIN_CPU_KERNELS=0) the same model takes SDPA, with the same logits."""
@@ -897,9 +945,17 @@ def test_eval_caches_follow_fused_optimizer_steps(name, device):
     assert rel_err(fast, ref) <= 1e-5
 
 
-def test_training_step_grads_equal_reference():
+@pytest.mark.parametrize("name", ["swin_micro", "swinv2_micro"])
+def test_training_step_grads_equal_reference(monkeypatch, name):
+    """Every gradient of a training step on the SDPA path (on AVX-512 CPUs the C attention kernels,
+    forward and backward) equals the plain reference path's."""
+    from swin.ops import cpu_kernels as ca
+
+    calls = []
+    kernel = ca.window_attention_backward
+    monkeypatch.setattr(ca, "window_attention_backward", lambda *a: calls.append(1) or kernel(*a))
     torch.manual_seed(0)
-    ref = swin.create_model("swin_micro", drop_path_rate=0.0).train()
+    ref = swin.create_model(name, drop_path_rate=0.0, backend="reference").train()
     fast = copy.deepcopy(ref)
     fast.set_backend("sdpa")
     x = torch.randn(3, 3, 30, 26)  # padded, non-square maps
@@ -907,6 +963,7 @@ def test_training_step_grads_equal_reference():
         m(x).square().mean().backward()
     for (n, pr), pf in zip(ref.named_parameters(), fast.parameters()):
         assert rel_err(pf.grad, pr.grad) <= 1e-4, n
+    assert len(calls) == (sum(fast.config.depths) if ca.available() else 0)
 
 
 def test_sdpa_bias_cache_follows_weight_updates():

@@ -1,5 +1,5 @@
-"""Two small AVX-512 kernels for fp32 on the CPU, in C, compiled on first use: window attention and
-GELU's backward.
+"""Small AVX-512 kernels for fp32 on the CPU, in C, compiled on first use: window attention (forward
+and backward) and GELU's backward.
 
 **Window attention.** On a CPU, Swin's attention is a great many tiny products: per window and
 head, (N x d) @ (d x N) and (N x N) @ (N x d) with N = 49 and d = 32. PyTorch's CPU flash-attention
@@ -10,8 +10,10 @@ window-head's K^T, logits and probabilities in a few KB of stack, computes q k^T
 tiles (16 AVX-512 accumulators), adds the (bias + shift mask) row, takes the softmax with a
 polynomial exp, and multiplies by V in the same tiles, writing straight into the (tokens, C) output
 at the head's columns (1.6-1.8x SDPA at N = 49). No logits tensor is made; in training the kernel
-also writes the probabilities, which the backward (plain PyTorch products, ``sdpa._CpuKernelAttention``)
-reads. The function is ``softmax(scale * q k^T + mask) v``; probabilities below e^-80 (the shift
+also writes the probabilities, from which the backward kernel (windows up to 64 tokens) computes
+dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(P dP)), dQ = scale dS K and dK = scale dS^T Q per
+window and head in the same register tiles, and writes dS, whose sum over the batch is the bias and
+mask gradient (``sdpa._CpuKernelAttention``; 1.6x PyTorch's products at Swin-T's shapes). The function is ``softmax(scale * q k^T + mask) v``; probabilities below e^-80 (the shift
 mask's -100 gives ~1e-44: subnormal floats, which slow every later multiply) are set to 0, which
 changes no output by more than 1e-34 of its scale.
 
@@ -149,19 +151,24 @@ static inline AVX512 __attribute__((always_inline)) void qk_softmax_tile(
     }
 }
 
-/* out rows i0..i0+3 (those < n) = inv[r] * (p v), DV = ceil(d / 16) vectors per row, the last one's
-   lanes past d masked by tail */
+/* out rows i0..i0+3 (those < n) = inv[r] * (p v), where row r of p has element j at p[r * prs + j * pcs]
+   (prs = np, pcs = 1: rows of a tile; prs = 1, pcs = row length: columns, i.e. p transposed) and p's
+   rows past the last (i0 + r >= n) repeat it (computed, never stored); DV = ceil(d / 16) vectors per
+   row, the last one's lanes past d masked by tail */
 static inline AVX512 __attribute__((always_inline)) void pv_tile(
-        const float *p, const float *inv, int np, const float *v, long vs_, float *out, long os, int n, int i0,
-        __mmask16 tail, const int DV) {
+        const float *p, long prs, long pcs, const float *inv, const float *v, long vs_, float *out, long os, int n,
+        int i0, __mmask16 tail, const int DV) {
     __m512 acc[4][4];
-    for (int r = 0; r < 4; r++)
+    const float *pr[4];
+    for (int r = 0; r < 4; r++) {
+        pr[r] = p + (i0 + r < n ? r : n - 1 - i0) * prs;
         for (int u = 0; u < DV; u++) acc[r][u] = _mm512_setzero_ps();
+    }
     for (int j = 0; j < n; j++) {
         __m512 vv[4];
         for (int u = 0; u < DV; u++) vv[u] = _mm512_maskz_loadu_ps(u == DV - 1 ? tail : 0xFFFF, v + (long)j * vs_ + 16 * u);
         for (int r = 0; r < 4; r++) {
-            __m512 pb = _mm512_set1_ps(p[r * np + j]);
+            __m512 pb = _mm512_set1_ps(pr[r][j * pcs]);
             for (int u = 0; u < DV; u++) acc[r][u] = _mm512_fmadd_ps(pb, vv[u], acc[r][u]);
         }
     }
@@ -169,6 +176,31 @@ static inline AVX512 __attribute__((always_inline)) void pv_tile(
         __m512 f = _mm512_set1_ps(inv[r]);
         for (int u = 0; u < DV; u++)
             _mm512_mask_storeu_ps(out + (long)(i0 + r) * os + 16 * u, u == DV - 1 ? tail : 0xFFFF, _mm512_mul_ps(acc[r][u], f));
+    }
+}
+
+/* pv_tile with DV chosen at run time from d */
+static inline AVX512 __attribute__((always_inline)) void pv_rows(
+        const float *p, long prs, long pcs, const float *inv, const float *v, long vs_, float *out, long os, int n,
+        int i0, int d) {
+    __mmask16 tail = d % 16 ? (__mmask16)((1u << (d % 16)) - 1u) : (__mmask16)0xFFFF;
+    switch ((d + 15) / 16) {
+        case 4: pv_tile(p, prs, pcs, inv, v, vs_, out, os, n, i0, tail, 4); break;
+        case 3: pv_tile(p, prs, pcs, inv, v, vs_, out, os, n, i0, tail, 3); break;
+        case 2: pv_tile(p, prs, pcs, inv, v, vs_, out, os, n, i0, tail, 2); break;
+        default: pv_tile(p, prs, pcs, inv, v, vs_, out, os, n, i0, tail, 1); break;
+    }
+}
+
+/* K^T (or V^T): d rows of np floats, 16 keys at a time by gathers; columns past the last key 0 */
+static inline AVX512 void transpose_keys(const float *k, long ks, float *kt, int n, int np, int d) {
+    __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                      _mm512_set1_epi32((int)ks));
+    for (int j = 0; j < np; j += 16) {
+        __mmask16 m = first_lanes(n - j);
+        const float *kb = k + (long)j * ks;
+        for (int c = 0; c < d; c++)
+            _mm512_store_ps(kt + c * np + j, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, rows, kb + c, 4));
     }
 }
 
@@ -203,17 +235,8 @@ static AVX512 void window_head(const float *q, long qs, const float *k, long ks,
     int np = (n + 15) & ~15;
     float kt[MAXD * MAXN] __attribute__((aligned(64)));
     float s[4 * MAXN] __attribute__((aligned(64)));
-    /* K^T, 16 keys at a time by gathers; columns past the last key 0 */
-    __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                      _mm512_set1_epi32((int)ks));
-    for (int j = 0; j < np; j += 16) {
-        __mmask16 m = first_lanes(n - j);
-        const float *kb = k + (long)j * ks;
-        for (int c = 0; c < d; c++)
-            _mm512_store_ps(kt + c * np + j, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, rows, kb + c, 4));
-    }
+    transpose_keys(k, ks, kt, n, np, d);
     int nv = np / 16;
-    __mmask16 tail = d % 16 ? (__mmask16)((1u << (d % 16)) - 1u) : (__mmask16)0xFFFF;
     float inv[4];
     for (int i0 = 0; i0 < n; i0 += 4) {
         switch (nv) {  /* n <= 64: one tile holds whole rows, softmax in registers */
@@ -233,12 +256,67 @@ static AVX512 void window_head(const float *q, long qs, const float *k, long ks,
                     _mm512_mask_storeu_ps(probs + (long)(i0 + r) * n + j, m, _mm512_mul_ps(_mm512_load_ps(s + r * np + j), f));
                 }
             }
-        switch ((d + 15) / 16) {
-            case 4: pv_tile(s, inv, np, v, vs_, out, os, n, i0, tail, 4); break;
-            case 3: pv_tile(s, inv, np, v, vs_, out, os, n, i0, tail, 3); break;
-            case 2: pv_tile(s, inv, np, v, vs_, out, os, n, i0, tail, 2); break;
-            default: pv_tile(s, inv, np, v, vs_, out, os, n, i0, tail, 1); break;
+        pv_rows(s, np, 1, inv, v, vs_, out, os, n, i0, d);
+    }
+}
+
+/* the backward of one (window, head) with n <= 64, from the forward's probabilities P and the output
+   gradient dO (g): dV = P^T dO; dP = dO V^T; dS = P (dP - rowsum(P dP)); dQ = scale dS K;
+   dK = scale dS^T Q. With ds_out, dS (the logits' gradient, hence the mask's) is also written there. */
+static AVX512 void window_head_backward(const float *q, long qs, const float *k, long ks, const float *v, long vs_,
+                                        const float *p, const float *g, long gs, float *dq, long dqs, float *dk,
+                                        long dks, float *dv, long dvs, float *ds_out, int n, int d, float scale) {
+    int np = (n + 15) & ~15, nv = np / 16;
+    float vt[MAXD * 64] __attribute__((aligned(64)));
+    float ds[64 * 64] __attribute__((aligned(64)));
+    const float one[4] = {1.0f, 1.0f, 1.0f, 1.0f}, sc[4] = {scale, scale, scale, scale};
+    transpose_keys(v, vs_, vt, n, np, d);
+    for (int i0 = 0; i0 < n; i0 += 4) {
+        __m512 acc[4][4];
+        switch (nv) {  /* dP rows i0..i0+3 = dO rows . V^T */
+            case 4: qk_accumulate(acc, g, gs, vt, np, n, d, i0, 0, 4); break;
+            case 3: qk_accumulate(acc, g, gs, vt, np, n, d, i0, 0, 3); break;
+            case 2: qk_accumulate(acc, g, gs, vt, np, n, d, i0, 0, 2); break;
+            default: qk_accumulate(acc, g, gs, vt, np, n, d, i0, 0, 1); break;
         }
+        for (int r = 0; r < 4 && i0 + r < n; r++) {
+            const float *prow = p + (long)(i0 + r) * n;
+            __m512 pv[4], dot = _mm512_setzero_ps();
+            for (int u = 0; u < nv; u++) {
+                pv[u] = _mm512_maskz_loadu_ps(first_lanes(n - 16 * u), prow + 16 * u);
+                dot = _mm512_fmadd_ps(pv[u], acc[r][u], dot);
+            }
+            __m512 dsum = _mm512_set1_ps(_mm512_reduce_add_ps(dot));
+            for (int u = 0; u < nv; u++) {
+                __m512 dsv = _mm512_mul_ps(pv[u], _mm512_sub_ps(acc[r][u], dsum));  /* 0 past the last key */
+                _mm512_store_ps(ds + (i0 + r) * np + 16 * u, dsv);
+                if (ds_out)
+                    _mm512_mask_storeu_ps(ds_out + (long)(i0 + r) * n + 16 * u, first_lanes(n - 16 * u), dsv);
+            }
+        }
+    }
+    for (int i0 = 0; i0 < n; i0 += 4) {
+        pv_rows(ds + i0 * np, np, 1, sc, k, ks, dq, dqs, n, i0, d);  /* dQ rows: dS rows . K */
+        pv_rows(ds + i0, 1, np, sc, q, qs, dk, dks, n, i0, d);       /* dK rows: dS columns . Q */
+        pv_rows(p + i0, 1, n, one, g, gs, dv, dvs, n, i0, d);        /* dV rows: P columns . dO */
+    }
+}
+
+/* windows x heads items over PyTorch's OpenMP threads; q/k/v/g/dq/dk/dv strided as in
+   swin_window_attention_f32; p: (windows, heads, n, n) probabilities; ds_out: NULL, or
+   (windows, heads, n, n) to receive the logits' gradient. n <= 64. */
+AVX512 void swin_window_attention_backward_f32(
+        const float *q, long q_ws, long q_ts, long q_hs, const float *k, long k_ws, long k_ts, long k_hs,
+        const float *v, long v_ws, long v_ts, long v_hs, const float *p, const float *g, long g_ws, long g_ts,
+        long g_hs, float *dq, float *dk, float *dv, long d_ws, long d_ts, long d_hs, float *ds_out,
+        long windows, long heads, long n, long d, float scale, int threads) {
+    long total = windows * heads;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (long t = 0; t < total; t++) {
+        long w = t / heads, h = t % heads, o = w * d_ws + h * d_hs;
+        window_head_backward(q + w * q_ws + h * q_hs, q_ts, k + w * k_ws + h * k_hs, k_ts, v + w * v_ws + h * v_hs,
+                             v_ts, p + t * n * n, g + w * g_ws + h * g_hs, g_ts, dq + o, d_ts, dk + o, d_ts,
+                             dv + o, d_ts, ds_out ? ds_out + t * n * n : 0, (int)n, (int)d, scale);
     }
 }
 
@@ -325,6 +403,10 @@ def _build() -> ctypes.CDLL | None:
     P, L = ctypes.c_void_p, ctypes.c_long
     f.argtypes = [P, L, L, L, P, L, L, L, P, L, L, L, P, L, P, L, L, L, P, L, L, L, L, ctypes.c_float, ctypes.c_int]
     f.restype = None
+    b = lib.swin_window_attention_backward_f32
+    b.argtypes = [P, L, L, L, P, L, L, L, P, L, L, L, P, P, L, L, L, P, P, P, L, L, L, P, L, L, L, L,
+                  ctypes.c_float, ctypes.c_int]
+    b.restype = None
     lib.swin_gelu_grad_f32.argtypes = [P, P, P, L, ctypes.c_int]
     lib.swin_gelu_grad_f32.restype = None
     return lib
@@ -362,6 +444,9 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
     q, k, v: (windows, N, heads, d); mask: (mw, heads, N, N) (see :func:`eligible`)."""
     windows, n, heads, d = q.shape
+    if n > MAX_TOKENS or d > 64:  # the C stack buffers' sizes
+        raise ValueError(f"window_attention takes windows of at most {MAX_TOKENS} tokens and heads of at most 64 "
+                         f"channels, got {n} and {d}; check eligible first.")
     out = torch.empty(windows * n, heads * d, dtype=q.dtype)
     p = torch.empty(windows, heads, n, n, dtype=q.dtype) if probs else None
     _lib.swin_window_attention_f32(q.data_ptr(), q.stride(0), q.stride(1), q.stride(2),
@@ -371,6 +456,39 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
                                    None if p is None else p.data_ptr(), windows, heads, n, d, float(scale),
                                    torch.get_num_threads())
     return (out, p) if probs else out
+
+
+MAX_BACKWARD_TOKENS = 64  # the backward keeps one window-head's dS (N x N) on the stack: windows up to 8
+
+
+def backward_eligible(q: torch.Tensor) -> bool:
+    """q: (windows, N, heads, d). The backward kernel takes what the forward took, with at most 64
+    tokens per window."""
+    return q.shape[1] <= MAX_BACKWARD_TOKENS and available()
+
+
+def window_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, probs: torch.Tensor,
+                              grad: torch.Tensor, scale: float, mask_grad: bool = True):
+    """Gradients of :func:`window_attention` from its probabilities: (dq, dk, dv), each (windows, N,
+    heads, d) contiguous, and (with ``mask_grad``) the logits' gradient (windows, heads, N, N), which
+    summed over the windows sharing a mask is the mask's; else None.
+
+    q, k, v: as the forward's; probs: (windows, heads, N, N); grad: (windows, N, heads, d), last dim
+    contiguous."""
+    windows, n, heads, d = q.shape
+    if n > MAX_BACKWARD_TOKENS or d > 64:  # the C stack buffers' sizes
+        raise ValueError(f"window_attention_backward takes windows of at most {MAX_BACKWARD_TOKENS} tokens and "
+                         f"heads of at most 64 channels, got {n} and {d}; check backward_eligible first.")
+    dq, dk, dv = (torch.empty(windows, n, heads, d, dtype=q.dtype) for _ in range(3))
+    ds = torch.empty(windows, heads, n, n, dtype=q.dtype) if mask_grad else None
+    probs = probs.contiguous()
+    _lib.swin_window_attention_backward_f32(
+        q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
+        v.data_ptr(), v.stride(0), v.stride(1), v.stride(2), probs.data_ptr(),
+        grad.data_ptr(), grad.stride(0), grad.stride(1), grad.stride(2),
+        dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), n * heads * d, heads * d, d,
+        None if ds is None else ds.data_ptr(), windows, heads, n, d, float(scale), torch.get_num_threads())
+    return dq, dk, dv, ds
 
 
 def gelu_grad_eligible(h: torch.Tensor, g: torch.Tensor) -> bool:

@@ -198,7 +198,8 @@ class _CpuKernelAttention(torch.autograd.Function):
     """softmax(scale q k^T + mask) v for (B, nW, N, heads, d) q/k/v views and a (nW or 1, heads, N, N)
     mask broadcast over the batch -> (B, nW*N, C) token rows. Forward: :mod:`.cpu_kernels` (no
     logits tensor, probabilities below e^-80 flushed to 0 as softmax_flush_tiny does below 1e-30);
-    backward: the same products and softmax gradient autograd would run on the plain path."""
+    backward: from the saved probabilities, the kernel's backward for windows up to 64 tokens, else
+    the same products and softmax gradient autograd would run on the plain path."""
 
     @staticmethod
     def forward(ctx, q, k, v, mask, scale):
@@ -213,6 +214,17 @@ class _CpuKernelAttention(torch.autograd.Function):
     def backward(ctx, grad):
         q, k, v, probs = ctx.saved_tensors
         B, nW, N, heads, d = q.shape
+        qf = q.flatten(0, 1)
+        if cpu_kernels.backward_eligible(qf) and grad.dtype == torch.float32:  # the five products in one kernel
+            g = grad.reshape(B * nW, N, heads, d)
+            dq, dk, dv, ds = cpu_kernels.window_attention_backward(
+                qf, k.flatten(0, 1), v.flatten(0, 1), probs, g, ctx.scale, ctx.needs_input_grad[3])
+            dmask = None
+            if ds is not None:
+                ds = ds.view(B, nW, heads, N, N)
+                dmask = ds.sum(0) if ctx.mask_windows == nW else ds.sum((0, 1)).unsqueeze(0)
+            shape = (B, nW, N, heads, d)
+            return dq.view(shape), dk.view(shape), dv.view(shape), dmask, None
         probs = probs.view(B, nW, heads, N, N)
         g = grad.view(B, nW, N, heads, d).transpose(2, 3)  # (B, nW, heads, N, d)
         q, k, v = (t.transpose(2, 3) for t in (q, k, v))
