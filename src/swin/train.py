@@ -368,7 +368,7 @@ def pick_device(device: str, local_rank: int = 0) -> torch.device:
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation (shared by the Trainer and `swin eval`)
+# Compiling the training step
 # ---------------------------------------------------------------------------------------------
 
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
@@ -377,8 +377,8 @@ COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 def compiled_for_training(net: nn.Module, mode: str, world: int = 1, accum_steps: int = 1) -> nn.Module:
     """``net`` itself ("off") or ``torch.compile(net, mode=...)`` for the training forward and its
     backward; checkpoints, EMA and evaluation keep using the plain module (same parameters).
-    "reduce-overhead" replays the compiled graphs as CUDA graphs: one process, no accumulation, since
-    a replay reuses the memory the previous micro-batch's gradients would still be in."""
+    "reduce-overhead" and "max-autotune" replay the compiled graphs as CUDA graphs: one process, no
+    accumulation, since a replay reuses the memory the previous micro-batch's gradients would still be in."""
     check_compile(mode, world, accum_steps)
     if mode == "off":
         return net
@@ -388,10 +388,14 @@ def compiled_for_training(net: nn.Module, mode: str, world: int = 1, accum_steps
 def check_compile(mode: str, world: int = 1, accum_steps: int = 1) -> None:
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}; got {mode!r}.")
-    if mode == "reduce-overhead" and (world > 1 or accum_steps > 1):
-        raise ValueError("compile=reduce-overhead needs one process and accum_steps=1 (CUDA graphs reuse their "
-                         "memory on every replay); use compile=default with several GPUs or accumulation.")
+    if mode in ("reduce-overhead", "max-autotune") and (world > 1 or accum_steps > 1):
+        raise ValueError(f"compile={mode} needs one process and accum_steps=1 (CUDA graphs reuse their memory on "
+                         "every replay); use compile=default with several GPUs or accumulation.")
 
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation (shared by the Trainer and `swin eval`)
+# ---------------------------------------------------------------------------------------------
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp not in ("auto", "bf16", "fp16", "off"):
