@@ -73,7 +73,8 @@ section t_cli 90 bash -c "$PY -m swin train --device cuda --max-steps 40 --no-pr
   --out "$OUT/fused_probe" --timeout 45 --budget-s 75
 
 # 4. where a compiled training step's time goes (torch.profiler, kernels by group)
-section profile 75 "$PY" benchmarks/gpu_profile.py --device cuda --impls ours+compile --modes train \
+#    and timm-sdpa's (stop 15: ours 18.18 ms of kernels per step; timm's device time says whether timm+ro can gain)
+section profile 130 "$PY" benchmarks/gpu_profile.py --device cuda --impls ours+compile,timm-sdpa+compile --modes train \
   --steps 3 --out "$OUT/profile"
 
 # by name only: fc1 + GELU as one product alone, each configuration, vs cuBLAS + GELU and cuBLAS alone (stop 13:
