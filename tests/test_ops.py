@@ -490,6 +490,11 @@ def test_cpu_attention_backward_kernel_equals_fp64(monkeypatch, B, nW, n, heads,
     plain = grads(torch.float32, False)
     with_kernel = grads(torch.float32, True)
     assert len(calls) == (1 if n <= ca.MAX_BACKWARD_TOKENS else 0)
+    if n <= ca.MAX_BACKWARD_TOKENS:  # an expanded output gradient (stride 0, from out.sum()) is read right
+        leaf = qkv.clone().requires_grad_()
+        out = _CpuKernelAttention.apply(leaf[:, :, :, 0], leaf[:, :, :, 1], leaf[:, :, :, 2], mask, scale)
+        summed = torch.autograd.grad(out.sum(), leaf, retain_graph=True)[0]
+        assert torch.allclose(summed, torch.autograd.grad(out, leaf, torch.ones_like(out))[0], rtol=0, atol=1e-6)
     if n > ca.MAX_BACKWARD_TOKENS:  # called directly anyway: a clear error, not a stack overflow
         q = qkv.flatten(0, 1)[:, :, 0]
         with pytest.raises(ValueError, match="at most 64 tokens"):

@@ -217,6 +217,8 @@ class _CpuKernelAttention(torch.autograd.Function):
         qf = q.flatten(0, 1)
         if cpu_kernels.backward_eligible(qf) and grad.dtype == torch.float32:  # the five products in one kernel
             g = grad.reshape(B * nW, N, heads, d)
+            if g.stride(3) != 1:  # e.g. the expanded gradient of out.sum(): the kernel reads whole rows
+                g = g.contiguous()
             dq, dk, dv, ds = cpu_kernels.window_attention_backward(
                 qf, k.flatten(0, 1), v.flatten(0, 1), probs, g, ctx.scale, ctx.needs_input_grad[3])
             dmask = None
