@@ -47,7 +47,8 @@ _SOURCE = r"""
 #include <immintrin.h>
 #include <stdint.h>
 
-#define MAXN 256
+#define MAXN 256  /* tokens per window, forward (MAX_TOKENS) */
+#define MAXNB 64  /* tokens per window, backward (MAX_BACKWARD_TOKENS): its dS stays on the stack */
 #define MAXD 64
 
 int swin_cpu_ok(void) {
@@ -267,8 +268,8 @@ static AVX512 void window_head_backward(const float *q, long qs, const float *k,
                                         const float *p, const float *g, long gs, float *dq, long dqs, float *dk,
                                         long dks, float *dv, long dvs, float *ds_out, int n, int d, float scale) {
     int np = (n + 15) & ~15, nv = np / 16;
-    float vt[MAXD * 64] __attribute__((aligned(64)));
-    float ds[64 * 64] __attribute__((aligned(64)));
+    float vt[MAXD * MAXNB] __attribute__((aligned(64)));
+    float ds[MAXNB * MAXNB] __attribute__((aligned(64)));
     const float one[4] = {1.0f, 1.0f, 1.0f, 1.0f}, sc[4] = {scale, scale, scale, scale};
     transpose_keys(v, vs_, vt, n, np, d);
     for (int i0 = 0; i0 < n; i0 += 4) {
