@@ -490,6 +490,14 @@ def test_cpu_attention_backward_kernel_equals_fp64(monkeypatch, B, nW, n, heads,
     plain = grads(torch.float32, False)
     with_kernel = grads(torch.float32, True)
     assert len(calls) == (1 if n <= ca.MAX_BACKWARD_TOKENS else 0)
+    calls.clear()
+    # V1 passes the qkv projection itself: its gradient in one buffer, the same values
+    leaf, m = qkv.clone().requires_grad_(), mask.clone().requires_grad_(mask_grad)
+    out = _CpuKernelAttention.apply(None, None, None, m, scale, leaf)
+    packed = torch.autograd.grad(out, (leaf, m) if mask_grad else (leaf,), grad)
+    assert packed[0].is_contiguous() and packed[0].shape == qkv.shape
+    for a, b in zip(packed, with_kernel):
+        assert torch.equal(a, b)
     if n <= ca.MAX_BACKWARD_TOKENS:  # an expanded output gradient (stride 0, from out.sum()) is read right
         leaf = qkv.clone().requires_grad_()
         out = _CpuKernelAttention.apply(leaf[:, :, :, 0], leaf[:, :, :, 1], leaf[:, :, :, 2], mask, scale)

@@ -469,25 +469,34 @@ def backward_eligible(q: torch.Tensor) -> bool:
 
 
 def window_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, probs: torch.Tensor,
-                              grad: torch.Tensor, scale: float, mask_grad: bool = True):
+                              grad: torch.Tensor, scale: float, mask_grad: bool = True, out=None):
     """Gradients of :func:`window_attention` from its probabilities: (dq, dk, dv), each (windows, N,
-    heads, d) contiguous, and (with ``mask_grad``) the logits' gradient (windows, heads, N, N), which
-    summed over the windows sharing a mask is the mask's; else None.
+    heads, d), and (with ``mask_grad``) the logits' gradient (windows, heads, N, N), which summed over
+    the windows sharing a mask is the mask's; else None.
 
     q, k, v: as the forward's; probs: (windows, heads, N, N); grad: (windows, N, heads, d), last dim
-    contiguous."""
+    contiguous. ``out``: three (windows, N, heads, d) tensors with the same strides, last dim
+    contiguous, to write dq, dk, dv into (e.g. the views of one qkv-layout gradient); by default
+    three new contiguous ones."""
     windows, n, heads, d = q.shape
     if n > MAX_BACKWARD_TOKENS or d > 64:  # the C stack buffers' sizes
         raise ValueError(f"window_attention_backward takes windows of at most {MAX_BACKWARD_TOKENS} tokens and "
                          f"heads of at most 64 channels, got {n} and {d}; check backward_eligible first.")
-    dq, dk, dv = (torch.empty(windows, n, heads, d, dtype=q.dtype) for _ in range(3))
+    if out is None:
+        dq, dk, dv = (torch.empty(windows, n, heads, d, dtype=q.dtype) for _ in range(3))
+    else:
+        dq, dk, dv = out
+        if not (dq.shape == dk.shape == dv.shape == q.shape and dq.stride() == dk.stride() == dv.stride()
+                and dq.stride(3) == 1 and dq.dtype == q.dtype):
+            raise ValueError("window_attention_backward: out must be three tensors of q's shape and dtype with "
+                             "the same strides and a contiguous last dim.")
     ds = torch.empty(windows, heads, n, n, dtype=q.dtype) if mask_grad else None
     probs = probs.contiguous()
     _lib.swin_window_attention_backward_f32(
         q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
         v.data_ptr(), v.stride(0), v.stride(1), v.stride(2), probs.data_ptr(),
         grad.data_ptr(), grad.stride(0), grad.stride(1), grad.stride(2),
-        dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), n * heads * d, heads * d, d,
+        dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), dq.stride(0), dq.stride(1), dq.stride(2),
         None if ds is None else ds.data_ptr(), windows, heads, n, d, float(scale), torch.get_num_threads())
     return dq, dk, dv, ds
 

@@ -149,14 +149,18 @@ def window_attention_sdpa(attn, x: torch.Tensor, window: int, shift: int, mask_p
     x = x.reshape(B, Hp * Wp, C)
     tokens = permute_tokens(x, fwd, rev) if unpadded else x.index_select(1, fwd)  # (B, nW*N, C) in window order
     qkv = attn.project_qkv(tokens)  # (B, nW*N, 3C)
-    q, k, v, scale = split_qkv(attn, qkv.view(B, nW, N, 3, heads, d))  # each (B, nW, N, heads, d)
+    qkv = qkv.view(B, nW, N, 3, heads, d)
+    q, k, v, scale = split_qkv(attn, qkv)  # each (B, nW, N, heads, d)
     mask = bias_and_mask(attn, H, Wd, window, shift, mask_padding, q.dtype, x.device)  # (nW or 1, heads, N, N)
     p = attn.attn_drop.p if attn.training else 0.0
 
     if (not x.is_cuda and mask.requires_grad and p == 0.0 and not torch.compiler.is_compiling()
             and not torch.jit.is_tracing() and cpu_kernels.eligible(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), mask)):
         # training on CPU in fp32: the forward is one C kernel that also keeps the probabilities
-        out = _CpuKernelAttention.apply(q, k, v, mask, scale)  # (B, nW*N, C)
+        if attn.version == 1:  # q, k, v are views of qkv: its gradient comes out in one buffer
+            out = _CpuKernelAttention.apply(None, None, None, mask, scale, qkv)  # (B, nW*N, C)
+        else:  # V2's q and k are normalised copies
+            out = _CpuKernelAttention.apply(q, k, v, mask, scale)
         return attn.proj_drop(attn.proj(_unpermute(out, rev, fwd, unpadded, B, H, Wd)))
     if not x.is_cuda and mask.requires_grad:
         # training the bias on CPU: SDPA's CPU kernel has no gradient for the mask and would fall
@@ -199,34 +203,46 @@ class _CpuKernelAttention(torch.autograd.Function):
     mask broadcast over the batch -> (B, nW*N, C) token rows. Forward: :mod:`.cpu_kernels` (no
     logits tensor, probabilities below e^-80 flushed to 0 as softmax_flush_tiny does below 1e-30);
     backward: from the saved probabilities, the kernel's backward for windows up to 64 tokens, else
-    the same products and softmax gradient autograd would run on the plain path."""
+    the same products and softmax gradient autograd would run on the plain path.
+
+    Given ``qkv`` (V1: the (B, nW, N, 3, heads, d) projection) instead of q, k, v, it takes them as
+    views of it and returns qkv's gradient written in one buffer in its layout, where three separate
+    gradients would be stacked into one by autograd afterwards."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, scale):
+    def forward(ctx, q, k, v, mask, scale, qkv=None):
+        ctx.packed = qkv is not None
+        if ctx.packed:
+            q, k, v = qkv.unbind(-3)
         B, nW, N, heads, d = q.shape
         out, probs = cpu_kernels.window_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), mask, scale,
                                                   probs=True)
-        ctx.save_for_backward(q, k, v, probs)
+        ctx.save_for_backward(*((qkv,) if ctx.packed else (q, k, v)), probs)
         ctx.scale, ctx.mask_windows = scale, mask.shape[0]
         return out.view(B, nW * N, heads * d)
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, probs = ctx.saved_tensors
+        *inputs, probs = ctx.saved_tensors
+        q, k, v = inputs[0].unbind(-3) if ctx.packed else inputs
         B, nW, N, heads, d = q.shape
         qf = q.flatten(0, 1)
+        dqkv = torch.empty(inputs[0].shape, dtype=q.dtype) if ctx.packed else None
         if cpu_kernels.backward_eligible(qf) and grad.dtype == torch.float32:  # the five products in one kernel
             g = grad.reshape(B * nW, N, heads, d)
             if g.stride(3) != 1:  # e.g. the expanded gradient of out.sum(): the kernel reads whole rows
                 g = g.contiguous()
+            out = None if dqkv is None else tuple(t.flatten(0, 1) for t in dqkv.unbind(-3))
             dq, dk, dv, ds = cpu_kernels.window_attention_backward(
-                qf, k.flatten(0, 1), v.flatten(0, 1), probs, g, ctx.scale, ctx.needs_input_grad[3])
+                qf, k.flatten(0, 1), v.flatten(0, 1), probs, g, ctx.scale, ctx.needs_input_grad[3], out)
             dmask = None
             if ds is not None:
                 ds = ds.view(B, nW, heads, N, N)
                 dmask = ds.sum(0) if ctx.mask_windows == nW else ds.sum((0, 1)).unsqueeze(0)
+            if ctx.packed:
+                return None, None, None, dmask, None, dqkv
             shape = (B, nW, N, heads, d)
-            return dq.view(shape), dk.view(shape), dv.view(shape), dmask, None
+            return dq.view(shape), dk.view(shape), dv.view(shape), dmask, None, None
         probs = probs.view(B, nW, heads, N, N)
         g = grad.view(B, nW, N, heads, d).transpose(2, 3)  # (B, nW, heads, N, d)
         q, k, v = (t.transpose(2, 3) for t in (q, k, v))
@@ -236,7 +252,10 @@ class _CpuKernelAttention(torch.autograd.Function):
         if ctx.scale != 1.0:  # V2's q carries its scale already
             dq.mul_(ctx.scale), dk.mul_(ctx.scale)
         dmask = dlogits.sum(0) if ctx.mask_windows == nW else dlogits.sum((0, 1)).unsqueeze(0)
-        return dq.transpose(2, 3), dk.transpose(2, 3), dv.transpose(2, 3), dmask, None
+        dq, dk, dv = (t.transpose(2, 3) for t in (dq, dk, dv))
+        if ctx.packed:
+            return None, None, None, dmask, None, torch.stack((dq, dk, dv), dim=-3)
+        return dq, dk, dv, dmask, None, None
 
 
 class _PermuteTokens(torch.autograd.Function):
