@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # One command for a CUDA machine (H100/H200; torch, triton, timm, transformers, torchvision installed):
 #   bash benchmarks/gpu_check.sh            # results under $OUT (default /tmp/swin_gpu_check)
-# 0. the newest kernels' parity on the GPU, 1. the Swin-T training step b128 with peak memory, ours
-# with reduce-overhead vs timm-sdpa with reduce-overhead and with compile, timm eager for memory,
-# 2. Swin-T 224 bf16 inference b256 vs timm + compile, with autocast and as 16-bit models, 3. latency
-# b1, 4. a profile of ours' compiled training step, then if time is left the ops parity tests on the
-# GPU (every Triton launch configuration). By name only (ONLY=...): fused_probe (backend "fused"'s
-# launches one process each; pinned stop 13's crash), profile_infer, k_linear (the fc1 + GELU product
-# alone; stop 15: still slower than cuBLAS + GELU), t_fused (backend "fused" end to end; stop 15: 0.94x).
+# 1. the Swin-T training step b128 with peak memory: ours with reduce-overhead vs timm-sdpa with
+# reduce-overhead and with compile, timm eager for memory, 2. Swin-T 224 bf16 inference b256 vs timm +
+# compile, with autocast and as 16-bit models, 3. latency b1, 3b. `swin train --compile reduce-overhead`
+# on CUDA, 4. profiles of ours' and timm-sdpa's compiled training steps, then if time is left the ops
+# parity tests on the GPU (every Triton launch configuration). By name only (ONLY=...): parity_new (the
+# newest kernels' parity), fused_probe (backend "fused"'s launches one process each; pinned stop 13's
+# crash), profile_infer, k_linear (the fc1 + GELU product alone; stop 15: still slower than cuBLAS +
+# GELU), t_fused (backend "fused" end to end; stop 15: 0.94x), t_models (Swin-B, SwinV2-T), t_autotune.
 # benchmarks/kernel_bench.py (the kernels alone, stop 12's table) is not rerun here.
 # ONLY="fused_probe t_infer ..." runs the named sections alone (a device call split in two).
 # Each section is separate and time-boxed: a failure is
