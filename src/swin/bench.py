@@ -78,7 +78,10 @@ class Entry:
 
 
 # -- building the implementations ------------------------------------------------------------
-FLAGS = ("compile", "ro", "mat", "freeze", "graph", "cast", "plainmlp", "dpskip")
+COMPILED = ("compile", "ro", "mat", "freeze")  # the flags that torch.compile the forward (slow to prepare)
+FLAGS = COMPILED + ("graph", "cast", "plainmlp", "dpskip")
+
+
 def _build(impl: str, name: str, drop_path: float) -> tuple[nn.Module, Callable]:
     """(module, forward fn x -> logits) for an implementation name like 'ours-sdpa' or 'timm'."""
     spec = MODELS[name]
@@ -286,7 +289,7 @@ def run_mode(name: str, mode: str, impls: list[str], args, log) -> list[Entry]:
         e = Entry(name, mode, impl, batch, unit)
         entries.append(e)
         _LIVE.append(e)
-        compiled = bool({"compile", "ro", "mat", "freeze"} & set(impl.split("+")[1:]))
+        compiled = bool(set(COMPILED) & set(impl.split("+")[1:]))
         # past the budget, skip what compiles (slow to prepare); cheap eager entries still run
         if _over_budget(args, 1.0 if compiled else 1.3):
             e.error = "skipped: time budget"

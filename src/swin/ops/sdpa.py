@@ -227,11 +227,11 @@ class _CpuKernelAttention(torch.autograd.Function):
         q, k, v = inputs[0].unbind(-3) if ctx.packed else inputs
         B, nW, N, heads, d = q.shape
         qf = q.flatten(0, 1)
-        dqkv = torch.empty(inputs[0].shape, dtype=q.dtype) if ctx.packed else None
         if cpu_kernels.backward_eligible(qf) and grad.dtype == torch.float32:  # the five products in one kernel
             g = grad.reshape(B * nW, N, heads, d)
             if g.stride(3) != 1:  # e.g. the expanded gradient of out.sum(): the kernel reads whole rows
                 g = g.contiguous()
+            dqkv = torch.empty(inputs[0].shape, dtype=q.dtype) if ctx.packed else None
             out = None if dqkv is None else tuple(t.flatten(0, 1) for t in dqkv.unbind(-3))
             dq, dk, dv, ds = cpu_kernels.window_attention_backward(
                 qf, k.flatten(0, 1), v.flatten(0, 1), probs, g, ctx.scale, ctx.needs_input_grad[3], out)
