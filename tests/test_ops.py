@@ -452,6 +452,53 @@ def test_cpu_gelu_and_grad_kernel_equals_torch(shape):
         assert err <= max(2 * err_torch, 1e-6), (err, err_torch)
 
 
+@pytest.mark.parametrize("rows,C", [(300, 128), (37, 40), (5, 1), (0, 16)])
+def test_cpu_row_kernels_equal_torch(rows, C):
+    """The chunked inference path's row kernels: gather + LayerNorm + bias copy, the in-place norm +
+    bias add, the accumulating norm (V2) and the scatter, against PyTorch's ops, at channel counts
+    that are and are not multiples of 16."""
+    ck = _cpu_kernel()
+    g = torch.Generator().manual_seed(rows + C)
+    src = torch.randn(2 * rows + 3, C, generator=g) * 3 + 1  # an offset mean: the variance's two passes
+    idx = torch.randperm(src.shape[0], generator=g)[:rows]
+    norm = torch.nn.LayerNorm(C, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_(generator=g), norm.bias.normal_(generator=g)
+    bias = torch.randn(C, generator=g)
+
+    def both(fn):  # fn(kernel) on fresh buffers: the C kernel's result and the PyTorch reference's
+        outs = []
+        for kernel in (ck.norm_rows, ck.norm_rows_reference):
+            h, copy, acc = torch.full((rows, C), 7.0), torch.full((rows, C), 7.0), torch.randn(rows, C, generator=g.manual_seed(1))
+            s = src.clone()
+            fn(kernel, s, h, copy, acc)
+            outs.append((h, copy, acc, s))
+        return outs
+
+    def close(a, b):
+        return (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item()) if a.numel() else True
+
+    with torch.no_grad():
+        ref_norm = torch.nn.functional.layer_norm(src[idx], (C,), norm.weight, norm.bias, norm.eps)
+        # V1's first call: h = norm(src[idx]), copy = src[idx] + bias
+        (h, copy, _, _), (rh, rcopy, _, _) = both(lambda f, s, h, c, a: f(s, norm, h, index=idx, copy=c, copy_bias=bias))
+        assert close(h, ref_norm) and close(rh, ref_norm) and torch.equal(copy, src[idx] + bias) and torch.equal(rcopy, copy)
+        # V1's second: h = norm(x), then x += bias in place
+        (h, _, _, s), (rh, _, _, rs) = both(lambda f, s, h, c, a: f(s[:rows], norm, h, copy=s[:rows], copy_bias=bias))
+        ref = torch.nn.functional.layer_norm(src[:rows], (C,), norm.weight, norm.bias, norm.eps)
+        assert close(h, ref) and close(rh, ref) and torch.equal(s[:rows], src[:rows] + bias) and torch.equal(rs, s)
+        # V2: acc += norm(src[idx]); and a plain gather
+        (_, _, acc, _), (_, _, racc, _) = both(lambda f, s, h, c, a: f(s, norm, a, index=idx, accumulate=True))
+        assert close(acc, racc)
+        (_, copy, _, _), _ = both(lambda f, s, h, c, a: f(s, None, index=idx, copy=c))
+        assert torch.equal(copy, src[idx])
+        dst, rdst = src.clone(), src.clone()
+        rows_in = torch.randn(rows, C, generator=g)
+        ck.scatter_rows(dst, idx, rows_in)
+        rdst.index_copy_(0, idx, rows_in)
+        assert torch.equal(dst, rdst)
+
+
 # (batch, windows per image, N, heads, d, mask windows, mask trains): window 7 shifted (a mask per
 # window) and not (one bias for all), window 8, small windows and odd head sizes, one-token windows,
 # a frozen mask (no logits gradient written), window 12 (N = 144: past the backward kernel's 64)

@@ -356,6 +356,62 @@ AVX512 void swin_gelu_grad_f32(const float *h, float *g, float *a, long n, int t
     }
 }
 
+/* LayerNorm of one row s (C floats) into o: o = (s - mean) * rstd * w + b, or o += that with acc;
+   biased variance from a second pass over the row (in L1), as PyTorch's */
+static inline AVX512 void ln_row(const float *s, float *o, const float *w, const float *b, long C, float eps, int acc) {
+    __m512 sum = _mm512_setzero_ps();
+    for (long j = 0; j < C; j += 16) sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(first_lanes(C - j), s + j));
+    __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(sum) / (float)C);
+    __m512 sq = _mm512_setzero_ps();
+    for (long j = 0; j < C; j += 16) {
+        __mmask16 m = first_lanes(C - j);
+        __m512 dv = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, s + j), mean);
+        sq = _mm512_fmadd_ps(dv, dv, sq);
+    }
+    __m512 rstd = _mm512_set1_ps(1.0f / _mm_cvtss_f32(_mm_sqrt_ss(_mm_set_ss(_mm512_reduce_add_ps(sq) / (float)C + eps))));
+    for (long j = 0; j < C; j += 16) {
+        __mmask16 m = first_lanes(C - j);
+        __m512 y = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), mean), rstd);
+        y = _mm512_fmadd_ps(y, _mm512_maskz_loadu_ps(m, w + j), _mm512_maskz_loadu_ps(m, b + j));
+        if (acc) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, o + j));
+        _mm512_mask_storeu_ps(o + j, m, y);
+    }
+}
+
+/* rows r = 0..rows-1 of C floats; the source row is src[idx[r]] (idx NULL: src[r]). With out: out[r]
+   = LayerNorm(source row) (w, b, eps), or out[r] += it with acc. Then, with copy: copy[r] = source
+   row (+ copy_bias); copy may be src itself (idx NULL), an in-place bias add after the norm read it. */
+AVX512 void swin_rows_f32(const float *src, const long *idx, float *out, const float *w, const float *b, float eps,
+                          int acc, float *copy, const float *copy_bias, long rows, long C, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (long r = 0; r < rows; r++) {
+        const float *s = src + (idx ? idx[r] : r) * C;
+        if (out) ln_row(s, out + r * C, w, b, C, eps, acc);
+        if (copy) {
+            float *c = copy + r * C;
+            for (long j = 0; j < C; j += 16) {
+                __mmask16 m = first_lanes(C - j);
+                __m512 x = _mm512_maskz_loadu_ps(m, s + j);
+                if (copy_bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, copy_bias + j));
+                _mm512_mask_storeu_ps(c + j, m, x);
+            }
+        }
+    }
+}
+
+/* dst[idx[r]] = src[r] for rows of C floats (idx holds no repeats) */
+AVX512 void swin_scatter_rows_f32(float *dst, const long *idx, const float *src, long rows, long C, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (long r = 0; r < rows; r++) {
+        float *d = dst + idx[r] * C;
+        const float *s = src + r * C;
+        for (long j = 0; j < C; j += 16) {
+            __mmask16 m = first_lanes(C - j);
+            _mm512_mask_storeu_ps(d + j, m, _mm512_maskz_loadu_ps(m, s + j));
+        }
+    }
+}
+
 /* windows x heads items over PyTorch's OpenMP threads. q/k/v/out: element [w, i, h, c] at
    ptr[w * ws + i * ts + h * hs + c] (each with its own strides); mask: (mask_windows, heads, n, n),
    window w uses mask[w % mask_windows]; probs: NULL, or (windows, heads, n, n) to receive the
@@ -410,6 +466,10 @@ def _build() -> ctypes.CDLL | None:
     b.restype = None
     lib.swin_gelu_grad_f32.argtypes = [P, P, P, L, ctypes.c_int]
     lib.swin_gelu_grad_f32.restype = None
+    lib.swin_rows_f32.argtypes = [P, P, P, P, P, ctypes.c_float, ctypes.c_int, P, P, L, L, ctypes.c_int]
+    lib.swin_rows_f32.restype = None
+    lib.swin_scatter_rows_f32.argtypes = [P, P, P, L, L, ctypes.c_int]
+    lib.swin_scatter_rows_f32.restype = None
     return lib
 
 
@@ -499,6 +559,57 @@ def window_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), dq.stride(0), dq.stride(1), dq.stride(2),
         None if ds is None else ds.data_ptr(), windows, heads, n, d, float(scale), torch.get_num_threads())
     return dq, dk, dv, ds
+
+
+def rows_eligible(*tensors: torch.Tensor) -> bool:
+    """The row kernels take fp32 CPU tensors, contiguous (None entries are skipped)."""
+    return all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous())
+               for t in tensors) and available()
+
+
+def norm_rows(src: torch.Tensor, norm: torch.nn.LayerNorm | None, out: torch.Tensor | None = None, *,
+              index: torch.Tensor | None = None, accumulate: bool = False, copy: torch.Tensor | None = None,
+              copy_bias: torch.Tensor | None = None) -> None:
+    """Row r's source is ``src[index[r]]`` (``src[r]`` without an index), C = src.shape[1] channels.
+    With ``out``: ``out[r] = norm(source)``, or ``out[r] += norm(source)`` with ``accumulate``. Then,
+    with ``copy``: ``copy[r] = source (+ copy_bias)``; ``copy`` may be ``src`` itself (no index): an
+    in-place bias add after the norm has read the row. One pass of the C kernel for fp32 (the gather,
+    the norm and the bias add that the chunked inference path does around each product); the same
+    with PyTorch's ops otherwise (:func:`norm_rows_reference`)."""
+    index = None if index is None else index.contiguous()
+    rows = src.shape[0] if index is None else index.shape[0]
+    C = src.shape[1]
+    w = b = None
+    if out is not None:
+        w, b = norm.weight, norm.bias
+    if not (rows_eligible(src, out, copy, copy_bias, w, b) and (index is None or index.dtype == torch.int64)
+            and (out is None or (w is not None and b is not None and w.numel() == C))):
+        return norm_rows_reference(src, norm, out, index=index, accumulate=accumulate, copy=copy, copy_bias=copy_bias)
+    _lib.swin_rows_f32(src.data_ptr(), None if index is None else index.data_ptr(),
+                       None if out is None else out.data_ptr(), None if w is None else w.data_ptr(),
+                       None if b is None else b.data_ptr(), float(norm.eps) if out is not None else 0.0,
+                       int(accumulate), None if copy is None else copy.data_ptr(),
+                       None if copy_bias is None else copy_bias.data_ptr(), rows, C, torch.get_num_threads())
+
+
+def norm_rows_reference(src, norm, out=None, *, index=None, accumulate=False, copy=None, copy_bias=None) -> None:
+    """:func:`norm_rows` with PyTorch's ops (any dtype, any CPU)."""
+    rows = src if index is None else src.index_select(0, index)
+    if out is not None:
+        y = torch.nn.functional.layer_norm(rows, (src.shape[1],), norm.weight, norm.bias, norm.eps)
+        out.add_(y) if accumulate else out.copy_(y)
+    if copy is not None:
+        torch.add(rows, copy_bias, out=copy) if copy_bias is not None else copy.copy_(rows)
+
+
+def scatter_rows(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst[index[r]] = src[r]`` (``dst.index_copy_(0, index, src)``), rows of fp32 by the C kernel."""
+    index = index.contiguous()
+    if rows_eligible(dst, src) and index.dtype == torch.int64 and dst.shape[1:] == src.shape[1:] and dst.dim() == 2:
+        _lib.swin_scatter_rows_f32(dst.data_ptr(), index.data_ptr(), src.data_ptr(), index.shape[0],
+                                   dst.shape[1], torch.get_num_threads())
+    else:
+        dst.index_copy_(0, index, src)
 
 
 def gelu_grad_eligible(h: torch.Tensor, g: torch.Tensor) -> bool:

@@ -189,28 +189,31 @@ def _run_block(blk, tokens: torch.Tensor, B: int, H: int, Wd: int, Hp: int, Wp: 
         return o.transpose(1, 2).reshape(kk * N, C)
 
     total = B * nW
+    xc_buf = tokens.new_empty(min(k, total) * N, C)  # a chunk's rows, and their norm: reused by every chunk
+    h_buf = xc_buf if blk.post_norm else torch.empty_like(xc_buf)
     for w0 in range(0, total, k):
         kk = min(k, total - w0)
         idx = rows[w0 * N:(w0 + kk) * N]
-        xc = tokens.index_select(0, idx)  # (kk*N, C), in cache from here on
+        xc, h = xc_buf[:kk * N], h_buf[:kk * N]  # (kk*N, C), in cache from here on
         keep = None
         if real is not None:  # this chunk's rows of `real`: a slice of one image's, or whole images'
             keep = real[(w0 % nW) * N:(w0 % nW + kk) * N] if k <= nW else real.repeat(kk // nW, 1)
-        if not blk.post_norm:  # V1: pre-norm
-            h = F.layer_norm(xc, (C,), n1.weight, n1.bias, n1.eps)
+        if not blk.post_norm:  # V1: pre-norm. xc = the rows + proj's bias, h = norm1(rows), one pass
+            cpu_kernels.norm_rows(tokens, n1, h, index=idx, copy=xc, copy_bias=proj_b)
             if keep is not None:
                 h.mul_(keep)  # the reference pads after norm1: padded tokens enter attention as zeros
-            xc.add_(proj_b).addmm_(attention(h, w0, kk), proj_w)
-            h = F.layer_norm(xc, (C,), n2.weight, n2.bias, n2.eps)
-            xc.add_(fc2_b).addmm_(fc1_gelu(fc1, h), fc2_w)
-        else:  # V2: res-post-norm
+            xc.addmm_(attention(h, w0, kk), proj_w)
+            cpu_kernels.norm_rows(xc, n2, h, copy=xc, copy_bias=fc2_b)  # h = norm2(xc), then xc += fc2's bias
+            xc.addmm_(fc1_gelu(fc1, h), fc2_w)
+        else:  # V2: res-post-norm, xc += norm(branch)
+            cpu_kernels.norm_rows(tokens, None, index=idx, copy=xc)
             a = torch.addmm(proj_b, attention(xc, w0, kk), proj_w)
-            xc.add_(F.layer_norm(a, (C,), n1.weight, n1.bias, n1.eps))
+            cpu_kernels.norm_rows(a, n1, xc, accumulate=True)
             y = torch.addmm(fc2_b, fc1_gelu(fc1, xc), fc2_w)
-            xc.add_(F.layer_norm(y, (C,), n2.weight, n2.bias, n2.eps))
+            cpu_kernels.norm_rows(y, n2, xc, accumulate=True)
         if keep is not None:
             xc.mul_(keep)  # padded rows go back as zeros (V2 feeds the raw map to attention)
-        tokens.index_copy_(0, idx, xc)
+        cpu_kernels.scatter_rows(tokens, idx, xc)
 
 
 # -- fc1 + GELU, and qkv, as oneDNN calls -------------------------------------------------------
