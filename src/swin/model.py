@@ -382,6 +382,8 @@ class PatchMerging(nn.Module):
         self.norm = nn.LayerNorm(2 * dim if self.post_norm else 4 * dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_tiled.merge_eligible(self, x):  # CPU inference: the gather (and V1's norm) in one pass
+            return cpu_tiled.patch_merging(self, x)
         B, H, Wd, C = x.shape
         if H % 2 or Wd % 2:
             x = F.pad(x, (0, 0, 0, Wd % 2, 0, H % 2))

@@ -415,6 +415,29 @@ AVX512 void swin_rows_f32(const float *src, const long *idx, float *out, const f
     }
 }
 
+/* patch merging's gather (+ LayerNorm): (B, H, W, C) tokens -> (B * ceil(H/2) * ceil(W/2), 4C) rows, row
+   (b, i, j) = the tokens (2i, 2j), (2i+1, 2j), (2i, 2j+1), (2i+1, 2j+1) side by side (the official
+   order; positions past an odd map's edge are zeros), then with w, b each row LayerNorm'd in place */
+AVX512 void swin_merge_rows_f32(const float *x, long B, long H, long W, long C, const float *w, const float *b,
+                                float eps, float *out, int threads) {
+    long H2 = (H + 1) / 2, W2 = (W + 1) / 2, rows = B * H2 * W2;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (long r = 0; r < rows; r++) {
+        long bi = r / (H2 * W2), i = r / W2 % H2, j = r % W2;
+        float *o = out + r * 4 * C;
+        for (int part = 0; part < 4; part++) {
+            long y = 2 * i + (part & 1), xx = 2 * j + (part >> 1);
+            const float *s = x + ((bi * H + y) * W + xx) * C;
+            int inside = y < H && xx < W;
+            for (long c = 0; c < C; c += 16) {
+                __mmask16 m = first_lanes(C - c);
+                _mm512_mask_storeu_ps(o + part * C + c, m, inside ? _mm512_maskz_loadu_ps(m, s + c) : _mm512_setzero_ps());
+            }
+        }
+        if (w) ln_row(o, o, w, b, 4 * C, eps, 0);
+    }
+}
+
 /* dst[idx[r]] = src[r] for rows of C floats (idx holds no repeats) */
 AVX512 void swin_scatter_rows_f32(float *dst, const long *idx, const float *src, long rows, long C, int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static)
@@ -492,6 +515,8 @@ def _build() -> ctypes.CDLL | None:
     lib.swin_rows_f32.restype = None
     lib.swin_scatter_rows_f32.argtypes = [P, P, P, L, L, ctypes.c_int]
     lib.swin_scatter_rows_f32.restype = None
+    lib.swin_merge_rows_f32.argtypes = [P, L, L, L, L, P, P, ctypes.c_float, P, ctypes.c_int]
+    lib.swin_merge_rows_f32.restype = None
     return lib
 
 
@@ -594,8 +619,8 @@ def norm_rows(src: torch.Tensor, norm: torch.nn.LayerNorm | None, out: torch.Ten
               copy_bias: torch.Tensor | None = None) -> None:
     """Row r's source is ``src[index[r]]`` (``src[r]`` without an index), C = src.shape[1] channels.
     With ``out``: ``out[r] = norm(source)``, or ``out[r] += norm(source)`` with ``accumulate``. Then,
-    with ``copy``: ``copy[r] = source (+ copy_bias)``; ``copy`` may be ``src`` itself (no index): an
-    in-place bias add after the norm has read the row. One pass of the C kernel for fp32 (the gather,
+    with ``copy``: ``copy[r] = source (+ copy_bias)``. Without an index, ``out`` and ``copy`` may be
+    ``src`` itself (an in-place norm, or a bias add after the norm has read the row). One pass of the C kernel for fp32 (the gather,
     the norm and the bias add that the chunked inference path does around each product); the same
     with PyTorch's ops otherwise (:func:`norm_rows_reference`)."""
     index = None if index is None else index.contiguous()
@@ -632,6 +657,34 @@ def scatter_rows(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> N
                                    dst.shape[1], torch.get_num_threads())
     else:
         dst.index_copy_(0, index, src)
+
+
+def merge_rows(x: torch.Tensor, norm: torch.nn.LayerNorm | None = None) -> torch.Tensor:
+    """Patch merging's gather: (B, H, W, C) -> (B * ceil(H/2) * ceil(W/2), 4C) rows, each 2 x 2
+    neighbourhood's tokens side by side in the official order (0,0), (1,0), (0,1), (1,1), zeros past
+    an odd map's edge; with ``norm`` each row LayerNorm'd (V1 norms before the reduction). One pass
+    of the C kernel for a contiguous fp32 map; :func:`merge_rows_reference` otherwise."""
+    w = b = None
+    if norm is not None:
+        w, b = norm.weight, norm.bias
+    if not (rows_eligible(x, w, b) and x.dim() == 4 and (norm is None or (w is not None and b is not None
+                                                                          and w.numel() == 4 * x.shape[3]))):
+        return merge_rows_reference(x, norm)
+    B, H, W, C = x.shape
+    out = torch.empty(B * ((H + 1) // 2) * ((W + 1) // 2), 4 * C, dtype=x.dtype)
+    _lib.swin_merge_rows_f32(x.data_ptr(), B, H, W, C, None if w is None else w.data_ptr(),
+                             None if b is None else b.data_ptr(), float(norm.eps) if norm is not None else 0.0,
+                             out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def merge_rows_reference(x: torch.Tensor, norm=None) -> torch.Tensor:
+    """:func:`merge_rows` with PyTorch's ops."""
+    B, H, W, C = x.shape
+    x = torch.nn.functional.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+    H2, W2 = x.shape[1] // 2, x.shape[2] // 2
+    rows = x.reshape(B, H2, 2, W2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B * H2 * W2, 4 * C)
+    return rows if norm is None else torch.nn.functional.layer_norm(rows, (4 * C,), norm.weight, norm.bias, norm.eps)
 
 
 def gelu_grad_eligible(h: torch.Tensor, g: torch.Tensor) -> bool:

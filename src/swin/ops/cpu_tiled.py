@@ -216,6 +216,34 @@ def _run_block(blk, tokens: torch.Tensor, B: int, H: int, Wd: int, Hp: int, Wp: 
         cpu_kernels.scatter_rows(tokens, idx, xc)
 
 
+# -- patch merging -------------------------------------------------------------------------------
+def merge_eligible(merging, x: torch.Tensor) -> bool:
+    """True when :func:`patch_merging` computes what ``merging`` (a PatchMerging) computes: fp32 CPU
+    inference (nothing to differentiate), outside torch.compile / export / tracing, the plain
+    LayerNorm and Linear without hooks, and the C kernels built."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or autocast_dtype("cpu") is not None:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in merging.parameters())):
+        return False
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    return (type(merging.norm) is torch.nn.LayerNorm and type(merging.reduction) is torch.nn.Linear
+            and not has_hooks(merging) and cpu_kernels.available())
+
+
+def patch_merging(merging, x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) -> (B, H/2, W/2, 2C): ``merging(x)`` with the 2 x 2 gather (and V1's norm) as one
+    pass of the C kernel instead of a permuted copy and a LayerNorm over (tokens/4, 4C) tensors."""
+    B, H, Wd, _ = x.shape
+    red = merging.reduction
+    if not merging.post_norm:  # V1: norm, then the reduction
+        y = F.linear(cpu_kernels.merge_rows(x.contiguous(), merging.norm), red.weight, red.bias)
+    else:  # V2: the reduction, then the norm (in place)
+        y = F.linear(cpu_kernels.merge_rows(x.contiguous()), red.weight, red.bias)
+        cpu_kernels.norm_rows(y, merging.norm, y)
+    return y.view(B, (H + 1) // 2, (Wd + 1) // 2, y.shape[1])
+
+
 # -- fc1 + GELU, and qkv, as oneDNN calls -------------------------------------------------------
 USE_ONEDNN = True  # set False to always take the plain addmm (+ GELU) instead
 
