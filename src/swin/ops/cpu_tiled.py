@@ -13,7 +13,9 @@ on ~2k tokens of whole windows at a time, all of which stay in the L2 cache:
     scatter rows back to the same positions of the stage's one token buffer
 
 Blocks write back to the rows they read, so a stage runs in place on one buffer (no per-block
-allocation). The arithmetic per token is the reference's (same operations, same order, the
+allocation). In fp32 on AVX-512 the passes around the products are C kernels (``cpu_kernels``): the
+gather with norm1 and proj's bias, norm2 with fc2's bias, V2's ``rows += norm(y)`` and the scatter
+are one pass each, and patch merging's gather + norm another (:func:`patch_merging`). The arithmetic per token is the reference's (same operations, same order, the
 residual add folded into the projection's accumulate), so the logits match the reference to
 float rounding (tests/test_ops.py).
 
