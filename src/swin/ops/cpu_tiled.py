@@ -13,11 +13,12 @@ on ~2k tokens of whole windows at a time, all of which stay in the L2 cache:
     scatter rows back to the same positions of the stage's one token buffer
 
 Blocks write back to the rows they read, so a stage runs in place on one buffer (no per-block
-allocation). In fp32 on AVX-512 the passes around the products are C kernels (``cpu_kernels``): the
-gather with norm1 and proj's bias, norm2 with fc2's bias, V2's ``rows += norm(y)`` and the scatter
-are one pass each, and patch merging's gather + norm another (:func:`patch_merging`). The arithmetic per token is the reference's (same operations, same order, the
+allocation). The arithmetic per token is the reference's (same operations, same order, the
 residual add folded into the projection's accumulate), so the logits match the reference to
-float rounding (tests/test_ops.py).
+float rounding (tests/test_ops.py). In fp32 on AVX-512 the passes around the products are C
+kernels (``cpu_kernels``): the gather with norm1 and proj's bias, norm2 with fc2's bias, V2's
+``rows += norm(y)`` and the scatter are one pass each, and so are patch merging's gather and norm
+(:func:`patch_merging`).
 
 Used only where it is the same function as the reference and faster: CPU, nothing to differentiate
 (no_grad / inference_mode, or a frozen model and an input without grad), eval mode, not under
@@ -191,16 +192,17 @@ def _run_block(blk, tokens: torch.Tensor, B: int, H: int, Wd: int, Hp: int, Wp: 
         return o.transpose(1, 2).reshape(kk * N, C)
 
     total = B * nW
-    xc_buf = tokens.new_empty(min(k, total) * N, C)  # a chunk's rows, and their norm: reused by every chunk
-    h_buf = xc_buf if blk.post_norm else torch.empty_like(xc_buf)
+    xc_buf = tokens.new_empty(min(k, total) * N, C)  # a chunk's rows (and V1's norm of them): reused by every chunk
+    h_buf = None if blk.post_norm else torch.empty_like(xc_buf)
     for w0 in range(0, total, k):
         kk = min(k, total - w0)
         idx = rows[w0 * N:(w0 + kk) * N]
-        xc, h = xc_buf[:kk * N], h_buf[:kk * N]  # (kk*N, C), in cache from here on
+        xc = xc_buf[:kk * N]  # (kk*N, C), in cache from here on
         keep = None
         if real is not None:  # this chunk's rows of `real`: a slice of one image's, or whole images'
             keep = real[(w0 % nW) * N:(w0 % nW + kk) * N] if k <= nW else real.repeat(kk // nW, 1)
         if not blk.post_norm:  # V1: pre-norm. xc = the rows + proj's bias, h = norm1(rows), one pass
+            h = h_buf[:kk * N]
             cpu_kernels.norm_rows(tokens, n1, h, index=idx, copy=xc, copy_bias=proj_b)
             if keep is not None:
                 h.mul_(keep)  # the reference pads after norm1: padded tokens enter attention as zeros
