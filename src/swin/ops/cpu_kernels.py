@@ -629,7 +629,8 @@ def rows_eligible(*tensors: torch.Tensor) -> bool:
 def norm_rows(src: torch.Tensor, norm: torch.nn.LayerNorm | None, out: torch.Tensor | None = None, *,
               index: torch.Tensor | None = None, accumulate: bool = False, copy: torch.Tensor | None = None,
               copy_bias: torch.Tensor | None = None) -> None:
-    """Row r's source is ``src[index[r]]`` (``src[r]`` without an index), C = src.shape[1] channels.
+    """Row r's source is ``src[index[r]]`` (``src[r]`` without an index; the kernel does not check the
+    index's range: the callers build it), C = src.shape[1] channels.
     With ``out``: ``out[r] = norm(source)``, or ``out[r] += norm(source)`` with ``accumulate``. Then,
     with ``copy``: ``copy[r] = source (+ copy_bias)``. Without an index, ``out`` and ``copy`` may be
     ``src`` itself (an in-place norm, or a bias add after the norm has read the row). One pass of the C kernel for fp32 (the gather,
@@ -662,7 +663,8 @@ def norm_rows_reference(src, norm, out=None, *, index=None, accumulate=False, co
 
 
 def scatter_rows(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:
-    """``dst[index[r]] = src[r]`` (``dst.index_copy_(0, index, src)``), rows of fp32 by the C kernel."""
+    """``dst[index[r]] = src[r]`` (``dst.index_copy_(0, index, src)``), rows of fp32 by the C kernel
+    (``index`` in range and without repeats: not checked)."""
     index = index.contiguous()
     if rows_eligible(dst, src) and index.dtype == torch.int64 and dst.shape[1:] == src.shape[1:] and dst.dim() == 2:
         _lib.swin_scatter_rows_f32(dst.data_ptr(), index.data_ptr(), src.data_ptr(), index.shape[0],
