@@ -455,8 +455,8 @@ def test_cpu_gelu_and_grad_kernel_equals_torch(shape):
 @pytest.mark.parametrize("rows,C", [(300, 128), (37, 40), (5, 1), (0, 16)])
 def test_cpu_row_kernels_equal_torch(rows, C):
     """The chunked inference path's row kernels: gather + LayerNorm + bias copy, the in-place norm +
-    bias add, the accumulating norm (V2) and the scatter, against PyTorch's ops, at channel counts
-    that are and are not multiples of 16."""
+    bias add, the accumulating norm (V2) and the scatter, against PyTorch's ops (the fallback path),
+    at channel counts that are and are not multiples of 16."""
     ck = _cpu_kernel()
     g = torch.Generator().manual_seed(rows + C)
     src = torch.randn(2 * rows + 3, C, generator=g) * 3 + 1  # an offset mean: the variance's two passes
@@ -465,15 +465,15 @@ def test_cpu_row_kernels_equal_torch(rows, C):
     with torch.no_grad():
         norm.weight.normal_(generator=g), norm.bias.normal_(generator=g)
     bias = torch.randn(C, generator=g)
+    acc0 = torch.randn(rows, C, generator=g)
 
-    def both(fn):  # fn(kernel) on fresh buffers: the C kernel's result and the PyTorch reference's
-        outs = []
-        for kernel in (ck.norm_rows, ck.norm_rows_reference):
-            h, copy, acc = torch.full((rows, C), 7.0), torch.full((rows, C), 7.0), torch.randn(rows, C, generator=g.manual_seed(1))
-            s = src.clone()
-            fn(kernel, s, h, copy, acc)
-            outs.append((h, copy, acc, s))
-        return outs
+    def both(fn):  # fn(impl, src, out, copy, acc) on fresh buffers: (returned, copy, acc, src) for the kernel, then PyTorch
+        results = []
+        for impl in (ck.norm_rows, ck.norm_rows_reference):
+            s, copy, acc = src.clone(), torch.full((rows, C), 7.0), acc0.clone()
+            y = fn(impl, s, torch.full((rows, C), 7.0), copy, acc)
+            results.append((y, copy, acc, s))
+        return results
 
     def close(a, b):
         return (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item()) if a.numel() else True
@@ -487,11 +487,14 @@ def test_cpu_row_kernels_equal_torch(rows, C):
         (h, _, _, s), (rh, _, _, rs) = both(lambda f, s, h, c, a: f(s[:rows], norm, h, copy=s[:rows], copy_bias=bias))
         ref = torch.nn.functional.layer_norm(src[:rows], (C,), norm.weight, norm.bias, norm.eps)
         assert close(h, ref) and close(rh, ref) and torch.equal(s[:rows], src[:rows] + bias) and torch.equal(rs, s)
-        # V2: acc += norm(src[idx]); and a plain gather
-        (_, _, acc, _), (_, _, racc, _) = both(lambda f, s, h, c, a: f(s, norm, a, index=idx, accumulate=True))
-        assert close(acc, racc)
-        (_, copy, _, _), _ = both(lambda f, s, h, c, a: f(s, None, index=idx, copy=c))
-        assert torch.equal(copy, src[idx])
+        # an in-place norm (V2's patch merging)
+        (h, _, _, s), (rh, _, _, _) = both(lambda f, s, h, c, a: f(s[:rows], norm, s[:rows]))
+        assert close(h, ref) and close(rh, ref)
+        # V2: acc += norm(src[idx]), returned; and a plain gather
+        (y, _, acc, _), (ry, _, racc, _) = both(lambda f, s, h, c, a: f(s, norm, a, index=idx, accumulate=True))
+        assert close(acc, acc0 + ref_norm) and close(racc, acc) and y is acc and ry is racc
+        (y, copy, _, _), (ry, rcopy, _, _) = both(lambda f, s, h, c, a: f(s, None, index=idx, copy=c))
+        assert y is None and ry is None and torch.equal(copy, src[idx]) and torch.equal(rcopy, copy)
         dst, rdst = src.clone(), src.clone()
         rows_in = torch.randn(rows, C, generator=g)
         ck.scatter_rows(dst, idx, rows_in)

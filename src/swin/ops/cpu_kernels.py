@@ -628,38 +628,49 @@ def rows_eligible(*tensors: torch.Tensor) -> bool:
 
 def norm_rows(src: torch.Tensor, norm: torch.nn.LayerNorm | None, out: torch.Tensor | None = None, *,
               index: torch.Tensor | None = None, accumulate: bool = False, copy: torch.Tensor | None = None,
-              copy_bias: torch.Tensor | None = None) -> None:
+              copy_bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """Row r's source is ``src[index[r]]`` (``src[r]`` without an index; the kernel does not check the
-    index's range: the callers build it), C = src.shape[1] channels.
-    With ``out``: ``out[r] = norm(source)``, or ``out[r] += norm(source)`` with ``accumulate``. Then,
+    index's range: the callers build it), C = src.shape[1] channels. With ``norm``: the rows'
+    LayerNorm, returned: written into ``out``, or added to it with ``accumulate`` (``out`` returned);
+    without ``accumulate`` the PyTorch path may return a new tensor instead of writing ``out``. Then,
     with ``copy``: ``copy[r] = source (+ copy_bias)``. Without an index, ``out`` and ``copy`` may be
-    ``src`` itself (an in-place norm, or a bias add after the norm has read the row). One pass of the C kernel for fp32 (the gather,
-    the norm and the bias add that the chunked inference path does around each product); the same
-    with PyTorch's ops otherwise (:func:`norm_rows_reference`)."""
+    ``src`` itself (an in-place norm, or a bias add after the norm has read the row). One pass of
+    the C kernel for fp32 (the gather, the norm and the bias add that the chunked inference path
+    does around each product); PyTorch's ops otherwise (:func:`norm_rows_reference`)."""
     index = None if index is None else index.contiguous()
     rows = src.shape[0] if index is None else index.shape[0]
     C = src.shape[1]
     w = b = None
-    if out is not None:
+    if norm is not None:
         w, b = norm.weight, norm.bias
     if not (rows_eligible(src, out, copy, copy_bias, w, b) and (index is None or index.dtype == torch.int64)
-            and (out is None or (w is not None and b is not None and w.numel() == C))):
+            and (norm is None or (out is not None and w is not None and b is not None and w.numel() == C))):
         return norm_rows_reference(src, norm, out, index=index, accumulate=accumulate, copy=copy, copy_bias=copy_bias)
     _lib.swin_rows_f32(src.data_ptr(), None if index is None else index.data_ptr(),
-                       None if out is None else out.data_ptr(), None if w is None else w.data_ptr(),
-                       None if b is None else b.data_ptr(), float(norm.eps) if out is not None else 0.0,
+                       None if norm is None else out.data_ptr(), None if w is None else w.data_ptr(),
+                       None if b is None else b.data_ptr(), float(norm.eps) if norm is not None else 0.0,
                        int(accumulate), None if copy is None else copy.data_ptr(),
                        None if copy_bias is None else copy_bias.data_ptr(), rows, C, torch.get_num_threads())
+    return None if norm is None else out
 
 
-def norm_rows_reference(src, norm, out=None, *, index=None, accumulate=False, copy=None, copy_bias=None) -> None:
-    """:func:`norm_rows` with PyTorch's ops (any dtype, any CPU)."""
-    rows = src if index is None else src.index_select(0, index)
-    if out is not None:
+def norm_rows_reference(src, norm, out=None, *, index=None, accumulate=False, copy=None, copy_bias=None):
+    """:func:`norm_rows` with PyTorch's ops (any dtype, any CPU), as few passes as they allow."""
+    if index is None:
+        rows = src
+    else:
+        rows = src.index_select(0, index) if copy is None else torch.index_select(src, 0, index, out=copy)
+    y = None
+    if norm is not None:
         y = torch.nn.functional.layer_norm(rows, (src.shape[1],), norm.weight, norm.bias, norm.eps)
-        out.add_(y) if accumulate else out.copy_(y)
+        if accumulate:
+            y = out.add_(y)
     if copy is not None:
-        torch.add(rows, copy_bias, out=copy) if copy_bias is not None else copy.copy_(rows)
+        if rows.data_ptr() != copy.data_ptr():
+            torch.add(rows, copy_bias, out=copy) if copy_bias is not None else copy.copy_(rows)
+        elif copy_bias is not None:
+            copy.add_(copy_bias)
+    return y
 
 
 def scatter_rows(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:

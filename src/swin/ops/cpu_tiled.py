@@ -202,12 +202,11 @@ def _run_block(blk, tokens: torch.Tensor, B: int, H: int, Wd: int, Hp: int, Wp: 
         if real is not None:  # this chunk's rows of `real`: a slice of one image's, or whole images'
             keep = real[(w0 % nW) * N:(w0 % nW + kk) * N] if k <= nW else real.repeat(kk // nW, 1)
         if not blk.post_norm:  # V1: pre-norm. xc = the rows + proj's bias, h = norm1(rows), one pass
-            h = h_buf[:kk * N]
-            cpu_kernels.norm_rows(tokens, n1, h, index=idx, copy=xc, copy_bias=proj_b)
+            h = cpu_kernels.norm_rows(tokens, n1, h_buf[:kk * N], index=idx, copy=xc, copy_bias=proj_b)
             if keep is not None:
                 h.mul_(keep)  # the reference pads after norm1: padded tokens enter attention as zeros
             xc.addmm_(attention(h, w0, kk), proj_w)
-            cpu_kernels.norm_rows(xc, n2, h, copy=xc, copy_bias=fc2_b)  # h = norm2(xc), then xc += fc2's bias
+            h = cpu_kernels.norm_rows(xc, n2, h, copy=xc, copy_bias=fc2_b)  # h = norm2(xc), then xc += fc2's bias
             xc.addmm_(fc1_gelu(fc1, h), fc2_w)
         else:  # V2: res-post-norm, xc += norm(branch)
             cpu_kernels.norm_rows(tokens, None, index=idx, copy=xc)
@@ -244,7 +243,7 @@ def patch_merging(merging, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(cpu_kernels.merge_rows(x.contiguous(), merging.norm), red.weight, red.bias)
     else:  # V2: the reduction, then the norm (in place)
         y = F.linear(cpu_kernels.merge_rows(x.contiguous()), red.weight, red.bias)
-        cpu_kernels.norm_rows(y, merging.norm, y)
+        y = cpu_kernels.norm_rows(y, merging.norm, y)
     return y.view(B, (H + 1) // 2, (Wd + 1) // 2, y.shape[1])
 
 
