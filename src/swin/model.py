@@ -384,14 +384,7 @@ class PatchMerging(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if cpu_tiled.merge_eligible(self, x):  # CPU inference: the gather (and V1's norm) in one pass
             return cpu_tiled.patch_merging(self, x)
-        B, H, Wd, C = x.shape
-        if H % 2 or Wd % 2:
-            x = F.pad(x, (0, 0, 0, Wd % 2, 0, H % 2))
-            H, Wd = H + H % 2, Wd + Wd % 2
-        # each 2x2 neighbourhood's four tokens side by side, in the official order (0,0), (1,0), (0,1),
-        # (1,1) = cat(x[0::2,0::2], x[1::2,0::2], x[0::2,1::2], x[1::2,1::2]): one permuted copy
-        # (its backward is one copy too; the four strided slices' is four zero-filled maps)
-        x = x.reshape(B, H // 2, 2, Wd // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, H // 2, Wd // 2, 4 * C)
+        x = W.merge_2x2(x)  # each 2x2 neighbourhood's four tokens side by side, the official order
         if self.post_norm:
             return self.norm(self.reduction(x))
         return self.reduction(self.norm(x))  # (B, H/2, W/2, 2C)

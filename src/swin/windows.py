@@ -48,6 +48,18 @@ def window_reverse(windows: torch.Tensor, window: int, height: int, width: int) 
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, height, width, C)
 
 
+def merge_2x2(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 4C): patch merging's gather, each 2x2 neighbourhood's
+    tokens side by side in the official order (0,0), (1,0), (0,1), (1,1) = cat(x[0::2,0::2],
+    x[1::2,0::2], x[0::2,1::2], x[1::2,1::2]); an odd map zero-padded at the right/bottom first. One
+    permuted copy (its backward is one copy too; the four strided slices' is four zero-filled maps)."""
+    B, H, W, C = x.shape
+    if H % 2 or W % 2:
+        x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+        H, W = H + H % 2, W + W % 2
+    return x.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, H // 2, W // 2, 4 * C)
+
+
 def _build_shift_mask(height: int, width: int, window: int, shift: int, mask_padding: bool,
                       device: torch.device) -> torch.Tensor | None:
     """Additive mask (nW, N, N) for a (height, width) map padded to a window multiple, or None.

@@ -53,6 +53,8 @@ from pathlib import Path
 
 import torch
 
+from .. import windows
+
 MAX_TOKENS = 256  # tokens per window the kernel's stack buffers hold (window 16)
 
 _SOURCE = r"""
@@ -704,12 +706,10 @@ def merge_rows(x: torch.Tensor, norm: torch.nn.LayerNorm | None = None) -> torch
 
 
 def merge_rows_reference(x: torch.Tensor, norm=None) -> torch.Tensor:
-    """:func:`merge_rows` with PyTorch's ops."""
-    B, H, W, C = x.shape
-    x = torch.nn.functional.pad(x, (0, 0, 0, W % 2, 0, H % 2))
-    H2, W2 = x.shape[1] // 2, x.shape[2] // 2
-    rows = x.reshape(B, H2, 2, W2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B * H2 * W2, 4 * C)
-    return rows if norm is None else torch.nn.functional.layer_norm(rows, (4 * C,), norm.weight, norm.bias, norm.eps)
+    """:func:`merge_rows` with PyTorch's ops (the model's own gather, ``windows.merge_2x2``)."""
+    rows = windows.merge_2x2(x)
+    rows = rows.reshape(-1, rows.shape[-1])
+    return rows if norm is None else torch.nn.functional.layer_norm(rows, (rows.shape[1],), norm.weight, norm.bias, norm.eps)
 
 
 def gelu_grad_eligible(h: torch.Tensor, g: torch.Tensor) -> bool:
