@@ -378,7 +378,7 @@ def test_cpu_tiled_inference_equals_reference(name, size, mask_padding, chunk_to
     monkeypatch.setattr(cpu_tiled, "CHUNK_TOKENS", chunk_tokens)
     calls = []
     run = cpu_tiled.run_blocks
-    monkeypatch.setattr(cpu_tiled, "run_blocks", lambda blocks, x: calls.append(x.shape) or run(blocks, x))
+    monkeypatch.setattr(cpu_tiled, "run_blocks", lambda blocks, x, **kw: calls.append(x.shape) or run(blocks, x, **kw))
     model = _random_model(name, mask_padding=mask_padding)
     x = torch.randn(3, 3, *size)
     with torch.inference_mode():
@@ -658,7 +658,7 @@ def test_cpu_tiled_serves_the_cuda_backends_on_cpu(backend, monkeypatch):
         pytest.skip("backends triton/fused need the triton package")
     calls = []
     run = cpu_tiled.run_blocks
-    monkeypatch.setattr(cpu_tiled, "run_blocks", lambda blocks, x: calls.append(x.shape) or run(blocks, x))
+    monkeypatch.setattr(cpu_tiled, "run_blocks", lambda blocks, x, **kw: calls.append(x.shape) or run(blocks, x, **kw))
     model = _random_model("swinv2_micro", backend=backend)
     x = torch.randn(2, 3, 30, 38)
     with torch.inference_mode():
@@ -701,7 +701,7 @@ def test_cpu_tiled_under_bf16_autocast(name, size, onednn, monkeypatch):
     monkeypatch.setattr(cpu_tiled, "USE_ONEDNN", onednn)
     calls = []
     run = cpu_tiled.run_blocks
-    monkeypatch.setattr(cpu_tiled, "run_blocks", lambda blocks, x: calls.append(x.dtype) or run(blocks, x))
+    monkeypatch.setattr(cpu_tiled, "run_blocks", lambda blocks, x, **kw: calls.append(x.dtype) or run(blocks, x, **kw))
     torch.manual_seed(0)
     model = swin.create_model(name).eval()
     ref = copy.deepcopy(model)
@@ -744,6 +744,32 @@ def test_cpu_tiled_fc1_gelu_both_ways_and_model_still_copies(monkeypatch):
         fast = model(x)
         model.set_backend("reference")
         assert rel_err(fast, model(x)) <= 1e-5
+
+
+def test_cpu_tiled_overwrites_only_inputs_handed_over():
+    from swin.ops import cpu_tiled
+
+    model = _random_model("swin_micro")
+    layer, x = model.layers[0], torch.randn(2, 16, 16, 48)
+    x0 = x.clone()
+    with torch.inference_mode():
+        ref = cpu_tiled.run_blocks(layer.blocks, x)
+        assert torch.equal(x, x0) and ref.data_ptr() != x.data_ptr()  # by default the caller's x is kept
+        assert torch.equal(layer(x, return_before_merge=True)[1], ref) and torch.equal(x, x0)  # called directly: copies
+        out = cpu_tiled.run_blocks(layer.blocks, x, consume=True)
+        assert out.data_ptr() == x.data_ptr() and torch.equal(out, ref)  # handed over: in place, same values
+        assert torch.equal(cpu_tiled.run_blocks(layer.blocks, x0[:, :13, :11], consume=True),
+                           cpu_tiled.run_blocks(layer.blocks, x0[:, :13, :11].clone()))  # padded: a new buffer
+
+        image = torch.randn(2, 3, 32, 32)
+        logits = model(image)
+        kept = []  # a hook that keeps an intermediate: the model then never overwrites one
+        handle = model.patch_embed.register_forward_hook(lambda m, i, o: kept.append(o))
+        assert not model._owns_stage_inputs()
+        torch.testing.assert_close(model(image), logits, rtol=0, atol=0)
+        handle.remove()
+        torch.testing.assert_close(kept[0], model.patch_embed(image), rtol=0, atol=0)  # kept intact
+        assert model._owns_stage_inputs()
 
 
 def test_cpu_tiled_only_where_it_is_the_same_function():

@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import windows as W
 from .config import SwinConfig
-from .ops import autocast_dtype, cpu_tiled, fused_attention_half, fused_block_eligible, fused_mlp_half, is_plain
+from .ops import autocast_dtype, cpu_tiled, fused_attention_half, fused_block_eligible, fused_mlp_half, has_hooks, is_plain
 from .ops import mlp as mlp_ops
 
 
@@ -71,8 +71,9 @@ class SwinTransformer(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> pooled features (B, num_features)."""
         x = self._stem(x)
+        owned = self._owns_stage_inputs()
         for layer in self.layers:
-            x = layer(x, self.grad_checkpointing)
+            x = layer(x, self.grad_checkpointing, consume_input=owned)
         x = self.norm(x)  # (B, h, w, 8C)
         return x.mean(dim=(1, 2))
 
@@ -94,9 +95,10 @@ class SwinTransformer(nn.Module):
         indices = range(n) if indices is None else indices
         wanted = sorted({i % n if -n <= i < n else _bad_index(i, n) for i in indices})
         x = self._stem(x)
+        owned = self._owns_stage_inputs()
         out = []
         for i, layer in enumerate(self.layers):
-            x, before_merge = layer(x, self.grad_checkpointing, return_before_merge=True)
+            x, before_merge = layer(x, self.grad_checkpointing, return_before_merge=True, consume_input=owned)
             if i in wanted:
                 if norm and i == n - 1:
                     before_merge = self.norm(before_merge)
@@ -113,6 +115,14 @@ class SwinTransformer(nn.Module):
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.config)
         return self.pos_drop(self.patch_embed(x))  # (B, H/4, W/4, C)
+
+    def _owns_stage_inputs(self) -> bool:
+        """True when each stage's input is a tensor this forward created and nothing else holds: the
+        stem and the patch mergings are this file's plain modules (each returns a fresh tensor) and no
+        hook anywhere could have kept one. A stage may then overwrite its input instead of copying it."""
+        return (type(self.patch_embed) is PatchEmbed and type(self.pos_drop) is nn.Dropout
+                and all(layer.downsample is None or type(layer.downsample) is PatchMerging for layer in self.layers)
+                and not has_hooks(self))
 
 
 def _bad_index(i: int, n: int) -> int:
@@ -146,9 +156,12 @@ class BasicLayer(nn.Module):
             for j in range(depth)])
         self.downsample = PatchMerging(dim, config.version) if downsample else None
 
-    def forward(self, x: torch.Tensor, grad_checkpointing: bool = False, return_before_merge: bool = False):
+    def forward(self, x: torch.Tensor, grad_checkpointing: bool = False, return_before_merge: bool = False,
+                consume_input: bool = False):
+        """``consume_input``: the caller hands ``x`` over (nothing else holds it), so the CPU inference
+        path may run the blocks in place on it instead of on a copy."""
         if cpu_tiled.eligible(self, x):  # CPU inference: the same blocks, chunk by chunk in cache
-            x = cpu_tiled.run_blocks(self.blocks, x)
+            x = cpu_tiled.run_blocks(self.blocks, x, consume=consume_input)
         else:
             for blk in self.blocks:
                 if grad_checkpointing and torch.is_grad_enabled():
