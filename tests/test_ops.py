@@ -765,11 +765,12 @@ def test_cpu_tiled_overwrites_only_inputs_handed_over():
         logits = model(image)
         kept = []  # a hook that keeps an intermediate: the model then never overwrites one
         handle = model.patch_embed.register_forward_hook(lambda m, i, o: kept.append(o))
-        assert not model._owns_stage_inputs()
+        assert not model._owns_stage_inputs(image)
         torch.testing.assert_close(model(image), logits, rtol=0, atol=0)
         handle.remove()
         torch.testing.assert_close(kept[0], model.patch_embed(image), rtol=0, atol=0)  # kept intact
-        assert model._owns_stage_inputs()
+        assert model._owns_stage_inputs(image)
+        assert not model._owns_stage_inputs(image.to("meta"))  # only the CPU path runs in place
 
 
 def test_cpu_tiled_only_where_it_is_the_same_function():

@@ -408,6 +408,16 @@ static inline AVX512 void ln_row(const float *s, float *o, const float *w, const
     }
 }
 
+/* d[0..C) = s[0..C) (+ bias) */
+static inline AVX512 void copy_row(float *d, const float *s, const float *bias, long C) {
+    for (long j = 0; j < C; j += 16) {
+        __mmask16 m = first_lanes(C - j);
+        __m512 x = _mm512_maskz_loadu_ps(m, s + j);
+        if (bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, bias + j));
+        _mm512_mask_storeu_ps(d + j, m, x);
+    }
+}
+
 /* rows r = 0..rows-1 of C floats; the source row is src[idx[r]] (idx NULL: src[r]). With out: out[r]
    = LayerNorm(source row) (w, b, eps), or out[r] += it with acc. Then, with copy: copy[r] = source
    row (+ copy_bias); copy may be src itself (idx NULL), an in-place bias add after the norm read it. */
@@ -417,15 +427,7 @@ AVX512 void swin_rows_f32(const float *src, const long *idx, float *out, const f
     for (long r = 0; r < rows; r++) {
         const float *s = src + (idx ? idx[r] : r) * C;
         if (out) ln_row(s, out + r * C, w, b, C, eps, acc);
-        if (copy) {
-            float *c = copy + r * C;
-            for (long j = 0; j < C; j += 16) {
-                __mmask16 m = first_lanes(C - j);
-                __m512 x = _mm512_maskz_loadu_ps(m, s + j);
-                if (copy_bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, copy_bias + j));
-                _mm512_mask_storeu_ps(c + j, m, x);
-            }
-        }
+        if (copy) copy_row(copy + r * C, s, copy_bias, C);
     }
 }
 
@@ -441,12 +443,10 @@ AVX512 void swin_merge_rows_f32(const float *x, long B, long H, long W, long C, 
         float *o = out + r * 4 * C;
         for (int part = 0; part < 4; part++) {
             long y = 2 * i + (part & 1), xx = 2 * j + (part >> 1);
-            const float *s = x + ((bi * H + y) * W + xx) * C;
-            int inside = y < H && xx < W;
-            for (long c = 0; c < C; c += 16) {
-                __mmask16 m = first_lanes(C - c);
-                _mm512_mask_storeu_ps(o + part * C + c, m, inside ? _mm512_maskz_loadu_ps(m, s + c) : _mm512_setzero_ps());
-            }
+            if (y < H && xx < W)
+                copy_row(o + part * C, x + ((bi * H + y) * W + xx) * C, 0, C);
+            else
+                for (long c = 0; c < C; c += 16) _mm512_mask_storeu_ps(o + part * C + c, first_lanes(C - c), _mm512_setzero_ps());
         }
         if (w) ln_row(o, o, w, b, 4 * C, eps, 0);
     }
@@ -455,14 +455,7 @@ AVX512 void swin_merge_rows_f32(const float *x, long B, long H, long W, long C, 
 /* dst[idx[r]] = src[r] for rows of C floats (idx holds no repeats) */
 AVX512 void swin_scatter_rows_f32(float *dst, const long *idx, const float *src, long rows, long C, int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static)
-    for (long r = 0; r < rows; r++) {
-        float *d = dst + idx[r] * C;
-        const float *s = src + r * C;
-        for (long j = 0; j < C; j += 16) {
-            __mmask16 m = first_lanes(C - j);
-            _mm512_mask_storeu_ps(d + j, m, _mm512_maskz_loadu_ps(m, s + j));
-        }
-    }
+    for (long r = 0; r < rows; r++) copy_row(dst + idx[r] * C, src + r * C, 0, C);
 }
 
 /* windows x heads items over PyTorch's OpenMP threads. q/k/v/out: element [w, i, h, c] at

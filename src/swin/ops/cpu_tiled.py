@@ -141,8 +141,8 @@ def _run_blocks(blocks, x: torch.Tensor, consume: bool = False) -> torch.Tensor:
     # copy unless the caller gave x away: the copies (13 MB for Swin-B b8's stage 1) cost Swin-T 1.8%
     # and Swin-B up to 1.7% of a forward, in fresh memory more than in the copying itself (0.5%)
     tokens = W.pad_to_window(x, window).reshape(B * Hp * Wp, C)
-    if tokens.data_ptr() == x.data_ptr() and not (consume and x.is_contiguous()):
-        tokens = tokens.clone()
+    if tokens.data_ptr() == x.data_ptr() and not consume:
+        tokens = tokens.clone(memory_format=torch.contiguous_format)
     tokens = tokens.contiguous()
     with torch.autocast("cpu", enabled=False):  # everything below in the tokens' dtype, weights cast once
         for blk in blocks:
