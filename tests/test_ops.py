@@ -408,11 +408,14 @@ def _cpu_kernel():
     return cpu_kernels
 
 
-# (windows, N, heads, d, per-window mask, q/k token stride in units of C): window 7 (N = 49, padded
-# to 64 key columns) shifted and not, window 8, 12 and 16 (rows longer than one register tile), head
-# sizes that are not multiples of 16, one-token windows, q/k normalised into a (.., 2, heads, d) buffer
+# (windows, N, heads, d, per-window mask, q/k token stride in units of C): window 7 (N = 49: 48 keys
+# in 7-row tiles and the 49th apart) shifted and not, with heads of 16 and 40 channels (40: 4-row tiles
+# padded to 64 keys), other N one or two past a multiple of 16 (18, 34), window 8, 12 and 16 (rows
+# longer than one register tile), head sizes that are not multiples of 16, one-token windows, q/k
+# normalised into a (.., 2, heads, d) buffer
 @pytest.mark.parametrize("windows,n,heads,d,per_window,qk_stride", [
-    (6, 49, 3, 32, True, 3), (6, 49, 3, 32, False, 3), (4, 64, 2, 32, True, 2), (3, 144, 2, 32, True, 3),
+    (6, 49, 3, 32, True, 3), (6, 49, 3, 32, False, 3), (3, 49, 2, 16, True, 3), (4, 18, 2, 8, True, 3),
+    (3, 34, 3, 24, False, 2), (4, 64, 2, 32, True, 2), (3, 144, 2, 32, True, 3),
     (2, 256, 1, 64, False, 3), (5, 16, 2, 24, True, 3), (3, 49, 2, 40, False, 2), (4, 1, 2, 8, True, 3)])
 def test_cpu_attention_kernel_equals_sdpa(windows, n, heads, d, per_window, qk_stride):
     ca = _cpu_kernel()

@@ -9,7 +9,10 @@ chunked path (``cpu_tiled``) while holding 2-3% of its arithmetic. This kernel k
 window-head's K^T, logits and probabilities in a few KB of stack, computes q k^T in 4 x 64 register
 tiles (16 AVX-512 accumulators), adds the (bias + shift mask) row, takes the softmax with a
 polynomial exp, and multiplies by V in the same tiles, writing straight into the (tokens, C) output
-at the head's columns (1.6-1.8x SDPA at N = 49). No logits tensor is made; in training the kernel
+at the head's columns (1.6-1.8x SDPA at N = 49). At N = 49 (3 x 16 + 1) a fourth key vector would
+hold one key in 16 lanes: there the first 48 keys take 7 x 48 tiles (49 rows = 7 tiles, 21
+accumulators), the 49th key's logit is a dot product per row, and P V runs in 7-row tiles
+(1.03-1.14x the 4-row tiles alone). No logits tensor is made; in training the kernel
 also writes the probabilities, from which the backward kernel (windows up to 64 tokens) computes
 dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(P dP)), dQ = scale dS K and dK = scale dS^T Q per
 window and head in the same register tiles, and writes dS, whose sum over the batch is the bias and
@@ -105,13 +108,13 @@ static inline AVX512 __m512 exp_nonpos(__m512 x) {
     return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
 }
 
-/* acc[r][u] = q_(i0+r) . K^T columns [16*(c0+u), 16*(c0+u+1)), 4 rows x NV vectors of 16 keys
-   (16 accumulators in registers); rows past the last query repeat it (computed, never stored) */
+/* acc[r][u] = q_(i0+r) . K^T columns [16*(c0+u), 16*(c0+u+1)), R rows x NV vectors of 16 keys
+   (R * NV <= 21 accumulators in registers); rows past the last query repeat it (computed, never stored) */
 static inline AVX512 __attribute__((always_inline)) void qk_accumulate(
-        __m512 acc[4][4], const float *q, long qs, const float *kt, int np, int n, int d, int i0, int c0,
-        const int NV) {
-    const float *qr[4];
-    for (int r = 0; r < 4; r++) {
+        __m512 acc[][4], const float *q, long qs, const float *kt, int np, int n, int d, int i0, int c0,
+        const int NV, const int R) {
+    const float *qr[7];
+    for (int r = 0; r < R; r++) {
         int i = i0 + r < n ? i0 + r : n - 1;
         qr[r] = q + (long)i * qs;
         for (int u = 0; u < NV; u++) acc[r][u] = _mm512_setzero_ps();
@@ -119,7 +122,7 @@ static inline AVX512 __attribute__((always_inline)) void qk_accumulate(
     for (int c = 0; c < d; c++) {  /* kt rows are 64-byte aligned (np a multiple of 16) */
         __m512 kv[4];
         for (int u = 0; u < NV; u++) kv[u] = _mm512_load_ps(kt + (long)c * np + 16 * (c0 + u));
-        for (int r = 0; r < 4; r++) {
+        for (int r = 0; r < R; r++) {
             __m512 qb = _mm512_set1_ps(qr[r][c]);
             for (int u = 0; u < NV; u++) acc[r][u] = _mm512_fmadd_ps(qb, kv[u], acc[r][u]);
         }
@@ -132,7 +135,7 @@ static inline AVX512 __attribute__((always_inline)) void qk_tile(
         const float *q, long qs, const float *kt, int np, const float *mrow, int n, int d,
         int i0, int c0, float scale, float *s, const int NV) {
     __m512 acc[4][4];
-    qk_accumulate(acc, q, qs, kt, np, n, d, i0, c0, NV);
+    qk_accumulate(acc, q, qs, kt, np, n, d, i0, c0, NV, 4);
     __m512 vs = _mm512_set1_ps(scale);
     for (int r = 0; r < 4 && i0 + r < n; r++) {
         for (int u = 0; u < NV; u++) {
@@ -152,7 +155,7 @@ static inline AVX512 __attribute__((always_inline)) void qk_softmax_tile(
         const float *q, long qs, const float *kt, int np, const float *mrow, int n, int d,
         int i0, float scale, float *s, float *inv, const int NV) {
     __m512 acc[4][4];
-    qk_accumulate(acc, q, qs, kt, np, n, d, i0, 0, NV);
+    qk_accumulate(acc, q, qs, kt, np, n, d, i0, 0, NV, 4);
     __m512 vs = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-__builtin_inff());
     for (int r = 0; r < 4; r++) {
         int i = i0 + r < n ? i0 + r : n - 1;
@@ -174,44 +177,102 @@ static inline AVX512 __attribute__((always_inline)) void qk_softmax_tile(
     }
 }
 
-/* out rows i0..i0+3 (those < n) = inv[r] * (p v), where row r of p has element j at p[r * prs + j * pcs]
+/* rows i0..i0+6 when n = 16 * NV + 1 or + 2 keys (49 = 3 x 16 + 1: a 7 x 7 window): a fourth vector
+   for the last key or two would be 15/16 empty, so the full vectors take 7-row tiles (21 accumulators:
+   49 rows are 7 tiles, not 13 of 4) and each tail key's logit is a dot product per row; softmax as
+   qk_softmax_tile, the tail keys' exponentials one vector for the tile's 7 rows. kt holds the first
+   16 * NV keys (row stride 16 * NV); s rows (stride np) get the n unnormalised exponentials */
+static inline AVX512 __attribute__((always_inline)) void qk_softmax_tail_tile(
+        const float *q, long qs, const float *k, long ks, const float *kt, const float *mrow, int n, int d,
+        int i0, float scale, float *s, int np, float *inv, const int NV) {
+    __m512 acc[7][4];
+    qk_accumulate(acc, q, qs, kt, 16 * NV, n, d, i0, 0, NV, 7);
+    const int nt = n - 16 * NV;
+    float tl[2][16] __attribute__((aligned(64))), mx[16] __attribute__((aligned(64)));
+    __m512 vs = _mm512_set1_ps(scale);
+    for (int r = 0; r < 7; r++) {
+        int i = i0 + r < n ? i0 + r : n - 1;
+        const float *qr = q + (long)i * qs, *mr = mrow + (long)i * n;
+        __m512 m = _mm512_set1_ps(-__builtin_inff());
+        for (int u = 0; u < NV; u++) {
+            acc[r][u] = _mm512_fmadd_ps(acc[r][u], vs, _mm512_loadu_ps(mr + 16 * u));
+            m = _mm512_max_ps(m, acc[r][u]);
+        }
+        float rm = _mm512_reduce_max_ps(m);
+        for (int t = 0; t < nt; t++) {
+            const float *kj = k + (long)(16 * NV + t) * ks;
+            __m512 e = _mm512_setzero_ps();
+            for (int c = 0; c < d; c += 16) {
+                __mmask16 dm = first_lanes(d - c);
+                e = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(dm, qr + c), _mm512_maskz_loadu_ps(dm, kj + c), e);
+            }
+            float lt = _mm512_reduce_add_ps(e) * scale + mr[16 * NV + t];
+            tl[t][r] = lt;
+            rm = lt > rm ? lt : rm;
+        }
+        mx[r] = rm;
+        __m512 mv = _mm512_set1_ps(rm), sum = _mm512_setzero_ps();
+        for (int u = 0; u < NV; u++) {
+            __m512 e = exp_nonpos(_mm512_sub_ps(acc[r][u], mv));
+            _mm512_store_ps(s + r * np + 16 * u, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        inv[r] = _mm512_reduce_add_ps(sum);
+    }
+    __m512 mxv = _mm512_maskz_load_ps(0x7F, mx);
+    for (int t = 0; t < nt; t++) {
+        _mm512_store_ps(tl[t], exp_nonpos(_mm512_sub_ps(_mm512_maskz_load_ps(0x7F, tl[t]), mxv)));
+        for (int r = 0; r < 7; r++) {
+            s[r * np + 16 * NV + t] = tl[t][r];
+            inv[r] += tl[t][r];
+        }
+    }
+    for (int r = 0; r < 7; r++) inv[r] = 1.0f / inv[r];
+}
+
+/* out rows i0..i0+R-1 (those < n) = inv[r] * (p v), where row r of p has element j at p[r * prs + j * pcs]
    (prs = np, pcs = 1: rows of a tile; prs = 1, pcs = row length: columns, i.e. p transposed) and p's
    rows past the last (i0 + r >= n) repeat it (computed, never stored); DV = ceil(d / 16) vectors per
-   row, the last one's lanes past d masked by tail */
+   row, the last one's lanes past d masked by tail; R * DV <= 16 accumulators */
 static inline AVX512 __attribute__((always_inline)) void pv_tile(
         const float *p, long prs, long pcs, const float *inv, const float *v, long vs_, float *out, long os, int n,
-        int i0, __mmask16 tail, const int DV) {
-    __m512 acc[4][4];
-    const float *pr[4];
-    for (int r = 0; r < 4; r++) {
+        int i0, __mmask16 tail, const int DV, const int R) {
+    __m512 acc[7][4];
+    const float *pr[7];
+    for (int r = 0; r < R; r++) {
         pr[r] = p + (i0 + r < n ? r : n - 1 - i0) * prs;
         for (int u = 0; u < DV; u++) acc[r][u] = _mm512_setzero_ps();
     }
     for (int j = 0; j < n; j++) {
         __m512 vv[4];
         for (int u = 0; u < DV; u++) vv[u] = _mm512_maskz_loadu_ps(u == DV - 1 ? tail : 0xFFFF, v + (long)j * vs_ + 16 * u);
-        for (int r = 0; r < 4; r++) {
+        for (int r = 0; r < R; r++) {
             __m512 pb = _mm512_set1_ps(pr[r][j * pcs]);
             for (int u = 0; u < DV; u++) acc[r][u] = _mm512_fmadd_ps(pb, vv[u], acc[r][u]);
         }
     }
-    for (int r = 0; r < 4 && i0 + r < n; r++) {
+    for (int r = 0; r < R && i0 + r < n; r++) {
         __m512 f = _mm512_set1_ps(inv[r]);
         for (int u = 0; u < DV; u++)
             _mm512_mask_storeu_ps(out + (long)(i0 + r) * os + 16 * u, u == DV - 1 ? tail : 0xFFFF, _mm512_mul_ps(acc[r][u], f));
     }
 }
 
-/* pv_tile with DV chosen at run time from d */
+/* pv_tile with DV chosen at run time from d: 4-row tiles, or 7-row tiles for d <= 32 (R = 7) */
 static inline AVX512 __attribute__((always_inline)) void pv_rows(
         const float *p, long prs, long pcs, const float *inv, const float *v, long vs_, float *out, long os, int n,
-        int i0, int d) {
+        int i0, int d, const int R) {
     __mmask16 tail = d % 16 ? (__mmask16)((1u << (d % 16)) - 1u) : (__mmask16)0xFFFF;
+    if (R == 7) {
+        if (d > 16) pv_tile(p, prs, pcs, inv, v, vs_, out, os, n, i0, tail, 2, 7);
+        else pv_tile(p, prs, pcs, inv, v, vs_, out, os, n, i0, tail, 1, 7);
+        return;
+    }
     switch ((d + 15) / 16) {
-        case 4: pv_tile(p, prs, pcs, inv, v, vs_, out, os, n, i0, tail, 4); break;
-        case 3: pv_tile(p, prs, pcs, inv, v, vs_, out, os, n, i0, tail, 3); break;
-        case 2: pv_tile(p, prs, pcs, inv, v, vs_, out, os, n, i0, tail, 2); break;
-        default: pv_tile(p, prs, pcs, inv, v, vs_, out, os, n, i0, tail, 1); break;
+        case 4: pv_tile(p, prs, pcs, inv, v, vs_, out, os, n, i0, tail, 4, 4); break;
+        case 3: pv_tile(p, prs, pcs, inv, v, vs_, out, os, n, i0, tail, 3, 4); break;
+        case 2: pv_tile(p, prs, pcs, inv, v, vs_, out, os, n, i0, tail, 2, 4); break;
+        default: pv_tile(p, prs, pcs, inv, v, vs_, out, os, n, i0, tail, 1, 4); break;
     }
 }
 
@@ -252,15 +313,37 @@ static AVX512 void long_rows(const float *q, long qs, const float *kt, int np, c
     }
 }
 
+/* training: rows i0..i0+R-1 (those < n) of the probabilities, s's rows times inv */
+static inline AVX512 void store_probs(const float *s, int np, const float *inv, float *probs, int n, int i0, int R) {
+    for (int r = 0; r < R && i0 + r < n; r++) {
+        __m512 f = _mm512_set1_ps(inv[r]);
+        for (int j = 0; j < n; j += 16)
+            _mm512_mask_storeu_ps(probs + (long)(i0 + r) * n + j, first_lanes(n - j), _mm512_mul_ps(_mm512_load_ps(s + r * np + j), f));
+    }
+}
+
 /* one (window, head): q, k, v, out point at its token 0, head column 0 */
 static AVX512 void window_head(const float *q, long qs, const float *k, long ks, const float *v, long vs_,
                                const float *mask, float *out, long os, float *probs, int n, int d, float scale) {
     int np = (n + 15) & ~15;
     float kt[MAXD * MAXN] __attribute__((aligned(64)));
-    float s[4 * MAXN] __attribute__((aligned(64)));
+    float s[7 * MAXN] __attribute__((aligned(64)));
+    int nv = np / 16, nf = n / 16;
+    float inv[7];
+    if (n - 16 * nf <= 2 && nf >= 1 && nf <= 3 && n % 16 && d <= 32) {  /* 49 keys: 7-row tiles, the 49th apart */
+        transpose_keys(k, ks, kt, 16 * nf, 16 * nf, d);
+        for (int i0 = 0; i0 < n; i0 += 7) {
+            switch (nf) {
+                case 3: qk_softmax_tail_tile(q, qs, k, ks, kt, mask, n, d, i0, scale, s, np, inv, 3); break;
+                case 2: qk_softmax_tail_tile(q, qs, k, ks, kt, mask, n, d, i0, scale, s, np, inv, 2); break;
+                default: qk_softmax_tail_tile(q, qs, k, ks, kt, mask, n, d, i0, scale, s, np, inv, 1); break;
+            }
+            if (probs) store_probs(s, np, inv, probs, n, i0, 7);
+            pv_rows(s, np, 1, inv, v, vs_, out, os, n, i0, d, 7);
+        }
+        return;
+    }
     transpose_keys(k, ks, kt, n, np, d);
-    int nv = np / 16;
-    float inv[4];
     for (int i0 = 0; i0 < n; i0 += 4) {
         switch (nv) {  /* n <= 64: one tile holds whole rows, softmax in registers */
             case 4: qk_softmax_tile(q, qs, kt, np, mask, n, d, i0, scale, s, inv, 4); break;
@@ -271,15 +354,8 @@ static AVX512 void window_head(const float *q, long qs, const float *k, long ks,
         }
         for (int r = n - i0; r < 4; r++)  /* rows past the last query: zeros, not stale stack values */
             for (int j = 0; j < np; j++) s[r * np + j] = 0.0f;
-        if (probs)  /* training: the probabilities, for the backward */
-            for (int r = 0; r < 4 && i0 + r < n; r++) {
-                __m512 f = _mm512_set1_ps(inv[r]);
-                for (int j = 0; j < n; j += 16) {
-                    __mmask16 m = first_lanes(n - j);
-                    _mm512_mask_storeu_ps(probs + (long)(i0 + r) * n + j, m, _mm512_mul_ps(_mm512_load_ps(s + r * np + j), f));
-                }
-            }
-        pv_rows(s, np, 1, inv, v, vs_, out, os, n, i0, d);
+        if (probs) store_probs(s, np, inv, probs, n, i0, 4);  /* training: for the backward */
+        pv_rows(s, np, 1, inv, v, vs_, out, os, n, i0, d, 4);
     }
 }
 
@@ -297,10 +373,10 @@ static AVX512 void window_head_backward(const float *q, long qs, const float *k,
     for (int i0 = 0; i0 < n; i0 += 4) {
         __m512 acc[4][4];
         switch (nv) {  /* dP rows i0..i0+3 = dO rows . V^T */
-            case 4: qk_accumulate(acc, g, gs, vt, np, n, d, i0, 0, 4); break;
-            case 3: qk_accumulate(acc, g, gs, vt, np, n, d, i0, 0, 3); break;
-            case 2: qk_accumulate(acc, g, gs, vt, np, n, d, i0, 0, 2); break;
-            default: qk_accumulate(acc, g, gs, vt, np, n, d, i0, 0, 1); break;
+            case 4: qk_accumulate(acc, g, gs, vt, np, n, d, i0, 0, 4, 4); break;
+            case 3: qk_accumulate(acc, g, gs, vt, np, n, d, i0, 0, 3, 4); break;
+            case 2: qk_accumulate(acc, g, gs, vt, np, n, d, i0, 0, 2, 4); break;
+            default: qk_accumulate(acc, g, gs, vt, np, n, d, i0, 0, 1, 4); break;
         }
         for (int r = 0; r < 4 && i0 + r < n; r++) {
             const float *prow = p + (long)(i0 + r) * n;
@@ -319,9 +395,9 @@ static AVX512 void window_head_backward(const float *q, long qs, const float *k,
         }
     }
     for (int i0 = 0; i0 < n; i0 += 4) {
-        pv_rows(ds + i0 * np, np, 1, sc, k, ks, dq, dqs, n, i0, d);  /* dQ rows: dS rows . K */
-        pv_rows(ds + i0, 1, np, sc, q, qs, dk, dks, n, i0, d);       /* dK rows: dS columns . Q */
-        pv_rows(p + i0, 1, n, one, g, gs, dv, dvs, n, i0, d);        /* dV rows: P columns . dO */
+        pv_rows(ds + i0 * np, np, 1, sc, k, ks, dq, dqs, n, i0, d, 4);  /* dQ rows: dS rows . K */
+        pv_rows(ds + i0, 1, np, sc, q, qs, dk, dks, n, i0, d, 4);       /* dK rows: dS columns . Q */
+        pv_rows(p + i0, 1, n, one, g, gs, dv, dvs, n, i0, d, 4);        /* dV rows: P columns . dO */
     }
 }
 
