@@ -22,7 +22,9 @@ changes no output by more than 1e-34 of its scale.
 
 Each window-head's q, k and v rows (and in the backward dO and P) are prefetched while the previous
 one computes: they come from a product far larger than the caches (Swin-B stage 3: 84 -> 114
-GFLOP/s alone with cold inputs, 90 -> 104 in the model).
+GFLOP/s alone with cold inputs, 90 -> 104 in the model). The forward spreads them over its row
+tiles, a tile's rows of the next item per tile: issued at once, they filled the core's outstanding-miss
+slots and stalled the current item's own loads (1.06-1.14x alone at N = 49 and 64).
 
 **GELU's backward** with its forward recomputed (``mlp._RecomputeGeluMlp``): GELU(h) and the
 gradient at h in one pass, one erf and one exp per element (PyTorch's pair: two and one).
@@ -83,7 +85,7 @@ static inline __mmask16 first_lanes(long left) {
 /* ask for rows 0..n-1 of d floats (row stride ts) to be brought into the L1 cache: the next item's
    inputs while this one computes (they come from a product far larger than the caches; without it the
    kernel waits on memory at Swin-B's stage 3: 84 against 130 GFLOP/s with its inputs in cache) */
-static inline AVX512 void prefetch_rows(const float *x, long ts, long n, long d) {
+static inline AVX512 __attribute__((always_inline)) void prefetch_rows(const float *x, long ts, long n, long d) {
     for (long i = 0; i < n; i++)
         for (long c = 0; c < d; c += 16) _mm_prefetch((const char *)(x + i * ts + c), _MM_HINT_T0);
 }
@@ -322,9 +324,22 @@ static inline AVX512 void store_probs(const float *s, int np, const float *inv, 
     }
 }
 
+/* the next (window, head)'s q, k and v (q NULL: none), whose rows are prefetched while one computes */
+struct next_item { const float *q, *k, *v; long qs, ks, vs; };
+
+/* rows i0..i0+rows-1 of the next item into the L1 cache. Inlined by force: as a call, GCC 12 takes a
+   function that only prefetches for one without effects and deletes the calls */
+static inline AVX512 __attribute__((always_inline)) void prefetch_next(const struct next_item *nx, int i0, int rows, int d) {
+    if (!nx->q) return;
+    prefetch_rows(nx->q + (long)i0 * nx->qs, nx->qs, rows, d);
+    prefetch_rows(nx->k + (long)i0 * nx->ks, nx->ks, rows, d);
+    prefetch_rows(nx->v + (long)i0 * nx->vs, nx->vs, rows, d);
+}
+
 /* one (window, head): q, k, v, out point at its token 0, head column 0 */
 static AVX512 void window_head(const float *q, long qs, const float *k, long ks, const float *v, long vs_,
-                               const float *mask, float *out, long os, float *probs, int n, int d, float scale) {
+                               const float *mask, float *out, long os, float *probs, int n, int d, float scale,
+                               const struct next_item *nx) {
     int np = (n + 15) & ~15;
     float kt[MAXD * MAXN] __attribute__((aligned(64)));
     float s[7 * MAXN] __attribute__((aligned(64)));
@@ -333,6 +348,7 @@ static AVX512 void window_head(const float *q, long qs, const float *k, long ks,
     if (n - 16 * nf <= 2 && nf >= 1 && nf <= 3 && n % 16 && d <= 32) {  /* 49 keys: 7-row tiles, the 49th apart */
         transpose_keys(k, ks, kt, 16 * nf, 16 * nf, d);
         for (int i0 = 0; i0 < n; i0 += 7) {
+            prefetch_next(nx, i0, n - i0 < 7 ? n - i0 : 7, d);
             switch (nf) {
                 case 3: qk_softmax_tail_tile(q, qs, k, ks, kt, mask, n, d, i0, scale, s, np, inv, 3); break;
                 case 2: qk_softmax_tail_tile(q, qs, k, ks, kt, mask, n, d, i0, scale, s, np, inv, 2); break;
@@ -345,6 +361,7 @@ static AVX512 void window_head(const float *q, long qs, const float *k, long ks,
     }
     transpose_keys(k, ks, kt, n, np, d);
     for (int i0 = 0; i0 < n; i0 += 4) {
+        prefetch_next(nx, i0, n - i0 < 4 ? n - i0 : 4, d);
         switch (nv) {  /* n <= 64: one tile holds whole rows, softmax in registers */
             case 4: qk_softmax_tile(q, qs, kt, np, mask, n, d, i0, scale, s, inv, 4); break;
             case 3: qk_softmax_tile(q, qs, kt, np, mask, n, d, i0, scale, s, inv, 3); break;
@@ -549,14 +566,13 @@ AVX512 void swin_window_attention_f32(const float *q, long q_ws, long q_ts, long
     for (long t = 0; t < total; t++) {
         long w = t / heads, h = t % heads;
         const float *mrow = mask + ((w % mask_windows) * heads + h) * n * n;
+        struct next_item nx = {0, 0, 0, q_ts, k_ts, v_ts};
         if (t + 1 < total) {
             long w1 = (t + 1) / heads, h1 = (t + 1) % heads;
-            prefetch_rows(q + w1 * q_ws + h1 * q_hs, q_ts, n, d);
-            prefetch_rows(k + w1 * k_ws + h1 * k_hs, k_ts, n, d);
-            prefetch_rows(v + w1 * v_ws + h1 * v_hs, v_ts, n, d);
+            nx.q = q + w1 * q_ws + h1 * q_hs, nx.k = k + w1 * k_ws + h1 * k_hs, nx.v = v + w1 * v_ws + h1 * v_hs;
         }
         window_head(q + w * q_ws + h * q_hs, q_ts, k + w * k_ws + h * k_hs, k_ts, v + w * v_ws + h * v_hs, v_ts,
-                    mrow, out + w * o_ws + h * o_hs, o_ts, probs ? probs + t * n * n : 0, (int)n, (int)d, scale);
+                    mrow, out + w * o_ws + h * o_hs, o_ts, probs ? probs + t * n * n : 0, (int)n, (int)d, scale, &nx);
     }
 }
 """
