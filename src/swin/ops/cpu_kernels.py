@@ -324,8 +324,9 @@ static inline AVX512 void store_probs(const float *s, int np, const float *inv, 
     }
 }
 
-/* the next (window, head)'s q, k and v (q NULL: none), whose rows are prefetched while one computes */
-struct next_item { const float *q, *k, *v; long qs, ks, vs; };
+/* the next (window, head)'s q, k and v (q NULL: none), in the backward also dO (g) and P (p, rows of n),
+   whose rows are prefetched while one computes */
+struct next_item { const float *q, *k, *v, *g, *p; long qs, ks, vs, gs; };
 
 /* rows i0..i0+rows-1 of the next item into the L1 cache. Inlined by force: as a call, GCC 12 takes a
    function that only prefetches for one without effects and deletes the calls */
@@ -334,6 +335,7 @@ static inline AVX512 __attribute__((always_inline)) void prefetch_next(const str
     prefetch_rows(nx->q + (long)i0 * nx->qs, nx->qs, rows, d);
     prefetch_rows(nx->k + (long)i0 * nx->ks, nx->ks, rows, d);
     prefetch_rows(nx->v + (long)i0 * nx->vs, nx->vs, rows, d);
+    if (nx->g) prefetch_rows(nx->g + (long)i0 * nx->gs, nx->gs, rows, d);
 }
 
 /* one (window, head): q, k, v, out point at its token 0, head column 0 */
@@ -381,7 +383,8 @@ static AVX512 void window_head(const float *q, long qs, const float *k, long ks,
    dK = scale dS^T Q. With ds_out, dS (the logits' gradient, hence the mask's) is also written there. */
 static AVX512 void window_head_backward(const float *q, long qs, const float *k, long ks, const float *v, long vs_,
                                         const float *p, const float *g, long gs, float *dq, long dqs, float *dk,
-                                        long dks, float *dv, long dvs, float *ds_out, int n, int d, float scale) {
+                                        long dks, float *dv, long dvs, float *ds_out, int n, int d, float scale,
+                                        const struct next_item *nx) {
     int np = (n + 15) & ~15, nv = np / 16;
     float vt[MAXD * MAXNB] __attribute__((aligned(64)));
     float ds[MAXNB * MAXNB] __attribute__((aligned(64)));
@@ -389,6 +392,9 @@ static AVX512 void window_head_backward(const float *q, long qs, const float *k,
     transpose_keys(v, vs_, vt, n, np, d);
     for (int i0 = 0; i0 < n; i0 += 4) {
         __m512 acc[4][4];
+        int rows = n - i0 < 4 ? n - i0 : 4;
+        prefetch_next(nx, i0, rows, d);
+        if (nx->p) prefetch_rows(nx->p + (long)i0 * n, n, rows, n);
         switch (nv) {  /* dP rows i0..i0+3 = dO rows . V^T */
             case 4: qk_accumulate(acc, g, gs, vt, np, n, d, i0, 0, 4, 4); break;
             case 3: qk_accumulate(acc, g, gs, vt, np, n, d, i0, 0, 3, 4); break;
@@ -430,17 +436,15 @@ AVX512 void swin_window_attention_backward_f32(
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (long t = 0; t < total; t++) {
         long w = t / heads, h = t % heads, o = w * d_ws + h * d_hs;
+        struct next_item nx = {0, 0, 0, 0, 0, q_ts, k_ts, v_ts, g_ts};
         if (t + 1 < total) {
             long w1 = (t + 1) / heads, h1 = (t + 1) % heads;
-            prefetch_rows(q + w1 * q_ws + h1 * q_hs, q_ts, n, d);
-            prefetch_rows(k + w1 * k_ws + h1 * k_hs, k_ts, n, d);
-            prefetch_rows(v + w1 * v_ws + h1 * v_hs, v_ts, n, d);
-            prefetch_rows(g + w1 * g_ws + h1 * g_hs, g_ts, n, d);
-            prefetch_rows(p + (t + 1) * n * n, n, n, n);
+            nx.q = q + w1 * q_ws + h1 * q_hs, nx.k = k + w1 * k_ws + h1 * k_hs, nx.v = v + w1 * v_ws + h1 * v_hs;
+            nx.g = g + w1 * g_ws + h1 * g_hs, nx.p = p + (t + 1) * n * n;
         }
         window_head_backward(q + w * q_ws + h * q_hs, q_ts, k + w * k_ws + h * k_hs, k_ts, v + w * v_ws + h * v_hs,
                              v_ts, p + t * n * n, g + w * g_ws + h * g_hs, g_ts, dq + o, d_ts, dk + o, d_ts,
-                             dv + o, d_ts, ds_out ? ds_out + t * n * n : 0, (int)n, (int)d, scale);
+                             dv + o, d_ts, ds_out ? ds_out + t * n * n : 0, (int)n, (int)d, scale, &nx);
     }
 }
 
@@ -566,7 +570,7 @@ AVX512 void swin_window_attention_f32(const float *q, long q_ws, long q_ts, long
     for (long t = 0; t < total; t++) {
         long w = t / heads, h = t % heads;
         const float *mrow = mask + ((w % mask_windows) * heads + h) * n * n;
-        struct next_item nx = {0, 0, 0, q_ts, k_ts, v_ts};
+        struct next_item nx = {0, 0, 0, 0, 0, q_ts, k_ts, v_ts, 0};
         if (t + 1 < total) {
             long w1 = (t + 1) / heads, h1 = (t + 1) % heads;
             nx.q = q + w1 * q_ws + h1 * q_hs, nx.k = k + w1 * k_ws + h1 * k_hs, nx.v = v + w1 * v_ws + h1 * v_hs;
