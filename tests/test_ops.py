@@ -651,6 +651,26 @@ def test_cpu_kernels_build_from_scratch(monkeypatch, tmp_path):
     assert len(files) == 1 and files[0].suffix == ".so"
 
 
+def test_cpu_kernel_ab_script_runs_both_modes(capsys):
+    """benchmarks/cpu_ab.py (two builds of the C kernels side by side in one process), smallest sizes:
+    a ratio per kernel case and per model, the in-tree library back in place afterwards, and a clear
+    error for a revision git does not know."""
+    ca = _cpu_kernel()
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cpu_ab", ROOT / "benchmarks" / "cpu_ab.py")
+    ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab)
+    built = ca._lib
+    assert ab.main(["--a", "-", "--b", "-", "kernel", "--shapes", "2x2x49", "--rounds", "2"]) == 0
+    assert ab.main(["--a", "-", "--b", "-", "model", "--models", "swin_micro", "--pairs", "1", "--batch", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.endswith("|") and "x |" in line]
+    assert len(rows) == 4 + 1, rows  # forward/backward x hot/rotated, and the model
+    assert ca._lib is built
+    with pytest.raises(ValueError, match="git cannot show"):
+        ab.c_source("no-such-revision")
+
+
 @pytest.mark.parametrize("backend", ["triton", "fused"])
 def test_cpu_tiled_serves_the_cuda_backends_on_cpu(backend, monkeypatch):
     """A model set to a CUDA-kernel backend and run on the CPU takes the chunked path, as "auto" does,

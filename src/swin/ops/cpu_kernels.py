@@ -589,21 +589,34 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("SWIN_CACHE_DIR") or Path.home() / ".cache" / "swin")
 
 
+CFLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp")
+
+
+def compile_source(source: str, so: Path) -> None:
+    """Builds the shared library ``so`` from C ``source`` with ``$CC`` (default ``cc``) and CFLAGS."""
+    src = so.with_suffix(".c")
+    src.write_text(source)
+    subprocess.run([os.environ.get("CC", "cc"), *CFLAGS, str(src), "-o", str(so)], check=True, capture_output=True,
+                   timeout=120)
+
+
 def _build() -> ctypes.CDLL | None:
-    cc = os.environ.get("CC", "cc")
-    flags = ["-O3", "-fPIC", "-shared", "-fopenmp"]
-    tag = hashlib.sha256((_SOURCE + cc + " ".join(flags)).encode()).hexdigest()[:16]
+    tag = hashlib.sha256((_SOURCE + os.environ.get("CC", "cc") + " ".join(CFLAGS)).encode()).hexdigest()[:16]
     path = _cache_dir() / f"cpu_kernels_{tag}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            src, so = Path(tmp) / "cpu_kernels.c", Path(tmp) / path.name
-            src.write_text(_SOURCE)
-            subprocess.run([cc, *flags, str(src), "-o", str(so)], check=True, capture_output=True, timeout=120)
+            so = Path(tmp) / path.name
+            compile_source(_SOURCE, so)
             os.replace(so, path)  # atomic: a concurrent build or a reader never sees half a file
+    lib = load_library(path)
+    return lib if lib.swin_cpu_ok() else None
+
+
+def load_library(path: Path) -> ctypes.CDLL:
+    """The built library at ``path``, its entry points' argument types set (benchmarks/cpu_ab.py loads
+    two versions side by side this way)."""
     lib = ctypes.CDLL(str(path))
-    if not lib.swin_cpu_ok():
-        return None
     f = lib.swin_window_attention_f32
     P, L = ctypes.c_void_p, ctypes.c_long
     f.argtypes = [P, L, L, L, P, L, L, L, P, L, L, L, P, L, P, L, L, L, P, L, L, L, L, ctypes.c_float, ctypes.c_int]
