@@ -9,10 +9,11 @@ chunked path (``cpu_tiled``) while holding 2-3% of its arithmetic. This kernel k
 window-head's K^T, logits and probabilities in a few KB of stack, computes q k^T in 4 x 64 register
 tiles (16 AVX-512 accumulators), adds the (bias + shift mask) row, takes the softmax with a
 polynomial exp, and multiplies by V in the same tiles, writing straight into the (tokens, C) output
-at the head's columns (1.6-1.8x SDPA at N = 49). At N = 49 (3 x 16 + 1) a fourth key vector would
-hold one key in 16 lanes: there the first 48 keys take 7 x 48 tiles (49 rows = 7 tiles, 21
-accumulators), the 49th key's logit is a dot product per row, and P V runs in 7-row tiles
-(1.03-1.14x the 4-row tiles alone). No logits tensor is made; in training the kernel
+at the head's columns. At N = 49 (3 x 16 + 1) a fourth key vector would hold one key in 16 lanes:
+there the first 48 keys take 7 x 48 tiles (49 rows = 7 tiles, 21 accumulators), the 49th key's
+logit is a dot product per row, and P V runs in 7-row tiles (1.03-1.14x the 4-row tiles alone).
+With the spread prefetches below: 1.77-1.83x SDPA at N = 49 in the same run (the 4-row tiles with one
+prefetch burst per item: 1.47-1.54x). No logits tensor is made; in training the kernel
 also writes the probabilities, from which the backward kernel (windows up to 64 tokens) computes
 dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(P dP)), dQ = scale dS K and dK = scale dS^T Q per
 window and head in the same register tiles, and writes dS, whose sum over the batch is the bias and
