@@ -329,14 +329,17 @@ static inline AVX512 void store_probs(const float *s, int np, const float *inv, 
    whose rows are prefetched while one computes */
 struct next_item { const float *q, *k, *v, *g, *p; long qs, ks, vs, gs; };
 
-/* rows i0..i0+rows-1 of the next item into the L1 cache. Inlined by force: as a call, GCC 12 takes a
-   function that only prefetches for one without effects and deletes the calls */
-static inline AVX512 __attribute__((always_inline)) void prefetch_next(const struct next_item *nx, int i0, int rows, int d) {
+/* rows i0..i0+rows-1 of the next item (n tokens, d channels a head) into the L1 cache. Inlined by
+   force: as a call, GCC 12 takes a function that only prefetches for one without effects and deletes
+   the calls */
+static inline AVX512 __attribute__((always_inline)) void prefetch_next(const struct next_item *nx, int i0, int rows,
+                                                                       int n, int d) {
     if (!nx->q) return;
     prefetch_rows(nx->q + (long)i0 * nx->qs, nx->qs, rows, d);
     prefetch_rows(nx->k + (long)i0 * nx->ks, nx->ks, rows, d);
     prefetch_rows(nx->v + (long)i0 * nx->vs, nx->vs, rows, d);
     if (nx->g) prefetch_rows(nx->g + (long)i0 * nx->gs, nx->gs, rows, d);
+    if (nx->p) prefetch_rows(nx->p + (long)i0 * n, n, rows, n);
 }
 
 /* one (window, head): q, k, v, out point at its token 0, head column 0 */
@@ -351,7 +354,7 @@ static AVX512 void window_head(const float *q, long qs, const float *k, long ks,
     if (n - 16 * nf <= 2 && nf >= 1 && nf <= 3 && n % 16 && d <= 32) {  /* 49 keys: 7-row tiles, the 49th apart */
         transpose_keys(k, ks, kt, 16 * nf, 16 * nf, d);
         for (int i0 = 0; i0 < n; i0 += 7) {
-            prefetch_next(nx, i0, n - i0 < 7 ? n - i0 : 7, d);
+            prefetch_next(nx, i0, n - i0 < 7 ? n - i0 : 7, n, d);
             switch (nf) {
                 case 3: qk_softmax_tail_tile(q, qs, k, ks, kt, mask, n, d, i0, scale, s, np, inv, 3); break;
                 case 2: qk_softmax_tail_tile(q, qs, k, ks, kt, mask, n, d, i0, scale, s, np, inv, 2); break;
@@ -364,7 +367,7 @@ static AVX512 void window_head(const float *q, long qs, const float *k, long ks,
     }
     transpose_keys(k, ks, kt, n, np, d);
     for (int i0 = 0; i0 < n; i0 += 4) {
-        prefetch_next(nx, i0, n - i0 < 4 ? n - i0 : 4, d);
+        prefetch_next(nx, i0, n - i0 < 4 ? n - i0 : 4, n, d);
         switch (nv) {  /* n <= 64: one tile holds whole rows, softmax in registers */
             case 4: qk_softmax_tile(q, qs, kt, np, mask, n, d, i0, scale, s, inv, 4); break;
             case 3: qk_softmax_tile(q, qs, kt, np, mask, n, d, i0, scale, s, inv, 3); break;
@@ -393,9 +396,7 @@ static AVX512 void window_head_backward(const float *q, long qs, const float *k,
     transpose_keys(v, vs_, vt, n, np, d);
     for (int i0 = 0; i0 < n; i0 += 4) {
         __m512 acc[4][4];
-        int rows = n - i0 < 4 ? n - i0 : 4;
-        prefetch_next(nx, i0, rows, d);
-        if (nx->p) prefetch_rows(nx->p + (long)i0 * n, n, rows, n);
+        prefetch_next(nx, i0, n - i0 < 4 ? n - i0 : 4, n, d);
         switch (nv) {  /* dP rows i0..i0+3 = dO rows . V^T */
             case 4: qk_accumulate(acc, g, gs, vt, np, n, d, i0, 0, 4, 4); break;
             case 3: qk_accumulate(acc, g, gs, vt, np, n, d, i0, 0, 3, 4); break;
@@ -593,16 +594,19 @@ def _cache_dir() -> Path:
 CFLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp")
 
 
+def _compiler() -> str:
+    return os.environ.get("CC", "cc")
+
+
 def compile_source(source: str, so: Path) -> None:
     """Builds the shared library ``so`` from C ``source`` with ``$CC`` (default ``cc``) and CFLAGS."""
     src = so.with_suffix(".c")
     src.write_text(source)
-    subprocess.run([os.environ.get("CC", "cc"), *CFLAGS, str(src), "-o", str(so)], check=True, capture_output=True,
-                   timeout=120)
+    subprocess.run([_compiler(), *CFLAGS, str(src), "-o", str(so)], check=True, capture_output=True, timeout=120)
 
 
 def _build() -> ctypes.CDLL | None:
-    tag = hashlib.sha256((_SOURCE + os.environ.get("CC", "cc") + " ".join(CFLAGS)).encode()).hexdigest()[:16]
+    tag = hashlib.sha256((_SOURCE + _compiler() + " ".join(CFLAGS)).encode()).hexdigest()[:16]
     path = _cache_dir() / f"cpu_kernels_{tag}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
