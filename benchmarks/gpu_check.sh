@@ -8,7 +8,8 @@
 # parity tests on the GPU (every Triton launch configuration). By name only (ONLY=...): parity_new (the
 # newest kernels' parity), fused_probe (backend "fused"'s launches one process each; pinned stop 13's
 # crash), profile_infer, k_linear (the fc1 + GELU product alone; stop 15: still slower than cuBLAS +
-# GELU), t_fused (backend "fused" end to end; stop 15: 0.94x), t_models (Swin-B, SwinV2-T), t_autotune.
+# GELU; stop 19 added a TMA kernel, untimed: ONLY="parity_new k_linear" times it), t_fused (backend
+# "fused" end to end; stop 15: 0.94x), t_models (Swin-B, SwinV2-T), t_autotune.
 # benchmarks/kernel_bench.py (the kernels alone, stop 12's table) is not rerun here.
 # ONLY="fused_probe t_infer ..." runs the named sections alone (a device call split in two).
 # Each section is separate and time-boxed: a failure is

@@ -88,9 +88,13 @@ def linear_rows(timer, M: int, C: int, dtype, device, iters, stage: str = "") ->
     rows = []
     for name, index, fn in cases:
         T.FORCE_CONFIG = index
+        config = "" if index is None else TL.CONFIGS[index]
+        failed = len(TL._TMA_FAILED)
         fn()  # compile, warm up
         us = timer(lambda i: fn(), iters) * 1e6
-        rows.append(dict(stage=stage or f"{M}x{C}", kind=name, config="" if index is None else TL.CONFIGS[index],
+        if len(TL._TMA_FAILED) > failed:  # the TMA kernel did not build: this row timed the pointer kernel
+            config = f"{config} (TMA failed, pointer kernel timed: {TL._TMA_FAILED[-1]!r:.120})"
+        rows.append(dict(stage=stage or f"{M}x{C}", kind=name, config=config,
                          us=us, gbps=nbytes / us / 1e3, tflops=flop / us / 1e6))
     T.FORCE_CONFIG = forced
     return rows

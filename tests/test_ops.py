@@ -234,12 +234,14 @@ def test_triton_matches_reference_bf16_cuda(version, case):
 def test_linear_gelu_matches_reference_cuda():
     """fc1 + GELU as one product, bf16 and fp16, every launch configuration, Swin-T's stage-1 and
     stage-4 fc1 shapes (at a small batch) and ragged ones (row tail, K = 48, no bias)."""
-    from swin.ops.triton_linear import CONFIGS
+    from swin.ops.triton_linear import _TMA_FAILED, CONFIGS
 
     shapes = [(3136 * 2, 96, 384, True), (49 * 2, 768, 3072, True), (1000, 48, 96, False), (77, 192, 768, True)]
     for dtype in (torch.bfloat16, torch.float16):
         errs = check_linear_gelu("cuda", dtype, shapes, range(len(CONFIGS)))
         assert max(errs) <= 1e-2, (dtype, errs)
+    if torch.cuda.get_device_capability()[0] >= 9:  # the TMA kernel built (a failure falls back with a warning)
+        assert not _TMA_FAILED, _TMA_FAILED
 
 
 @pytest.mark.skipif(not (CUDA and triton_available()), reason="needs CUDA and Triton")
@@ -290,6 +292,8 @@ def test_triton_interpreted_matches_reference_on_cpu():
 
     assert report["linear_bench_rows"] == len(LINEAR_CONFIGS) + 2, report  # kernel_bench's product table
     assert len(report["linear_gelu_errs"]) == 2 * len(LINEAR_CONFIGS) and max(report["linear_gelu_errs"]) <= 1e-2, report
+    tma_configs = sum(1 for c in LINEAR_CONFIGS if c.get("tma"))  # the TMA kernel ran for each, both shapes
+    assert tma_configs and report["linear_tma"] == {"launches": 2 * tma_configs, "failed": []}, report
     gm = report["gelu_epilogue_model"]
     assert gm["calls"] == gm["blocks"] > 0 and gm["grad_calls"] == 0 and gm["in_graph"] is True, report
     assert gm["err"] <= 1e-2 and gm["compiled_err"] <= 1e-2, report

@@ -59,6 +59,7 @@ def install() -> None:
     def init_args_checked(self, args_dev, kwargs):
         _RANGES.clear()
         for arg in list(args_dev) + list(kwargs.values()):
+            arg = getattr(arg, "base", arg)  # a TMA descriptor: its tensor
             if hasattr(arg, "untyped_storage"):
                 s = arg.untyped_storage()
                 _RANGES.append((s.data_ptr(), s.data_ptr() + s.nbytes()))
@@ -67,13 +68,13 @@ def install() -> None:
         STATS["launches"] += 1
         return init_args(self, args_dev, kwargs)
 
-    def load_checked(self, ptrs, mask, other, *rest):
+    def load_checked(self, ptrs, mask, other, *rest, **options):  # options: a TMA descriptor's load passes some
         _check("load", ptrs, mask, np.dtype(I._get_np_dtype(ptrs.get_element_ty())).itemsize)
-        return load(self, ptrs, mask, other, *rest)
+        return load(self, ptrs, mask, other, *rest, **options)
 
-    def store_checked(self, ptrs, value, mask, *rest):
+    def store_checked(self, ptrs, value, mask, *rest, **options):
         _check("store", ptrs, mask, np.asarray(value.data).dtype.itemsize)
-        return store(self, ptrs, value, mask, *rest)
+        return store(self, ptrs, value, mask, *rest, **options)
 
     launcher._init_args_hst = init_args_checked
     builder.create_masked_load, builder.create_masked_store = load_checked, store_checked

@@ -81,8 +81,16 @@ def main() -> int:
     # fc1 with GELU in its epilogue (16-bit inference): the product alone, every configuration; a model
     from swin.ops.triton_linear import CONFIGS as LINEAR_CONFIGS
 
-    linear_gelu = check_linear_gelu("cpu", torch.float16, [(70, 48, 96, True), (33, 96, 384, False)],
-                                    range(len(LINEAR_CONFIGS)))
+    from swin.ops import triton_linear
+
+    tma_run, tma_launches = triton_linear._linear_gelu_tma_kernel.run, []
+    triton_linear._linear_gelu_tma_kernel.run = lambda *a, **k: tma_launches.append(1) or tma_run(*a, **k)
+    try:  # the TMA configurations must run the TMA kernel (a build failure would fall back silently)
+        linear_gelu = check_linear_gelu("cpu", torch.float16, [(70, 48, 96, True), (33, 96, 384, False)],
+                                        range(len(LINEAR_CONFIGS)))
+    finally:
+        triton_linear._linear_gelu_tma_kernel.run = tma_run
+    linear_tma = {"launches": len(tma_launches), "failed": [repr(e) for e in triton_linear._TMA_FAILED]}
     gelu_model = gelu_epilogue_model()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     stage1 = fused_stage1_autocast()
@@ -100,7 +108,7 @@ def main() -> int:
                       "fused_eligible": fused_eligibility(),
                       "fp16_cases": len(FP16_CASES), "kernel_bench_rows": len(bench_rows),
                       "linear_bench_rows": len(linear_bench_rows),
-                      "fused_stage1": stage1, "linear_gelu_errs": linear_gelu, "gelu_epilogue_model": gelu_model, "bounds_self_test": bounds_self_test,
+                      "fused_stage1": stage1, "linear_gelu_errs": linear_gelu, "linear_tma": linear_tma, "gelu_epilogue_model": gelu_model, "bounds_self_test": bounds_self_test,
                       "bounds": dict(triton_bounds.STATS)}))
     return 0
 
