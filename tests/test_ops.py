@@ -443,6 +443,60 @@ def test_cpu_attention_kernel_equals_sdpa(windows, n, heads, d, per_window, qk_s
     assert err <= max(1e-6, 2 * err_sdpa), (err, err_sdpa)
 
 
+@pytest.mark.parametrize("windows,n,heads,d,per_window,qk_stride", [
+    (6, 49, 3, 32, True, 3), (3, 49, 2, 16, False, 3), (4, 64, 2, 32, True, 2), (3, 144, 2, 32, True, 3),
+    (2, 256, 1, 64, False, 3)])
+def test_cpu_attention_kernel_bf16_within_one_rounding(windows, n, heads, d, per_window, qk_stride):
+    """bf16 q/k/v (inference under CPU autocast): the kernel computes in fp32 with an fp32 mask and
+    rounds once, so each output is the exact attention of its bf16 inputs to within one bf16 rounding;
+    bf16 SDPA rounds along the way."""
+    ca = _cpu_kernel()
+    g = torch.Generator().manual_seed(n * 10 + d)
+    qk = torch.randn(windows, n, qk_stride, heads, d, generator=g).bfloat16()
+    v = torch.randn(windows, n, 3, heads, d, generator=g).bfloat16()[:, :, 2]
+    q, k = qk[:, :, 0], qk[:, :, 1]
+    mask = torch.randn(windows if per_window else 1, heads, n, n, generator=g)
+    if per_window:
+        mask += torch.where(torch.rand(windows, 1, n, n, generator=g) < 0.4, -100.0, 0.0)
+    scale = d ** -0.5
+    assert ca.mask_dtype(torch.bfloat16, n, d) == torch.float32 and ca.eligible(q, k, v, mask)
+    out = ca.window_attention(q, k, v, mask, scale)
+    assert out.dtype == torch.bfloat16 and out.shape == (windows * n, heads * d)
+    t = lambda x: x.double().transpose(1, 2)  # noqa: E731
+    ref = torch.softmax(t(q) @ t(k).transpose(-2, -1) * scale + mask.double(), -1) @ t(v)
+    ref = ref.transpose(1, 2).reshape(windows * n, heads * d)
+    assert ((out.double() - ref).abs() <= 2.0 ** -8 * ref.abs() + 1e-6 * ref.abs().max()).all()
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                            attn_mask=mask.bfloat16(), scale=scale)
+    sdpa = sdpa.transpose(1, 2).reshape(windows * n, heads * d)
+    assert (out.double() - ref).abs().max() <= (sdpa.double() - ref).abs().max()
+    with pytest.raises(ValueError, match="bf16"):
+        ca.window_attention(q, k, v, mask, scale, probs=True)
+
+
+def test_cpu_attention_kernel_bf16_in_the_model(monkeypatch):
+    """Under CPU bf16 autocast every block's attention is the kernel's bf16 form (the mask built in
+    fp32 for it); the logits are as close to fp32 as the SDPA path's under the same autocast."""
+    ca = _cpu_kernel()
+    calls = []
+    kernel = ca.window_attention
+    monkeypatch.setattr(ca, "window_attention", lambda *a: calls.append(a[0].dtype) or kernel(*a))
+    torch.manual_seed(0)
+    model = swin.create_model("swin_t", num_classes=10).eval()
+    x = torch.randn(2, 3, 112, 144)  # padded maps and shifted windows at every stage
+    with torch.inference_mode():
+        exact = model(x)
+        calls.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast = model(x).float()
+            n_calls = len(calls)
+            mask_dtype = ca.mask_dtype
+            monkeypatch.setattr(ca, "mask_dtype", lambda dtype, n, d: dtype if dtype == torch.bfloat16 else mask_dtype(dtype, n, d))
+            sdpa = model(x).float()  # bf16 masks: the kernel is not eligible, SDPA runs
+    assert n_calls >= sum(model.config.depths) and set(calls) == {torch.bfloat16} and len(calls) == n_calls  # per chunk
+    assert rel_err(fast, exact) <= 1.3 * rel_err(sdpa, exact) + 1e-3 and rel_err(fast, exact) <= 3e-2
+
+
 @pytest.mark.parametrize("shape", [(2048, 384), (37, 5), (1, 1)])
 def test_cpu_gelu_and_grad_kernel_equals_torch(shape):
     """GELU's recomputed forward and its gradient in one pass: as close to fp64 as PyTorch's own."""

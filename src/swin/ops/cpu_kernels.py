@@ -581,6 +581,62 @@ AVX512 void swin_window_attention_f32(const float *q, long q_ws, long q_ts, long
                     mrow, out + w * o_ws + h * o_hs, o_ts, probs ? probs + t * n * n : 0, (int)n, (int)d, scale, &nx);
     }
 }
+
+/* bf16 <-> fp32: a bf16 is the top half of an fp32; to bf16 rounds to nearest even (as PyTorch does),
+   NaN kept quiet */
+static inline AVX512 __m512 bf16_to_ps(const uint16_t *x) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x)), 16));
+}
+
+static inline AVX512 void ps_to_bf16(uint16_t *y, __m512 x) {
+    __m512i u = _mm512_castps_si512(x);
+    __m512i even = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(even, _mm512_set1_epi32(0x7FFF)));
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
+    _mm256_storeu_si256((__m256i *)y, _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+}
+
+/* n rows of d (a multiple of 16) bf16 values at row stride ts -> fp32 rows of d (contiguous); the
+   next item's rows (nx: NULL for none, same strides) are asked into the L1 cache meanwhile */
+static inline AVX512 __attribute__((always_inline)) void rows_to_ps(const uint16_t *x, long ts, float *y, int n, int d,
+                                                                    const uint16_t *nx) {
+    for (int i = 0; i < n; i++) {
+        if (nx) for (int c = 0; c < d; c += 32) _mm_prefetch((const char *)(nx + i * ts + c), _MM_HINT_T0);
+        for (int c = 0; c < d; c += 16) _mm512_store_ps(y + i * d + c, bf16_to_ps(x + i * ts + c));
+    }
+}
+
+/* swin_window_attention_f32 on bf16 q/k/v and output (same element strides), computed in fp32: each
+   (window, head)'s rows converted into fp32 on the stack, window_head run on them, the output rows
+   rounded to bf16. The mask is fp32. d a multiple of 16. Inference only (no probabilities). */
+AVX512 void swin_window_attention_bf16(const uint16_t *q, long q_ws, long q_ts, long q_hs,
+                                       const uint16_t *k, long k_ws, long k_ts, long k_hs,
+                                       const uint16_t *v, long v_ws, long v_ts, long v_hs,
+                                       const float *mask, long mask_windows,
+                                       uint16_t *out, long o_ws, long o_ts, long o_hs,
+                                       long windows, long heads, long n, long d, float scale, int threads) {
+    long total = windows * heads;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (long t = 0; t < total; t++) {
+        long w = t / heads, h = t % heads;
+        float qf[MAXN * MAXD] __attribute__((aligned(64))), kf[MAXN * MAXD] __attribute__((aligned(64)));
+        float vf[MAXN * MAXD] __attribute__((aligned(64))), of[MAXN * MAXD] __attribute__((aligned(64)));
+        const uint16_t *nq = 0, *nk = 0, *nv = 0;
+        if (t + 1 < total) {
+            long w1 = (t + 1) / heads, h1 = (t + 1) % heads;
+            nq = q + w1 * q_ws + h1 * q_hs, nk = k + w1 * k_ws + h1 * k_hs, nv = v + w1 * v_ws + h1 * v_hs;
+        }
+        rows_to_ps(q + w * q_ws + h * q_hs, q_ts, qf, (int)n, (int)d, nq);
+        rows_to_ps(k + w * k_ws + h * k_hs, k_ts, kf, (int)n, (int)d, nk);
+        rows_to_ps(v + w * v_ws + h * v_hs, v_ts, vf, (int)n, (int)d, nv);
+        struct next_item none = {0, 0, 0, 0, 0, 0, 0, 0, 0};
+        window_head(qf, d, kf, d, vf, d, mask + ((w % mask_windows) * heads + h) * n * n, of, d, 0, (int)n, (int)d,
+                    scale, &none);
+        uint16_t *o = out + w * o_ws + h * o_hs;
+        for (long i = 0; i < n; i++)
+            for (long c = 0; c < d; c += 16) ps_to_bf16(o + i * o_ts + c, _mm512_load_ps(of + i * d + c));
+    }
+}
 """
 
 _lock = threading.Lock()
@@ -638,6 +694,10 @@ def load_library(path: Path) -> ctypes.CDLL:
     lib.swin_scatter_rows_f32.restype = None
     lib.swin_merge_rows_f32.argtypes = [P, L, L, L, L, P, P, ctypes.c_float, P, ctypes.c_int]
     lib.swin_merge_rows_f32.restype = None
+    if hasattr(lib, "swin_window_attention_bf16"):  # (an older build, loaded by benchmarks/cpu_ab.py, has none)
+        lib.swin_window_attention_bf16.argtypes = [P, L, L, L, P, L, L, L, P, L, L, L, P, L, P, L, L, L, L, L, L, L,
+                                                   ctypes.c_float, ctypes.c_int]
+        lib.swin_window_attention_bf16.restype = None
     return lib
 
 
@@ -659,11 +719,27 @@ def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
     """q, k, v: (windows, N, heads, d), any strides but a contiguous last dim; mask: (mw, heads, N, N)
     contiguous, window w using mask[w % mw] (mw = 1, the windows of one image, or all windows)."""
     windows, n, heads, d = q.shape
-    return (q.dtype == k.dtype == v.dtype == mask.dtype == torch.float32 and q.device.type == "cpu"
+    return ((q.dtype == k.dtype == v.dtype == torch.float32 or bf16_eligible(q, k, v))
+            and mask.dtype == torch.float32 and q.device.type == "cpu"
             and d <= 64 and n <= MAX_TOKENS and mask.is_contiguous() and mask.dim() == 4
             and mask.shape[1:] == (heads, n, n) and windows % mask.shape[0] == 0
             and all(t.shape == q.shape and t.stride(3) == 1 for t in (k, v))
             and q.stride(3) == 1 and available())
+
+
+def bf16_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """The bf16 form (inference: bf16 q/k/v and output, fp32 arithmetic and mask) takes heads whose
+    width is a multiple of 16."""
+    return q.dtype == k.dtype == v.dtype == torch.bfloat16 and mask_dtype(q.dtype, q.shape[1], q.shape[3]) == torch.float32
+
+
+def mask_dtype(dtype: torch.dtype, n: int, d: int) -> torch.dtype:
+    """The dtype :func:`window_attention` wants its mask in for ``dtype`` q/k/v of n tokens and d channels
+    a head: fp32 where the kernel takes them (bf16 included), else ``dtype`` (for SDPA)."""
+    if dtype == torch.float32 or (dtype == torch.bfloat16 and d % 16 == 0 and d <= 64 and n <= MAX_TOKENS
+                                  and available() and hasattr(_lib, "swin_window_attention_bf16")):
+        return torch.float32
+    return dtype
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
@@ -677,6 +753,16 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         raise ValueError(f"window_attention takes windows of at most {MAX_TOKENS} tokens and heads of at most 64 "
                          f"channels, got {n} and {d}; check eligible first.")
     out = torch.empty(windows * n, heads * d, dtype=q.dtype)
+    if q.dtype == torch.bfloat16:  # inference: bf16 in and out, fp32 inside
+        if probs:
+            raise ValueError("window_attention keeps no probabilities for bf16 inputs (inference only); "
+                             "pass fp32 q, k, v to train.")
+        _lib.swin_window_attention_bf16(q.data_ptr(), q.stride(0), q.stride(1), q.stride(2),
+                                        k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
+                                        v.data_ptr(), v.stride(0), v.stride(1), v.stride(2),
+                                        mask.data_ptr(), mask.shape[0], out.data_ptr(), n * heads * d, heads * d, d,
+                                        windows, heads, n, d, float(scale), torch.get_num_threads())
+        return out
     p = torch.empty(windows, heads, n, n, dtype=q.dtype) if probs else None
     _lib.swin_window_attention_f32(q.data_ptr(), q.stride(0), q.stride(1), q.stride(2),
                                    k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),

@@ -163,10 +163,12 @@ def _run_block(blk, tokens: torch.Tensor, B: int, H: int, Wd: int, Hp: int, Wp: 
         real = torch.zeros(Hp, Wp, dtype=tokens.dtype, device=tokens.device)
         real[:H, :Wd] = 1
         real = real.view(-1)[fwd].view(-1, 1)
-    mask = bias_and_mask(attn, H, Wd, window, shift, blk.mask_padding, tokens.dtype, tokens.device)
+    # the bias + mask in the attention's dtype; fp32 where the C kernel runs it (it computes in fp32, bf16 too)
+    mask = bias_and_mask(attn, H, Wd, window, shift, blk.mask_padding, cpu_kernels.mask_dtype(tokens.dtype, N, d),
+                         tokens.device)
     k = chunk_windows(nW, N)
     if mask.shape[0] > 1 and k > nW:  # chunks of whole images: the mask repeated per image, kept
-        mask_k = cached(attn, ("mask_k", H, Wd, window, shift, blk.mask_padding, k, tokens.dtype), (mask,),
+        mask_k = cached(attn, ("mask_k", H, Wd, window, shift, blk.mask_padding, k, mask.dtype), (mask,),
                         lambda: mask.repeat(k // nW, 1, 1, 1))
 
     dtype = tokens.dtype
@@ -192,10 +194,10 @@ def _run_block(blk, tokens: torch.Tensor, B: int, H: int, Wd: int, Hp: int, Wp: 
             m = mask_k[:kk]
         else:
             m = mask[w0 % nW:w0 % nW + kk]
-        if cpu_kernels.eligible(q, k_, v, m):  # fp32 on AVX-512: one kernel writes the token rows
+        if cpu_kernels.eligible(q, k_, v, m):  # fp32 or bf16 on AVX-512: one kernel writes the token rows
             return cpu_kernels.window_attention(q, k_, v, m, scale)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k_.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=m, scale=scale)  # (kk, heads, N, d)
+                                           attn_mask=m.to(q.dtype), scale=scale)  # (kk, heads, N, d)
         return o.transpose(1, 2).reshape(kk * N, C)
 
     total = B * nW

@@ -154,7 +154,7 @@ def window_attention_sdpa(attn, x: torch.Tensor, window: int, shift: int, mask_p
     mask = bias_and_mask(attn, H, Wd, window, shift, mask_padding, q.dtype, x.device)  # (nW or 1, heads, N, N)
     p = attn.attn_drop.p if attn.training else 0.0
 
-    if (not x.is_cuda and mask.requires_grad and p == 0.0 and not torch.compiler.is_compiling()
+    if (not x.is_cuda and mask.requires_grad and p == 0.0 and q.dtype == torch.float32 and not torch.compiler.is_compiling()
             and not torch.jit.is_tracing() and cpu_kernels.eligible(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), mask)):
         # training on CPU in fp32: the forward is one C kernel that also keeps the probabilities
         if attn.version == 1:  # q, k, v are views of qkv: its gradient comes out in one buffer
