@@ -563,6 +563,49 @@ def test_cpu_row_kernels_equal_torch(rows, C):
         assert torch.equal(dst, rdst)
 
 
+@pytest.mark.parametrize("rows,C", [(300, 128), (37, 96), (5, 40), (0, 16)])
+def test_cpu_row_kernels_bf16_round_once(rows, C):
+    """The row kernels on bf16 rows (the chunked path under CPU autocast; C = 40 is not a multiple of 16
+    and takes PyTorch's ops): LayerNorm computed in fp32 and rounded once, so within one bf16 rounding
+    of the fp32 norm of the same bf16 inputs and no farther from it than PyTorch's bf16 ops; the bias
+    copies, the gather and the scatter exact."""
+    ck = _cpu_kernel()
+    assert ck.rows_bf16_eligible(C) == (C % 16 == 0)
+    g = torch.Generator().manual_seed(rows + C)
+    src = (torch.randn(2 * rows + 3, C, generator=g) * 3 + 1).bfloat16()
+    idx = torch.randperm(src.shape[0], generator=g)[:rows]
+    norm = torch.nn.LayerNorm(C, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_(generator=g), norm.bias.normal_(generator=g)
+    bias = torch.randn(C, generator=g).bfloat16()
+    acc0 = torch.randn(rows, C, generator=g).bfloat16()
+
+    def within_one_rounding(y, exact, theirs):
+        err, err_theirs = (y.float() - exact).abs(), (theirs.float() - exact).abs()
+        return bool((err <= 2.0 ** -8 * exact.abs() + 1e-6).all()) and err.sum() <= err_theirs.sum() if y.numel() else True
+
+    with torch.no_grad():
+        exact = torch.nn.functional.layer_norm(src[idx].float(), (C,), norm.weight, norm.bias, norm.eps)
+        out = {}
+        for impl in (ck.norm_rows, ck.norm_rows_reference):
+            h, copy = torch.full((rows, C), 7.0).bfloat16(), torch.full((rows, C), 7.0).bfloat16()
+            y = impl(src, norm, h, index=idx, copy=copy, copy_bias=bias)
+            acc = acc0.clone()
+            impl(src, norm, acc, index=idx, accumulate=True)
+            out[impl] = (y, copy, acc)
+        (y, copy, acc), (ry, rcopy, racc) = out[ck.norm_rows], out[ck.norm_rows_reference]
+        assert y.dtype == torch.bfloat16
+        assert torch.equal(copy, (src[idx].float() + bias.float()).bfloat16()) and torch.equal(copy, rcopy)
+        if ck.rows_bf16_eligible(C):
+            assert within_one_rounding(y, exact, ry) and within_one_rounding(acc, acc0.float() + exact, racc)
+        else:  # PyTorch's ops on both sides (its accumulate rounds the norm, then the sum)
+            assert torch.equal(y, ry) and torch.equal(acc, racc)
+        dst, rdst = src.clone(), src.clone()
+        ck.scatter_rows(dst, idx, copy)
+        rdst.index_copy_(0, idx, copy)
+        assert torch.equal(dst, rdst)
+
+
 @pytest.mark.parametrize("version,H,W,C", [(1, 6, 8, 16), (1, 5, 7, 24), (2, 7, 4, 8), (2, 1, 1, 40)])
 def test_cpu_patch_merging_kernel_equals_module(version, H, W, C, monkeypatch):
     """Patch merging's 2 x 2 gather (+ V1's norm) as one C pass: the same rows as PyTorch's permuted

@@ -1,5 +1,5 @@
-"""Small AVX-512 kernels for fp32 on the CPU, in C, compiled on first use: window attention (forward
-and backward), GELU's backward, and the row passes of the chunked inference path.
+"""Small AVX-512 kernels for fp32 (and bf16 inference) on the CPU, in C, compiled on first use: window
+attention (forward and backward), GELU's backward, and the row passes of the chunked inference path.
 
 **Window attention.** On a CPU, Swin's attention is a great many tiny products: per window and
 head, (N x d) @ (d x N) and (N x N) @ (N x d) with N = 49 and d = 32. PyTorch's CPU flash-attention
@@ -27,6 +27,13 @@ GFLOP/s alone with cold inputs, 90 -> 104 in the model). The forward spreads the
 tiles, a tile's rows of the next item per tile: issued at once, they filled the core's outstanding-miss
 slots and stalled the current item's own loads (1.06-1.14x alone at N = 49 and 64).
 
+**bf16** (inference under CPU autocast, stop 19): the attention forward and the row passes (not
+patch merging) also take bf16 tensors. They compute in fp32 and round each result once to bf16 (to
+nearest even, as PyTorch): attention converts each window-head's q/k/v rows into fp32 on the stack
+and runs the fp32 kernel on them with an fp32 mask (1.67x bf16 SDPA alone at Swin-B's shapes). Heads
+and rows of a multiple of 16 channels. Under bf16 autocast, Swin-T inference 1.14x (attention) and a
+further 1.075x (rows), Swin-B 1.15x and 1.06x, SwinV2-T 1.03x and 1.085x (in-process A/Bs).
+
 **GELU's backward** with its forward recomputed (``mlp._RecomputeGeluMlp``): GELU(h) and the
 gradient at h in one pass, one erf and one exp per element (PyTorch's pair: two and one).
 
@@ -42,9 +49,9 @@ All are checked against fp64 or against PyTorch (tests/test_ops.py). They run wh
 AVX-512 and a C compiler (``cc``, or ``$CC``) is on the PATH; the shared library is built once into
 ``$SWIN_CACHE_DIR`` (default ``~/.cache/swin``; a temporary file renamed into place) and loaded with
 ctypes. Its threads are PyTorch's own OpenMP threads (the library links ``libgomp.so.1``, which the
-process has already loaded from torch). Anywhere else (no compiler, another CPU, bf16, heads above
-64 channels, windows above 256 tokens, inside torch.compile, or ``SWIN_CPU_KERNELS=0``) the callers
-take their PyTorch path.
+process has already loaded from torch). Anywhere else (no compiler, another CPU, fp16, bf16 training,
+heads above 64 channels, windows above 256 tokens, inside torch.compile, or ``SWIN_CPU_KERNELS=0``)
+the callers take their PyTorch path.
 """
 from __future__ import annotations
 
@@ -637,6 +644,43 @@ AVX512 void swin_window_attention_bf16(const uint16_t *q, long q_ws, long q_ts, 
             for (long c = 0; c < d; c += 16) ps_to_bf16(o + i * o_ts + c, _mm512_load_ps(of + i * d + c));
     }
 }
+
+#define MAXC 4096  /* channels a bf16 row kernel's row holds on the stack */
+
+/* swin_rows_f32 on bf16 src, out and copy (C a multiple of 16, at most MAXC), in fp32: each source row
+   read once into fp32, LayerNorm'd (added to out's row with acc), the copy with copy_bias; every result
+   rounded once to bf16. w, b, copy_bias fp32. out or copy may be src itself (idx NULL). */
+AVX512 void swin_rows_bf16(const uint16_t *src, const long *idx, uint16_t *out, const float *w, const float *b,
+                           float eps, int acc, uint16_t *copy, const float *copy_bias, long rows, long C, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (long r = 0; r < rows; r++) {
+        float x[MAXC] __attribute__((aligned(64))), y[MAXC] __attribute__((aligned(64)));
+        const uint16_t *s = src + (idx ? idx[r] : r) * C;
+        for (long j = 0; j < C; j += 16) _mm512_store_ps(x + j, bf16_to_ps(s + j));
+        if (out) {
+            uint16_t *o = out + r * C;
+            if (acc) for (long j = 0; j < C; j += 16) _mm512_store_ps(y + j, bf16_to_ps(o + j));
+            ln_row(x, y, w, b, C, eps, acc);
+            for (long j = 0; j < C; j += 16) ps_to_bf16(o + j, _mm512_load_ps(y + j));
+        }
+        if (copy) {
+            uint16_t *c = copy + r * C;
+            for (long j = 0; j < C; j += 16) {
+                __m512 v = _mm512_load_ps(x + j);
+                if (copy_bias) v = _mm512_add_ps(v, _mm512_loadu_ps(copy_bias + j));
+                ps_to_bf16(c + j, v);
+            }
+        }
+    }
+}
+
+/* dst[idx[r]] = src[r] for rows of C bf16 values (C a multiple of 16; idx holds no repeats) */
+AVX512 void swin_scatter_rows_bf16(uint16_t *dst, const long *idx, const uint16_t *src, long rows, long C, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (long r = 0; r < rows; r++)
+        for (long j = 0; j < C; j += 16)
+            _mm256_storeu_si256((__m256i *)(dst + idx[r] * C + j), _mm256_loadu_si256((const __m256i *)(src + r * C + j)));
+}
 """
 
 _lock = threading.Lock()
@@ -698,6 +742,10 @@ def load_library(path: Path) -> ctypes.CDLL:
         lib.swin_window_attention_bf16.argtypes = [P, L, L, L, P, L, L, L, P, L, L, L, P, L, P, L, L, L, L, L, L, L,
                                                    ctypes.c_float, ctypes.c_int]
         lib.swin_window_attention_bf16.restype = None
+        lib.swin_rows_bf16.argtypes = [P, P, P, P, P, ctypes.c_float, ctypes.c_int, P, P, L, L, ctypes.c_int]
+        lib.swin_rows_bf16.restype = None
+        lib.swin_scatter_rows_bf16.argtypes = [P, P, P, L, L, ctypes.c_int]
+        lib.swin_scatter_rows_bf16.restype = None
     return lib
 
 
@@ -821,6 +869,26 @@ def rows_eligible(*tensors: torch.Tensor) -> bool:
                for t in tensors) and available()
 
 
+MAX_BF16_CHANNELS = 4096  # the bf16 row kernels' stack rows (MAXC)
+
+
+def rows_bf16_eligible(C: int, *tensors: torch.Tensor) -> bool:
+    """The bf16 row kernels take bf16 CPU tensors of C channels a row (a multiple of 16, at most
+    MAX_BF16_CHANNELS), contiguous (None entries skipped); they compute in fp32."""
+    return (C % 16 == 0 and C <= MAX_BF16_CHANNELS
+            and all(t is None or (t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous())
+                    for t in tensors)
+            and available() and hasattr(_lib, "swin_rows_bf16"))
+
+
+def _fp32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float().contiguous()
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
 def norm_rows(src: torch.Tensor, norm: torch.nn.LayerNorm | None, out: torch.Tensor | None = None, *,
               index: torch.Tensor | None = None, accumulate: bool = False, copy: torch.Tensor | None = None,
               copy_bias: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -830,16 +898,24 @@ def norm_rows(src: torch.Tensor, norm: torch.nn.LayerNorm | None, out: torch.Ten
     without ``accumulate`` the PyTorch path may return a new tensor instead of writing ``out``. Then,
     with ``copy``: ``copy[r] = source (+ copy_bias)``. Without an index, ``out`` and ``copy`` may be
     ``src`` itself (an in-place norm, or a bias add after the norm has read the row). One pass of
-    the C kernel for fp32 (the gather, the norm and the bias add that the chunked inference path
-    does around each product); PyTorch's ops otherwise (:func:`norm_rows_reference`)."""
+    the C kernel for fp32 and bf16 (the gather, the norm and the bias add that the chunked inference path
+    does around each product; bf16 computed in fp32, each result rounded once); PyTorch's ops otherwise
+    (:func:`norm_rows_reference`)."""
     index = None if index is None else index.contiguous()
     rows = src.shape[0] if index is None else index.shape[0]
     C = src.shape[1]
     w = b = None
     if norm is not None:
         w, b = norm.weight, norm.bias
-    if not (rows_eligible(src, out, copy, copy_bias, w, b) and (index is None or index.dtype == torch.int64)
-            and (norm is None or (out is not None and w is not None and b is not None and w.numel() == C))):
+    shapes_ok = ((index is None or index.dtype == torch.int64)
+                 and (norm is None or (out is not None and w is not None and b is not None and w.numel() == C)))
+    if shapes_ok and src.dtype == torch.bfloat16 and rows_bf16_eligible(C, src, out, copy):
+        w32, b32, bias32 = _fp32(w), _fp32(b), _fp32(copy_bias)  # held until the call returns
+        _lib.swin_rows_bf16(src.data_ptr(), _ptr(index), _ptr(out if norm is not None else None), _ptr(w32),
+                            _ptr(b32), float(norm.eps) if norm is not None else 0.0, int(accumulate), _ptr(copy),
+                            _ptr(bias32), rows, C, torch.get_num_threads())
+        return None if norm is None else out
+    if not (shapes_ok and rows_eligible(src, out, copy, copy_bias, w, b)):
         return norm_rows_reference(src, norm, out, index=index, accumulate=accumulate, copy=copy, copy_bias=copy_bias)
     _lib.swin_rows_f32(src.data_ptr(), None if index is None else index.data_ptr(),
                        None if norm is None else out.data_ptr(), None if w is None else w.data_ptr(),
@@ -869,12 +945,17 @@ def norm_rows_reference(src, norm, out=None, *, index=None, accumulate=False, co
 
 
 def scatter_rows(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:
-    """``dst[index[r]] = src[r]`` (``dst.index_copy_(0, index, src)``), rows of fp32 by the C kernel
-    (``index`` in range and without repeats: not checked)."""
+    """``dst[index[r]] = src[r]`` (``dst.index_copy_(0, index, src)``), rows of fp32 or bf16 by the C
+    kernel (``index`` in range and without repeats: not checked)."""
     index = index.contiguous()
-    if rows_eligible(dst, src) and index.dtype == torch.int64 and dst.shape[1:] == src.shape[1:] and dst.dim() == 2:
+    if not (index.dtype == torch.int64 and dst.shape[1:] == src.shape[1:] and dst.dim() == 2):
+        dst.index_copy_(0, index, src)
+    elif rows_eligible(dst, src):
         _lib.swin_scatter_rows_f32(dst.data_ptr(), index.data_ptr(), src.data_ptr(), index.shape[0],
                                    dst.shape[1], torch.get_num_threads())
+    elif rows_bf16_eligible(dst.shape[1], dst, src):
+        _lib.swin_scatter_rows_bf16(dst.data_ptr(), index.data_ptr(), src.data_ptr(), index.shape[0],
+                                    dst.shape[1], torch.get_num_threads())
     else:
         dst.index_copy_(0, index, src)
 

@@ -36,7 +36,9 @@ standard operators.
 Under CPU autocast (bf16) the blocks' input is already autocast's dtype (the patch embedding's
 convolution made it so) and LayerNorm keeps it: the residual stream is bf16 and every product runs
 in bf16, as on the per-block path. Here the products take bf16 copies of the weights, made once and
-kept until the weights change, instead of autocast casting each weight on every call.
+kept until the weights change, instead of autocast casting each weight on every call; attention and
+the row passes are the C kernels' bf16 forms (fp32 inside, each result rounded once to bf16; the
+attention's bias + mask built in fp32 for it).
 """
 from __future__ import annotations
 
