@@ -882,7 +882,9 @@ def rows_bf16_eligible(C: int, *tensors: torch.Tensor) -> bool:
 
 
 def _fp32(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.float().contiguous()
+    if t is None or (t.dtype == torch.float32 and t.is_contiguous()):
+        return t
+    return t.float().contiguous()
 
 
 def _ptr(t: torch.Tensor | None):
