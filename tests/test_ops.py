@@ -474,13 +474,54 @@ def test_cpu_attention_kernel_bf16_within_one_rounding(windows, n, heads, d, per
         ca.window_attention(q, k, v, mask, scale, probs=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("windows,n,heads,d,per_window", [(6, 64, 3, 32, True), (4, 49, 2, 16, False),
+                                                          (3, 144, 2, 32, True)])
+def test_cpu_attention_kernel_cosine_equals_normalised(dtype, windows, n, heads, d, per_window):
+    """V2's cosine attention inside the kernel (inference): q and k unit-normalised per row, q times
+    exp(logit_scale) per head, against that computed in fp64 from the same inputs; fp32 as close as
+    SDPA on the reference path's normalised q and k, bf16 within one rounding. A tiny row (norm below
+    1e-12) is clamped as F.normalize does."""
+    from swin.ops import sdpa
+
+    ca = _cpu_kernel()
+    g = torch.Generator().manual_seed(n + d + heads)
+    qkv = torch.randn(windows, n, 3, heads, d, generator=g)
+    qkv[0, 0, 0, 0] = 1e-14  # one q row whose norm is clamped
+    qkv = qkv.to(dtype)
+    logit = torch.rand(heads, generator=g) * 3 + 1  # exp(logit_scale) in [1, 4]
+    mask = torch.randn(windows if per_window else 1, heads, n, n, generator=g)
+    if per_window:
+        mask += torch.where(torch.rand(windows, 1, n, n, generator=g) < 0.4, -100.0, 0.0)
+    q, k, v = qkv.unbind(2)
+    assert ca.cosine_eligible(dtype, d) and ca.eligible(q, k, v, mask)
+    out = ca.window_attention(q, k, v, mask, 1.0, cosine=logit)
+    unit = lambda x: x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # noqa: E731
+    t = lambda x: x.double().transpose(1, 2)  # noqa: E731
+    qn, kn = unit(t(q)) * logit.double().view(heads, 1, 1), unit(t(k))
+    ref = (torch.softmax(qn @ kn.transpose(-2, -1) + mask.double(), -1) @ t(v)).transpose(1, 2).reshape(windows * n, heads * d)
+    if dtype == torch.float32:
+        class Attn:  # what split_qkv reads of a V2 WindowAttention
+            version, num_heads, logit_scale = 2, heads, logit.log().view(heads, 1, 1)
+        q2, k2, v2, _ = sdpa.split_qkv(Attn, qkv)
+        sdpa_out = torch.nn.functional.scaled_dot_product_attention(q2.transpose(1, 2), k2.transpose(1, 2),
+                                                                    v2.transpose(1, 2), attn_mask=mask, scale=1.0)
+        sdpa_out = sdpa_out.transpose(1, 2).reshape(windows * n, heads * d)
+        err, err_sdpa = ((out.double() - ref).abs().max() / ref.abs().max()).item(), ((sdpa_out.double() - ref).abs().max() / ref.abs().max()).item()
+        assert err <= max(1e-6, 2 * err_sdpa), (err, err_sdpa)
+    else:
+        assert ((out.double() - ref).abs() <= 2.0 ** -8 * ref.abs() + 1e-6 * ref.abs().max()).all()
+    with pytest.raises(ValueError, match="inference only"):
+        ca.window_attention(q, k, v, mask, 1.0, probs=True, cosine=logit)
+
+
 def test_cpu_attention_kernel_bf16_in_the_model(monkeypatch):
     """Under CPU bf16 autocast every block's attention is the kernel's bf16 form (the mask built in
     fp32 for it); the logits are as close to fp32 as the SDPA path's under the same autocast."""
     ca = _cpu_kernel()
     calls = []
     kernel = ca.window_attention
-    monkeypatch.setattr(ca, "window_attention", lambda *a: calls.append(a[0].dtype) or kernel(*a))
+    monkeypatch.setattr(ca, "window_attention", lambda *a, **kw: calls.append(a[0].dtype) or kernel(*a, **kw))
     torch.manual_seed(0)
     model = swin.create_model("swin_t", num_classes=10).eval()
     x = torch.randn(2, 3, 112, 144)  # padded maps and shifted windows at every stage
@@ -697,12 +738,13 @@ def test_cpu_attention_backward_kernel_equals_fp64(monkeypatch, B, nW, n, heads,
 
 
 def test_cpu_attention_kernel_in_the_model_and_without_it(monkeypatch):
-    """Full-size Swin-T and SwinV2-T stages call the kernel for every chunk; without the kernel (no
-    compiler, another CPU, SWIN_CPU_KERNELS=0) the same model takes SDPA, with the same logits."""
+    """Full-size Swin-T and SwinV2-T stages call the kernel for every chunk (V2's with its q/k
+    normalisation inside); without the kernel (no compiler, another CPU, SWIN_CPU_KERNELS=0) the same
+    model takes SDPA, with the same logits."""
     ca = _cpu_kernel()
     calls = []
     kernel = ca.window_attention
-    monkeypatch.setattr(ca, "window_attention", lambda *a: calls.append(a[0].shape) or kernel(*a))
+    monkeypatch.setattr(ca, "window_attention", lambda *a, **kw: calls.append((a[0].shape, "cosine" in kw)) or kernel(*a, **kw))
     for name, size in [("swin_t", 224), ("swinv2_t_w8", 256)]:
         model = _random_model(name, num_classes=10)
         x = torch.randn(1, 3, size, size)
@@ -712,11 +754,12 @@ def test_cpu_attention_kernel_in_the_model_and_without_it(monkeypatch):
             monkeypatch.setattr(ca, "_lib", False)  # as if the build had failed
             sdpa = model(x)
             monkeypatch.undo()
-            monkeypatch.setattr(ca, "window_attention", lambda *a: calls.append(a[0].shape) or kernel(*a))
+            monkeypatch.setattr(ca, "window_attention", lambda *a, **kw: calls.append((a[0].shape, "cosine" in kw)) or kernel(*a, **kw))
             model.set_backend("reference")
             ref = model(x)
             ref64 = model.double()(x.double())
         assert n_calls >= sum(model.config.depths) and len(calls) == n_calls  # none on the SDPA run
+        assert {cosine for _, cosine in calls} == {model.config.version == 2}
         calls.clear()
         # perturbed weights amplify fp32 rounding over the blocks (the reference is ~1e-4 from fp64
         # here): each path must be as close to the fp64 truth as the reference path is

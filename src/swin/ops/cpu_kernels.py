@@ -19,7 +19,10 @@ dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(P dP)), dQ = scale dS K and dK = s
 window and head in the same register tiles, and writes dS, whose sum over the batch is the bias and
 mask gradient (``sdpa._CpuKernelAttention``; 1.6x PyTorch's products at Swin-T's shapes). The function is ``softmax(scale * q k^T + mask) v``; probabilities below e^-80 (the shift
 mask's -100 gives ~1e-44: subnormal floats, which slow every later multiply) are set to 0, which
-changes no output by more than 1e-34 of its scale.
+changes no output by more than 1e-34 of its scale. For V2's cosine attention in inference the kernel
+also unit-normalises each window-head's q and k rows (q times exp(logit_scale)) in a stack copy,
+instead of PyTorch's norm and multiply over the whole qkv beforehand (stop 19: SwinV2-T inference
+1.045x in fp32, 1.21x under bf16 autocast).
 
 Each window-head's q, k and v rows (and in the backward dO and P) are prefetched while the previous
 one computes: they come from a product far larger than the caches (Swin-B stage 3: 84 -> 114
@@ -613,15 +616,73 @@ static inline AVX512 __attribute__((always_inline)) void rows_to_ps(const uint16
     }
 }
 
+/* V2's cosine attention: rows y_i *= factor / max(||y_i||, 1e-12), fp32 (d a multiple of 16), as
+   sdpa.split_qkv's inference path: the reciprocal of the clamped norm, times exp(logit_scale) for q */
+static inline AVX512 void unit_rows(float *y, int n, int d, float factor) {
+    for (int i = 0; i < n; i++) {
+        __m512 sq = _mm512_setzero_ps();
+        for (int c = 0; c < d; c += 16) {
+            __m512 x = _mm512_load_ps(y + i * d + c);
+            sq = _mm512_fmadd_ps(x, x, sq);
+        }
+        float nrm = _mm_cvtss_f32(_mm_sqrt_ss(_mm_set_ss(_mm512_reduce_add_ps(sq))));
+        __m512 r = _mm512_set1_ps((1.0f / (nrm > 1e-12f ? nrm : 1e-12f)) * factor);
+        for (int c = 0; c < d; c += 16) _mm512_store_ps(y + i * d + c, _mm512_mul_ps(_mm512_load_ps(y + i * d + c), r));
+    }
+}
+
+/* n rows of d fp32 values at row stride ts -> contiguous rows on the stack, the next item's rows
+   (nx: NULL for none) asked into the L1 cache meanwhile */
+static inline AVX512 __attribute__((always_inline)) void rows_copy(const float *x, long ts, float *y, int n, int d,
+                                                                   const float *nx) {
+    for (int i = 0; i < n; i++) {
+        if (nx) for (int c = 0; c < d; c += 16) _mm_prefetch((const char *)(nx + i * ts + c), _MM_HINT_T0);
+        for (int c = 0; c < d; c += 16) _mm512_store_ps(y + i * d + c, _mm512_loadu_ps(x + i * ts + c));
+    }
+}
+
+/* swin_window_attention_f32 for V2's cosine attention, inference: each (window, head)'s q and k rows
+   copied to the stack and unit-normalised there (q times qscale[head] = exp(logit_scale)), v read in
+   place; d a multiple of 16. The logits are then (q/|q|) . (k/|k|) exp(logit_scale) + mask (scale 1
+   here, as the reference passes). */
+AVX512 void swin_window_attention_cos_f32(const float *q, long q_ws, long q_ts, long q_hs,
+                                          const float *k, long k_ws, long k_ts, long k_hs,
+                                          const float *v, long v_ws, long v_ts, long v_hs,
+                                          const float *mask, long mask_windows,
+                                          float *out, long o_ws, long o_ts, long o_hs, const float *qscale,
+                                          long windows, long heads, long n, long d, float scale, int threads) {
+    long total = windows * heads;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (long t = 0; t < total; t++) {
+        long w = t / heads, h = t % heads;
+        float qf[MAXN * MAXD] __attribute__((aligned(64))), kf[MAXN * MAXD] __attribute__((aligned(64)));
+        const float *nq = 0, *nk = 0;
+        struct next_item nx = {0, 0, 0, 0, 0, q_ts, k_ts, v_ts, 0};
+        if (t + 1 < total) {
+            long w1 = (t + 1) / heads, h1 = (t + 1) % heads;
+            nq = q + w1 * q_ws + h1 * q_hs, nk = k + w1 * k_ws + h1 * k_hs;
+            nx.q = nq, nx.k = nk, nx.v = v + w1 * v_ws + h1 * v_hs;  /* (q, k again in window_head: cheap, cached) */
+        }
+        rows_copy(q + w * q_ws + h * q_hs, q_ts, qf, (int)n, (int)d, nq);
+        rows_copy(k + w * k_ws + h * k_hs, k_ts, kf, (int)n, (int)d, nk);
+        unit_rows(qf, (int)n, (int)d, qscale[h]);
+        unit_rows(kf, (int)n, (int)d, 1.0f);
+        window_head(qf, d, kf, d, v + w * v_ws + h * v_hs, v_ts, mask + ((w % mask_windows) * heads + h) * n * n,
+                    out + w * o_ws + h * o_hs, o_ts, 0, (int)n, (int)d, scale, &nx);
+    }
+}
+
 /* swin_window_attention_f32 on bf16 q/k/v and output (same element strides), computed in fp32: each
    (window, head)'s rows converted into fp32 on the stack, window_head run on them, the output rows
-   rounded to bf16. The mask is fp32. d a multiple of 16. Inference only (no probabilities). */
+   rounded to bf16. The mask is fp32. d a multiple of 16. Inference only (no probabilities). With
+   qscale (V2), q and k unit-normalised in fp32 first, q times qscale[head]. */
 AVX512 void swin_window_attention_bf16(const uint16_t *q, long q_ws, long q_ts, long q_hs,
                                        const uint16_t *k, long k_ws, long k_ts, long k_hs,
                                        const uint16_t *v, long v_ws, long v_ts, long v_hs,
                                        const float *mask, long mask_windows,
                                        uint16_t *out, long o_ws, long o_ts, long o_hs,
-                                       long windows, long heads, long n, long d, float scale, int threads) {
+                                       long windows, long heads, long n, long d, float scale, int threads,
+                                       const float *qscale) {
     long total = windows * heads;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (long t = 0; t < total; t++) {
@@ -636,6 +697,10 @@ AVX512 void swin_window_attention_bf16(const uint16_t *q, long q_ws, long q_ts, 
         rows_to_ps(q + w * q_ws + h * q_hs, q_ts, qf, (int)n, (int)d, nq);
         rows_to_ps(k + w * k_ws + h * k_hs, k_ts, kf, (int)n, (int)d, nk);
         rows_to_ps(v + w * v_ws + h * v_hs, v_ts, vf, (int)n, (int)d, nv);
+        if (qscale) {
+            unit_rows(qf, (int)n, (int)d, qscale[h]);
+            unit_rows(kf, (int)n, (int)d, 1.0f);
+        }
         struct next_item none = {0, 0, 0, 0, 0, 0, 0, 0, 0};
         window_head(qf, d, kf, d, vf, d, mask + ((w % mask_windows) * heads + h) * n * n, of, d, 0, (int)n, (int)d,
                     scale, &none);
@@ -738,9 +803,13 @@ def load_library(path: Path) -> ctypes.CDLL:
     lib.swin_scatter_rows_f32.restype = None
     lib.swin_merge_rows_f32.argtypes = [P, L, L, L, L, P, P, ctypes.c_float, P, ctypes.c_int]
     lib.swin_merge_rows_f32.restype = None
+    if hasattr(lib, "swin_window_attention_cos_f32"):
+        lib.swin_window_attention_cos_f32.argtypes = [P, L, L, L, P, L, L, L, P, L, L, L, P, L, P, L, L, L, P, L, L, L,
+                                                      L, ctypes.c_float, ctypes.c_int]
+        lib.swin_window_attention_cos_f32.restype = None
     if hasattr(lib, "swin_window_attention_bf16"):  # (an older build, loaded by benchmarks/cpu_ab.py, has none)
         lib.swin_window_attention_bf16.argtypes = [P, L, L, L, P, L, L, L, P, L, L, L, P, L, P, L, L, L, L, L, L, L,
-                                                   ctypes.c_float, ctypes.c_int]
+                                                   ctypes.c_float, ctypes.c_int, P]
         lib.swin_window_attention_bf16.restype = None
         lib.swin_rows_bf16.argtypes = [P, P, P, P, P, ctypes.c_float, ctypes.c_int, P, P, L, L, ctypes.c_int]
         lib.swin_rows_bf16.restype = None
@@ -790,16 +859,30 @@ def mask_dtype(dtype: torch.dtype, n: int, d: int) -> torch.dtype:
     return dtype
 
 
+def cosine_eligible(dtype: torch.dtype, d: int) -> bool:
+    """Whether :func:`window_attention` can take V2's cosine attention (``cosine=``) for q/k/v of this
+    dtype and d channels a head: fp32 or bf16, d a multiple of 16, in this build."""
+    name = "swin_window_attention_cos_f32" if dtype == torch.float32 else "swin_window_attention_bf16"
+    return d % 16 == 0 and dtype in (torch.float32, torch.bfloat16) and available() and hasattr(_lib, name)
+
+
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
-                     probs: bool = False):
+                     probs: bool = False, cosine: torch.Tensor | None = None):
     """softmax(scale * q k^T + mask) v per window and head -> (windows * N, heads * d), token rows;
-    with ``probs``, also the (windows, heads, N, N) probabilities (for a backward pass).
+    with ``probs``, also the (windows, heads, N, N) probabilities (for a backward pass). With
+    ``cosine`` (V2, inference; (heads,) fp32 exp(logit_scale)): q and k are first unit-normalised
+    in the kernel, q times cosine[head] (what ``sdpa.split_qkv`` does before SDPA; pass scale 1).
 
     q, k, v: (windows, N, heads, d); mask: (mw, heads, N, N) (see :func:`eligible`)."""
     windows, n, heads, d = q.shape
     if n > MAX_TOKENS or d > 64:  # the C stack buffers' sizes
         raise ValueError(f"window_attention takes windows of at most {MAX_TOKENS} tokens and heads of at most 64 "
                          f"channels, got {n} and {d}; check eligible first.")
+    if cosine is not None:
+        if probs or not cosine_eligible(q.dtype, d):
+            raise ValueError("window_attention normalises q and k (cosine=) in inference only, for heads of a "
+                             "multiple of 16 channels; normalise them first (sdpa.split_qkv) otherwise.")
+        cosine = cosine.detach().float().contiguous()
     out = torch.empty(windows * n, heads * d, dtype=q.dtype)
     if q.dtype == torch.bfloat16:  # inference: bf16 in and out, fp32 inside
         if probs:
@@ -809,7 +892,15 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
                                         k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
                                         v.data_ptr(), v.stride(0), v.stride(1), v.stride(2),
                                         mask.data_ptr(), mask.shape[0], out.data_ptr(), n * heads * d, heads * d, d,
-                                        windows, heads, n, d, float(scale), torch.get_num_threads())
+                                        windows, heads, n, d, float(scale), torch.get_num_threads(), _ptr(cosine))
+        return out
+    if cosine is not None:
+        _lib.swin_window_attention_cos_f32(q.data_ptr(), q.stride(0), q.stride(1), q.stride(2),
+                                           k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
+                                           v.data_ptr(), v.stride(0), v.stride(1), v.stride(2),
+                                           mask.data_ptr(), mask.shape[0], out.data_ptr(), n * heads * d, heads * d,
+                                           d, cosine.data_ptr(), windows, heads, n, d, float(scale),
+                                           torch.get_num_threads())
         return out
     p = torch.empty(windows, heads, n, n, dtype=q.dtype) if probs else None
     _lib.swin_window_attention_f32(q.data_ptr(), q.stride(0), q.stride(1), q.stride(2),

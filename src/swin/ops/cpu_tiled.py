@@ -42,6 +42,7 @@ attention's bias + mask built in fp32 for it).
 """
 from __future__ import annotations
 
+import math
 import weakref
 
 import torch
@@ -174,6 +175,9 @@ def _run_block(blk, tokens: torch.Tensor, B: int, H: int, Wd: int, Hp: int, Wp: 
                         lambda: mask.repeat(k // nW, 1, 1, 1))
 
     dtype = tokens.dtype
+    cosine = None  # V2: (heads,) exp(logit_scale), where the kernel normalises q and k itself
+    if attn.version == 2 and cpu_kernels.cosine_eligible(dtype, d):
+        cosine = torch.clamp(attn.logit_scale, max=math.log(100.0)).exp().reshape(heads).float()
     qkv_b = attn.qkv_bias()
     qkv_b = None if qkv_b is None else qkv_b.to(dtype)
     qkv_packed = _packed_weight(attn.qkv, tokens) if USE_ONEDNN else None
@@ -189,13 +193,17 @@ def _run_block(blk, tokens: torch.Tensor, B: int, H: int, Wd: int, Hp: int, Wp: 
             qkv = torch.ops.mkldnn._linear_pointwise(h, qkv_packed, qkv_b, "none", [], "none")
         else:
             qkv = torch.addmm(qkv_b, h, qkv_w) if qkv_b is not None else h @ qkv_w
-        q, k_, v, scale = split_qkv(attn, qkv.view(kk, N, 3, heads, d))  # (kk, N, heads, d) views
         if mask.shape[0] == 1:
             m = mask
         elif k > nW:
             m = mask_k[:kk]
         else:
             m = mask[w0 % nW:w0 % nW + kk]
+        if cosine is not None:  # V2: q and k normalised inside the kernel
+            q, k_, v = qkv.view(kk, N, 3, heads, d).unbind(2)
+            if cpu_kernels.eligible(q, k_, v, m):
+                return cpu_kernels.window_attention(q, k_, v, m, 1.0, cosine=cosine)
+        q, k_, v, scale = split_qkv(attn, qkv.view(kk, N, 3, heads, d))  # (kk, N, heads, d) views
         if cpu_kernels.eligible(q, k_, v, m):  # fp32 or bf16 on AVX-512: one kernel writes the token rows
             return cpu_kernels.window_attention(q, k_, v, m, scale)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k_.transpose(1, 2), v.transpose(1, 2),
