@@ -737,6 +737,78 @@ def test_cpu_attention_backward_kernel_equals_fp64(monkeypatch, B, nW, n, heads,
         assert err <= max(1e-6, 2 * err_plain), (err, err_plain)
 
 
+@pytest.mark.parametrize("B,nW,n,heads,d,mw,packed", [(2, 4, 49, 3, 32, 4, True), (1, 3, 64, 2, 16, 1, False)])
+def test_cpu_attention_backward_kernel_bf16(monkeypatch, B, nW, n, heads, d, mw, packed):
+    """bf16 training (autocast): the kernels take bf16 q/k/v and output gradient with an fp32 mask,
+    keep fp32 probabilities, compute in fp32 and round dq, dk, dv once to bf16: each within one bf16
+    rounding of the fp64 gradients of the same bf16 inputs; the mask's gradient (fp32) as close as
+    the fp32 kernel's."""
+    ca = _cpu_kernel()
+    from swin.ops.sdpa import _CpuKernelAttention
+
+    calls = []
+    kernel = ca.window_attention_backward
+    monkeypatch.setattr(ca, "window_attention_backward", lambda *a: calls.append(a[0].dtype) or kernel(*a))
+    g = torch.Generator().manual_seed(n + d)
+    qkv = torch.randn(B, nW, n, 3, heads, d, generator=g).bfloat16()
+    mask = torch.randn(mw, heads, n, n, generator=g)
+    if mw > 1:
+        mask += torch.where(torch.rand(mw, 1, n, n, generator=g) < 0.4, -100.0, 0.0)
+    grad = torch.randn(B, nW * n, heads * d, generator=g).bfloat16()
+    scale = d ** -0.5
+
+    def grads(dtype, mask_dtype, use_kernel):
+        leaf, m = qkv.to(dtype).requires_grad_(), mask.to(mask_dtype).requires_grad_()
+        q, k, v = leaf.unbind(3)
+        if use_kernel:
+            out = _CpuKernelAttention.apply(None, None, None, m, scale, leaf) if packed else _CpuKernelAttention.apply(q, k, v, m, scale)
+        else:
+            t = lambda x: x.transpose(2, 3)  # noqa: E731
+            p = torch.softmax(t(q) @ t(k).transpose(-2, -1) * scale + (m if mw == 1 else m.unsqueeze(0)), -1)
+            out = t(p @ t(v)).reshape(B, nW * n, heads * d)
+        return out, torch.autograd.grad(out, (leaf, m), grad.to(dtype))
+
+    out_ref, (dqkv_ref, dm_ref) = grads(torch.float64, torch.float64, False)
+    out, (dqkv, dm) = grads(torch.bfloat16, torch.float32, True)
+    _, (_, dm32) = grads(torch.float32, torch.float32, True)
+    assert calls == [torch.bfloat16, torch.float32] and out.dtype == dqkv.dtype == torch.bfloat16 and dm.dtype == torch.float32
+    assert ((out.double() - out_ref).abs() <= 2.0 ** -8 * out_ref.abs() + 1e-6 * out_ref.abs().max()).all()
+    assert ((dqkv.double() - dqkv_ref).abs() <= 2.0 ** -8 * dqkv_ref.abs() + 1e-5 * dqkv_ref.abs().max()).all()
+    err = lambda a: ((a.double() - dm_ref).abs().max() / dm_ref.abs().max()).item()  # noqa: E731
+    assert err(dm) <= max(1e-5, 2 * err(dm32)), (err(dm), err(dm32))
+
+
+def test_cpu_bf16_autocast_training_takes_the_kernels(monkeypatch):
+    """A Swin-T training step under CPU bf16 autocast runs every block's attention forward and
+    backward in the C kernels (bf16 in and out, fp32 inside); the gradients are as close to fp32
+    training's as the plain bf16 path's (batched products and softmax in bf16)."""
+    ca = _cpu_kernel()
+    calls = []
+    kernel = ca.window_attention_backward
+    monkeypatch.setattr(ca, "window_attention_backward", lambda *a: calls.append(a[0].dtype) or kernel(*a))
+    torch.manual_seed(0)
+    model = swin.create_model("swin_t", num_classes=10, drop_path_rate=0.0).train()
+    x, y = torch.randn(2, 3, 112, 112), torch.tensor([1, 7])
+
+    def grads(autocast):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        model.zero_grad(set_to_none=True)
+        loss.backward()  # every block's backward runs (the stem's weights need it)
+        return [t.grad.float() for i in range(4) for t in (model.layers[i].blocks[-1].attn.qkv.weight,
+                                                           model.layers[i].blocks[-1].attn.relative_position_bias_table)]
+
+    exact = grads(False)
+    calls.clear()
+    fast = grads(True)
+    assert calls == [torch.bfloat16] * sum(model.config.depths)
+    monkeypatch.setattr(ca, "MAX_BACKWARD_TOKENS", 0)  # bf16 then takes the plain path
+    plain = grads(True)
+    assert len(calls) == sum(model.config.depths)
+    for f, p, e in zip(fast, plain, exact):
+        assert rel_err(f, e) <= 1.5 * rel_err(p, e) + 5e-3, (rel_err(f, e), rel_err(p, e))
+
+
 def test_cpu_attention_kernel_in_the_model_and_without_it(monkeypatch):
     """Full-size Swin-T and SwinV2-T stages call the kernel for every chunk (V2's with its q/k
     normalisation inside); without the kernel (no compiler, another CPU, SWIN_CPU_KERNELS=0) the same

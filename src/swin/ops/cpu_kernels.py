@@ -30,12 +30,13 @@ GFLOP/s alone with cold inputs, 90 -> 104 in the model). The forward spreads the
 tiles, a tile's rows of the next item per tile: issued at once, they filled the core's outstanding-miss
 slots and stalled the current item's own loads (1.06-1.14x alone at N = 49 and 64).
 
-**bf16** (inference under CPU autocast, stop 19): the attention forward and the row passes (not
+**bf16** (under CPU autocast, stop 19): the attention forward and backward and the row passes (not
 patch merging) also take bf16 tensors. They compute in fp32 and round each result once to bf16 (to
-nearest even, as PyTorch): attention converts each window-head's q/k/v rows into fp32 on the stack
-and runs the fp32 kernel on them with an fp32 mask (1.67x bf16 SDPA alone at Swin-B's shapes). Heads
-and rows of a multiple of 16 channels. Under bf16 autocast, Swin-T inference 1.14x (attention) and a
-further 1.075x (rows), Swin-B 1.15x and 1.06x, SwinV2-T 1.03x and 1.085x (in-process A/Bs).
+nearest even, as PyTorch): attention converts each window-head's q/k/v (and dO) rows into fp32 on the
+stack and runs the fp32 kernel on them with an fp32 mask (1.67x bf16 SDPA alone at Swin-B's shapes);
+in training the probabilities and dS stay fp32. Heads and rows of a multiple of 16 channels. Under
+bf16 autocast, Swin-T inference 1.14x (attention) and a further 1.075x (rows), Swin-B 1.15x and
+1.06x, SwinV2-T 1.03x and 1.085x; a Swin-T training step 1.105x, SwinV2-T 1.005x (in-process A/Bs).
 
 **GELU's backward** with its forward recomputed (``mlp._RecomputeGeluMlp``): GELU(h) and the
 gradient at h in one pass, one erf and one exp per element (PyTorch's pair: two and one).
@@ -52,9 +53,9 @@ All are checked against fp64 or against PyTorch (tests/test_ops.py). They run wh
 AVX-512 and a C compiler (``cc``, or ``$CC``) is on the PATH; the shared library is built once into
 ``$SWIN_CACHE_DIR`` (default ``~/.cache/swin``; a temporary file renamed into place) and loaded with
 ctypes. Its threads are PyTorch's own OpenMP threads (the library links ``libgomp.so.1``, which the
-process has already loaded from torch). Anywhere else (no compiler, another CPU, fp16, bf16 training,
-heads above 64 channels, windows above 256 tokens, inside torch.compile, or ``SWIN_CPU_KERNELS=0``)
-the callers take their PyTorch path.
+process has already loaded from torch). Anywhere else (no compiler, another CPU, fp16, bf16 training
+with windows above 64 tokens, heads above 64 channels, windows above 256 tokens, inside torch.compile,
+or ``SWIN_CPU_KERNELS=0``) the callers take their PyTorch path.
 """
 from __future__ import annotations
 
@@ -674,15 +675,15 @@ AVX512 void swin_window_attention_cos_f32(const float *q, long q_ws, long q_ts, 
 
 /* swin_window_attention_f32 on bf16 q/k/v and output (same element strides), computed in fp32: each
    (window, head)'s rows converted into fp32 on the stack, window_head run on them, the output rows
-   rounded to bf16. The mask is fp32. d a multiple of 16. Inference only (no probabilities). With
-   qscale (V2), q and k unit-normalised in fp32 first, q times qscale[head]. */
+   rounded to bf16. The mask is fp32. d a multiple of 16. With qscale (V2, inference), q and k
+   unit-normalised in fp32 first, q times qscale[head]; with probs (training), the fp32 probabilities. */
 AVX512 void swin_window_attention_bf16(const uint16_t *q, long q_ws, long q_ts, long q_hs,
                                        const uint16_t *k, long k_ws, long k_ts, long k_hs,
                                        const uint16_t *v, long v_ws, long v_ts, long v_hs,
                                        const float *mask, long mask_windows,
                                        uint16_t *out, long o_ws, long o_ts, long o_hs,
                                        long windows, long heads, long n, long d, float scale, int threads,
-                                       const float *qscale) {
+                                       const float *qscale, float *probs) {
     long total = windows * heads;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (long t = 0; t < total; t++) {
@@ -702,11 +703,49 @@ AVX512 void swin_window_attention_bf16(const uint16_t *q, long q_ws, long q_ts, 
             unit_rows(kf, (int)n, (int)d, 1.0f);
         }
         struct next_item none = {0, 0, 0, 0, 0, 0, 0, 0, 0};
-        window_head(qf, d, kf, d, vf, d, mask + ((w % mask_windows) * heads + h) * n * n, of, d, 0, (int)n, (int)d,
-                    scale, &none);
+        window_head(qf, d, kf, d, vf, d, mask + ((w % mask_windows) * heads + h) * n * n, of, d,
+                    probs ? probs + t * n * n : 0, (int)n, (int)d, scale, &none);
         uint16_t *o = out + w * o_ws + h * o_hs;
         for (long i = 0; i < n; i++)
             for (long c = 0; c < d; c += 16) ps_to_bf16(o + i * o_ts + c, _mm512_load_ps(of + i * d + c));
+    }
+}
+
+/* swin_window_attention_backward_f32 on bf16 q/k/v, dO and dq/dk/dv (fp32 probabilities and dS): each
+   (window, head)'s rows converted to fp32 on the stack (the next one's prefetched meanwhile), the fp32
+   backward run there, the three gradients rounded once to bf16. d a multiple of 16, n <= MAXNB. */
+AVX512 void swin_window_attention_backward_bf16(
+        const uint16_t *q, long q_ws, long q_ts, long q_hs, const uint16_t *k, long k_ws, long k_ts, long k_hs,
+        const uint16_t *v, long v_ws, long v_ts, long v_hs, const float *p, const uint16_t *g, long g_ws, long g_ts,
+        long g_hs, uint16_t *dq, uint16_t *dk, uint16_t *dv, long d_ws, long d_ts, long d_hs, float *ds_out,
+        long windows, long heads, long n, long d, float scale, int threads) {
+    long total = windows * heads;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (long t = 0; t < total; t++) {
+        long w = t / heads, h = t % heads, o = w * d_ws + h * d_hs;
+        float qf[MAXNB * MAXD] __attribute__((aligned(64))), kf[MAXNB * MAXD] __attribute__((aligned(64)));
+        float vf[MAXNB * MAXD] __attribute__((aligned(64))), gf[MAXNB * MAXD] __attribute__((aligned(64)));
+        float dqf[MAXNB * MAXD] __attribute__((aligned(64))), dkf[MAXNB * MAXD] __attribute__((aligned(64)));
+        float dvf[MAXNB * MAXD] __attribute__((aligned(64)));
+        const uint16_t *nq = 0, *nk = 0, *nv = 0, *ng = 0;
+        if (t + 1 < total) {
+            long w1 = (t + 1) / heads, h1 = (t + 1) % heads;
+            nq = q + w1 * q_ws + h1 * q_hs, nk = k + w1 * k_ws + h1 * k_hs, nv = v + w1 * v_ws + h1 * v_hs;
+            ng = g + w1 * g_ws + h1 * g_hs;
+        }
+        rows_to_ps(q + w * q_ws + h * q_hs, q_ts, qf, (int)n, (int)d, nq);
+        rows_to_ps(k + w * k_ws + h * k_hs, k_ts, kf, (int)n, (int)d, nk);
+        rows_to_ps(v + w * v_ws + h * v_hs, v_ts, vf, (int)n, (int)d, nv);
+        rows_to_ps(g + w * g_ws + h * g_hs, g_ts, gf, (int)n, (int)d, ng);
+        struct next_item none = {0, 0, 0, 0, 0, 0, 0, 0, 0};
+        window_head_backward(qf, d, kf, d, vf, d, p + t * n * n, gf, d, dqf, d, dkf, d, dvf, d,
+                             ds_out ? ds_out + t * n * n : 0, (int)n, (int)d, scale, &none);
+        for (long i = 0; i < n; i++)
+            for (long c = 0; c < d; c += 16) {
+                ps_to_bf16(dq + o + i * d_ts + c, _mm512_load_ps(dqf + i * d + c));
+                ps_to_bf16(dk + o + i * d_ts + c, _mm512_load_ps(dkf + i * d + c));
+                ps_to_bf16(dv + o + i * d_ts + c, _mm512_load_ps(dvf + i * d + c));
+            }
     }
 }
 
@@ -809,7 +848,9 @@ def load_library(path: Path) -> ctypes.CDLL:
         lib.swin_window_attention_cos_f32.restype = None
     if hasattr(lib, "swin_window_attention_bf16"):  # (an older build, loaded by benchmarks/cpu_ab.py, has none)
         lib.swin_window_attention_bf16.argtypes = [P, L, L, L, P, L, L, L, P, L, L, L, P, L, P, L, L, L, L, L, L, L,
-                                                   ctypes.c_float, ctypes.c_int, P]
+                                                   ctypes.c_float, ctypes.c_int, P, P]
+        lib.swin_window_attention_backward_bf16.argtypes = b.argtypes
+        lib.swin_window_attention_backward_bf16.restype = None
         lib.swin_window_attention_bf16.restype = None
         lib.swin_rows_bf16.argtypes = [P, P, P, P, P, ctypes.c_float, ctypes.c_int, P, P, L, L, ctypes.c_int]
         lib.swin_rows_bf16.restype = None
@@ -884,16 +925,15 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
                              "multiple of 16 channels; normalise them first (sdpa.split_qkv) otherwise.")
         cosine = cosine.detach().float().contiguous()
     out = torch.empty(windows * n, heads * d, dtype=q.dtype)
-    if q.dtype == torch.bfloat16:  # inference: bf16 in and out, fp32 inside
-        if probs:
-            raise ValueError("window_attention keeps no probabilities for bf16 inputs (inference only); "
-                             "pass fp32 q, k, v to train.")
+    p = torch.empty(windows, heads, n, n, dtype=torch.float32) if probs else None  # fp32 for bf16 inputs too
+    if q.dtype == torch.bfloat16:  # bf16 in and out, fp32 inside
         _lib.swin_window_attention_bf16(q.data_ptr(), q.stride(0), q.stride(1), q.stride(2),
                                         k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
                                         v.data_ptr(), v.stride(0), v.stride(1), v.stride(2),
                                         mask.data_ptr(), mask.shape[0], out.data_ptr(), n * heads * d, heads * d, d,
-                                        windows, heads, n, d, float(scale), torch.get_num_threads(), _ptr(cosine))
-        return out
+                                        windows, heads, n, d, float(scale), torch.get_num_threads(), _ptr(cosine),
+                                        _ptr(p))
+        return (out, p) if probs else out
     if cosine is not None:
         _lib.swin_window_attention_cos_f32(q.data_ptr(), q.stride(0), q.stride(1), q.stride(2),
                                            k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
@@ -902,7 +942,6 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
                                            d, cosine.data_ptr(), windows, heads, n, d, float(scale),
                                            torch.get_num_threads())
         return out
-    p = torch.empty(windows, heads, n, n, dtype=q.dtype) if probs else None
     _lib.swin_window_attention_f32(q.data_ptr(), q.stride(0), q.stride(1), q.stride(2),
                                    k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
                                    v.data_ptr(), v.stride(0), v.stride(1), v.stride(2),
@@ -918,7 +957,8 @@ MAX_BACKWARD_TOKENS = 64  # the backward keeps one window-head's dS (N x N) on t
 def backward_eligible(q: torch.Tensor) -> bool:
     """q: (windows, N, heads, d). The backward kernel takes what the forward took, with at most 64
     tokens per window."""
-    return q.shape[1] <= MAX_BACKWARD_TOKENS and available()
+    return (q.shape[1] <= MAX_BACKWARD_TOKENS and available()
+            and (q.dtype == torch.float32 or hasattr(_lib, "swin_window_attention_backward_bf16")))
 
 
 def window_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, probs: torch.Tensor,
@@ -943,9 +983,17 @@ def window_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 and dq.stride(3) == 1 and dq.dtype == q.dtype):
             raise ValueError("window_attention_backward: out must be three tensors of q's shape and dtype with "
                              "the same strides and a contiguous last dim.")
-    ds = torch.empty(windows, heads, n, n, dtype=q.dtype) if mask_grad else None
+    ds = torch.empty(windows, heads, n, n, dtype=torch.float32) if mask_grad else None
     probs = probs.contiguous()
-    _lib.swin_window_attention_backward_f32(
+    if q.dtype == torch.bfloat16:
+        if not (k.dtype == v.dtype == grad.dtype == torch.bfloat16 and probs.dtype == torch.float32 and d % 16 == 0
+                and hasattr(_lib, "swin_window_attention_backward_bf16")):
+            raise ValueError("window_attention_backward on bf16 takes bf16 q, k, v and gradient, fp32 "
+                             "probabilities and heads of a multiple of 16 channels; check backward_eligible first.")
+        fn = _lib.swin_window_attention_backward_bf16
+    else:
+        fn = _lib.swin_window_attention_backward_f32
+    fn(
         q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
         v.data_ptr(), v.stride(0), v.stride(1), v.stride(2), probs.data_ptr(),
         grad.data_ptr(), grad.stride(0), grad.stride(1), grad.stride(2),

@@ -151,17 +151,23 @@ def window_attention_sdpa(attn, x: torch.Tensor, window: int, shift: int, mask_p
     qkv = attn.project_qkv(tokens)  # (B, nW*N, 3C)
     qkv = qkv.view(B, nW, N, 3, heads, d)
     q, k, v, scale = split_qkv(attn, qkv)  # each (B, nW, N, heads, d)
-    mask = bias_and_mask(attn, H, Wd, window, shift, mask_padding, q.dtype, x.device)  # (nW or 1, heads, N, N)
     p = attn.attn_drop.p if attn.training else 0.0
-
-    if (not x.is_cuda and mask.requires_grad and p == 0.0 and q.dtype == torch.float32 and not torch.compiler.is_compiling()
-            and not torch.jit.is_tracing() and cpu_kernels.eligible(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), mask)):
-        # training on CPU in fp32: the forward is one C kernel that also keeps the probabilities
+    # training the bias on CPU in fp32, or in bf16 (autocast) with windows the backward kernel takes:
+    # the C kernels, which compute in fp32 and take the bias + mask in fp32
+    kernel_train = (not x.is_cuda and p == 0.0 and torch.is_grad_enabled()
+                    and (q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and N <= cpu_kernels.MAX_BACKWARD_TOKENS))
+                    and any(t.requires_grad for t in bias_params(attn))
+                    and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
+    mask = bias_and_mask(attn, H, Wd, window, shift, mask_padding, torch.float32 if kernel_train else q.dtype,
+                         x.device)  # (nW or 1, heads, N, N)
+    if kernel_train and cpu_kernels.eligible(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), mask):
+        # the forward is one C kernel that also keeps the probabilities
         if attn.version == 1:  # q, k, v are views of qkv: its gradient comes out in one buffer
             out = _CpuKernelAttention.apply(None, None, None, mask, scale, qkv)  # (B, nW*N, C)
         else:  # V2's q and k are normalised copies
             out = _CpuKernelAttention.apply(q, k, v, mask, scale)
         return attn.proj_drop(attn.proj(_unpermute(out, rev, fwd, unpadded, B, H, Wd)))
+    mask = mask.to(q.dtype)  # the plain paths below take it in q's dtype
     if not x.is_cuda and mask.requires_grad:
         # training the bias on CPU: SDPA's CPU kernel has no gradient for the mask and would fall
         # back to its generic math path; plain batched matmuls with the (nW, heads, N, N) bias
@@ -227,7 +233,7 @@ class _CpuKernelAttention(torch.autograd.Function):
         q, k, v = inputs[0].unbind(-3) if ctx.packed else inputs
         B, nW, N, heads, d = q.shape
         qf = q.flatten(0, 1)
-        if cpu_kernels.backward_eligible(qf) and grad.dtype == torch.float32:  # the five products in one kernel
+        if cpu_kernels.backward_eligible(qf) and grad.dtype == q.dtype:  # the five products in one kernel
             g = grad.reshape(B * nW, N, heads, d)
             if g.stride(3) != 1:  # e.g. the expanded gradient of out.sum(): the kernel reads whole rows
                 g = g.contiguous()
@@ -243,16 +249,17 @@ class _CpuKernelAttention(torch.autograd.Function):
                 return None, None, None, dmask, None, dqkv
             shape = (B, nW, N, heads, d)
             return dq.view(shape), dk.view(shape), dv.view(shape), dmask, None, None
-        probs = probs.view(B, nW, heads, N, N)
-        g = grad.view(B, nW, N, heads, d).transpose(2, 3)  # (B, nW, heads, N, d)
-        q, k, v = (t.transpose(2, 3) for t in (q, k, v))
+        probs = probs.view(B, nW, heads, N, N)  # fp32 (for bf16 q/k/v too): the products below in fp32
+        dtype = q.dtype
+        g = grad.to(probs.dtype).view(B, nW, N, heads, d).transpose(2, 3)  # (B, nW, heads, N, d)
+        q, k, v = (t.to(probs.dtype).transpose(2, 3) for t in (q, k, v))
         dv = probs.transpose(-2, -1) @ g
         dlogits = torch._softmax_backward_data(g @ v.transpose(-2, -1), probs, -1, probs.dtype)
         dq, dk = dlogits @ k, dlogits.transpose(-2, -1) @ q
         if ctx.scale != 1.0:  # V2's q carries its scale already
             dq.mul_(ctx.scale), dk.mul_(ctx.scale)
         dmask = dlogits.sum(0) if ctx.mask_windows == nW else dlogits.sum((0, 1)).unsqueeze(0)
-        dq, dk, dv = (t.transpose(2, 3) for t in (dq, dk, dv))
+        dq, dk, dv = (t.to(dtype).transpose(2, 3) for t in (dq, dk, dv))
         if ctx.packed:
             return None, None, None, dmask, None, torch.stack((dq, dk, dv), dim=-3)
         return dq, dk, dv, dmask, None, None
