@@ -447,9 +447,9 @@ def test_cpu_attention_kernel_equals_sdpa(windows, n, heads, d, per_window, qk_s
     (6, 49, 3, 32, True, 3), (3, 49, 2, 16, False, 3), (4, 64, 2, 32, True, 2), (3, 144, 2, 32, True, 3),
     (2, 256, 1, 64, False, 3)])
 def test_cpu_attention_kernel_bf16_within_one_rounding(windows, n, heads, d, per_window, qk_stride):
-    """bf16 q/k/v (inference under CPU autocast): the kernel computes in fp32 with an fp32 mask and
-    rounds once, so each output is the exact attention of its bf16 inputs to within one bf16 rounding;
-    bf16 SDPA rounds along the way."""
+    """bf16 q/k/v (under CPU autocast): the kernel computes in fp32 with an fp32 mask and rounds
+    once, so each output is the exact attention of its bf16 inputs to within one bf16 rounding;
+    bf16 SDPA rounds along the way. For training it also keeps the probabilities in fp32."""
     ca = _cpu_kernel()
     g = torch.Generator().manual_seed(n * 10 + d)
     qk = torch.randn(windows, n, qk_stride, heads, d, generator=g).bfloat16()
@@ -470,8 +470,10 @@ def test_cpu_attention_kernel_bf16_within_one_rounding(windows, n, heads, d, per
                                                             attn_mask=mask.bfloat16(), scale=scale)
     sdpa = sdpa.transpose(1, 2).reshape(windows * n, heads * d)
     assert (out.double() - ref).abs().max() <= (sdpa.double() - ref).abs().max()
-    with pytest.raises(ValueError, match="bf16"):
-        ca.window_attention(q, k, v, mask, scale, probs=True)
+    # training keeps the probabilities, in fp32
+    out_p, probs = ca.window_attention(q, k, v, mask, scale, probs=True)
+    ref_p = torch.softmax(t(q) @ t(k).transpose(-2, -1) * scale + mask.double(), -1)
+    assert torch.equal(out_p, out) and probs.dtype == torch.float32 and (probs.double() - ref_p).abs().max() <= 1e-6
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -552,6 +554,17 @@ def test_cpu_gelu_and_grad_kernel_equals_torch(shape):
     for out, ref, theirs in ((a, ref_a, torch_a), (d, ref_d, torch_d)):
         err, err_torch = (out.double() - ref).abs().max().item(), (theirs.double() - ref).abs().max().item()
         assert err <= max(2 * err_torch, 1e-6), (err, err_torch)
+    # bf16 (autocast training): fp32 inside, each result within one bf16 rounding of fp64
+    hb, gb = h.bfloat16(), grad.bfloat16()
+    if ck.gelu_grad_eligible(hb, gb):  # (sizes that are a multiple of 16)
+        db = gb.clone()
+        ab = ck.gelu_and_grad_(hb, db)
+        ref_a, ref_d = torch.nn.functional.gelu(hb.double()), torch.ops.aten.gelu_backward(gb.double(), hb.double())
+        for out, ref in ((ab, ref_a), (db, ref_d)):
+            assert out.dtype == torch.bfloat16
+            assert ((out.double() - ref).abs() <= 2.0 ** -8 * ref.abs() + 1e-6).all()
+    else:
+        assert hb.numel() % 16
 
 
 @pytest.mark.parametrize("rows,C", [(300, 128), (37, 40), (5, 1), (0, 16)])

@@ -465,8 +465,7 @@ AVX512 void swin_window_attention_backward_f32(
    gelu(h) = h/2 (1 + erf(h/sqrt2)), gelu'(h) = (1 + erf(h/sqrt2))/2 + h exp(-h^2/2)/sqrt(2 pi).
    erf by Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7, PyTorch's vectorised erf uses the same
    formula), whose exp(-h^2/2) is also the derivative's: one exp per element instead of three. */
-static inline AVX512 void gelu_grad16(const float *h, float *g, float *a, __mmask16 m) {
-    __m512 x = _mm512_maskz_loadu_ps(m, h), gv = _mm512_maskz_loadu_ps(m, g);
+static inline AVX512 void gelu_grad_ps(__m512 x, __m512 gv, __m512 *a, __m512 *gout) {
     __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f));
     __m512 az = _mm512_abs_ps(z);
     __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), az, _mm512_set1_ps(1.0f)));
@@ -480,9 +479,16 @@ static inline AVX512 void gelu_grad16(const float *h, float *g, float *a, __mmas
     __m512 erf = _mm512_mask_sub_ps(erf_abs, _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_LT_OQ),
                                     _mm512_setzero_ps(), erf_abs);                      /* sign(z) erf(|z|) */
     __m512 cdf = _mm512_fmadd_ps(erf, _mm512_set1_ps(0.5f), _mm512_set1_ps(0.5f));      /* (1 + erf) / 2 */
-    _mm512_mask_storeu_ps(a, m, _mm512_mul_ps(x, cdf));
+    *a = _mm512_mul_ps(x, cdf);
     __m512 d = _mm512_fmadd_ps(_mm512_mul_ps(x, e), _mm512_set1_ps(0.39894228040143268f), cdf);
-    _mm512_mask_storeu_ps(g, m, _mm512_mul_ps(gv, d));
+    *gout = _mm512_mul_ps(gv, d);
+}
+
+static inline AVX512 void gelu_grad16(const float *h, float *g, float *a, __mmask16 m) {
+    __m512 av, gv;
+    gelu_grad_ps(_mm512_maskz_loadu_ps(m, h), _mm512_maskz_loadu_ps(m, g), &av, &gv);
+    _mm512_mask_storeu_ps(a, m, av);
+    _mm512_mask_storeu_ps(g, m, gv);
 }
 
 AVX512 void swin_gelu_grad_f32(const float *h, float *g, float *a, long n, int threads) {
@@ -749,6 +755,21 @@ AVX512 void swin_window_attention_backward_bf16(
     }
 }
 
+/* swin_gelu_grad_f32 on bf16 h, g and a (n a multiple of 16): fp32 inside, each result rounded once */
+AVX512 void swin_gelu_grad_bf16(const uint16_t *h, uint16_t *g, uint16_t *a, long n, int threads) {
+    long blocks = (n + 1023) / 1024;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (long b = 0; b < blocks; b++) {
+        long end = (b + 1) * 1024 < n ? (b + 1) * 1024 : n;
+        for (long i = b * 1024; i < end; i += 16) {
+            __m512 av, gv;
+            gelu_grad_ps(bf16_to_ps(h + i), bf16_to_ps(g + i), &av, &gv);
+            ps_to_bf16(a + i, av);
+            ps_to_bf16(g + i, gv);
+        }
+    }
+}
+
 #define MAXC 4096  /* channels a bf16 row kernel's row holds on the stack */
 
 /* swin_rows_f32 on bf16 src, out and copy (C a multiple of 16, at most MAXC), in fp32: each source row
@@ -851,6 +872,8 @@ def load_library(path: Path) -> ctypes.CDLL:
                                                    ctypes.c_float, ctypes.c_int, P, P]
         lib.swin_window_attention_backward_bf16.argtypes = b.argtypes
         lib.swin_window_attention_backward_bf16.restype = None
+        lib.swin_gelu_grad_bf16.argtypes = [P, P, P, L, ctypes.c_int]
+        lib.swin_gelu_grad_bf16.restype = None
         lib.swin_window_attention_bf16.restype = None
         lib.swin_rows_bf16.argtypes = [P, P, P, P, P, ctypes.c_float, ctypes.c_int, P, P, L, L, ctypes.c_int]
         lib.swin_rows_bf16.restype = None
@@ -1128,13 +1151,18 @@ def merge_rows_reference(x: torch.Tensor, norm=None) -> torch.Tensor:
 
 
 def gelu_grad_eligible(h: torch.Tensor, g: torch.Tensor) -> bool:
-    return (h.dtype == g.dtype == torch.float32 and h.device.type == "cpu" and h.shape == g.shape
-            and h.is_contiguous() and g.is_contiguous() and available())
+    """fp32, or bf16 (autocast training; a multiple of 16 elements), CPU, contiguous, one shape."""
+    return ((h.dtype == g.dtype == torch.float32
+             or (h.dtype == g.dtype == torch.bfloat16 and h.numel() % 16 == 0 and available()
+                 and hasattr(_lib, "swin_gelu_grad_bf16")))
+            and h.device.type == "cpu" and h.shape == g.shape and h.is_contiguous() and g.is_contiguous() and available())
 
 
 def gelu_and_grad_(h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """GELU's forward and backward in one pass over fp32 CPU tensors: returns ``F.gelu(h)`` and
-    overwrites ``g`` with ``torch.ops.aten.gelu_backward(g, h)`` (both to ~2e-7; see the C source)."""
+    """GELU's forward and backward in one pass over fp32 or bf16 CPU tensors: returns ``F.gelu(h)``
+    and overwrites ``g`` with ``torch.ops.aten.gelu_backward(g, h)`` (both to ~2e-7 in fp32, see the C
+    source; bf16 computed in fp32 and rounded once)."""
     a = torch.empty_like(h)
-    _lib.swin_gelu_grad_f32(h.data_ptr(), g.data_ptr(), a.data_ptr(), h.numel(), torch.get_num_threads())
+    fn = _lib.swin_gelu_grad_bf16 if h.dtype == torch.bfloat16 else _lib.swin_gelu_grad_f32
+    fn(h.data_ptr(), g.data_ptr(), a.data_ptr(), h.numel(), torch.get_num_threads())
     return a

@@ -81,7 +81,7 @@ class _RecomputeGeluMlp(torch.autograd.Function):
         for s in range(0, x.shape[0], ctx.chunk):
             g, hs = grad[s:s + ctx.chunk], h[s:s + ctx.chunk]
             dh = g @ w2  # (chunk, 4C): the gradient at GELU's output, then at its input
-            if cpu_kernels.gelu_grad_eligible(hs, dh):  # GELU and its gradient in one pass (fp32 CPU)
+            if cpu_kernels.gelu_grad_eligible(hs, dh):  # GELU and its gradient in one pass (fp32 or bf16 CPU)
                 a = cpu_kernels.gelu_and_grad_(hs, dh)
             else:
                 a, dh = F.gelu(hs) if need_w2 else None, torch.ops.aten.gelu_backward(dh, hs)
