@@ -1,5 +1,5 @@
-"""Small AVX-512 kernels for fp32 (and bf16 inference) on the CPU, in C, compiled on first use: window
-attention (forward and backward), GELU's backward, and the row passes of the chunked inference path.
+"""Small AVX-512 kernels for fp32 and bf16 on the CPU, in C, compiled on first use: window attention
+(forward and backward), GELU's backward, and the row passes of the chunked inference path.
 
 **Window attention.** On a CPU, Swin's attention is a great many tiny products: per window and
 head, (N x d) @ (d x N) and (N x N) @ (N x d) with N = 49 and d = 32. PyTorch's CPU flash-attention
