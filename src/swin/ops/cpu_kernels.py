@@ -870,11 +870,11 @@ def load_library(path: Path) -> ctypes.CDLL:
     if hasattr(lib, "swin_window_attention_bf16"):  # (an older build, loaded by benchmarks/cpu_ab.py, has none)
         lib.swin_window_attention_bf16.argtypes = [P, L, L, L, P, L, L, L, P, L, L, L, P, L, P, L, L, L, L, L, L, L,
                                                    ctypes.c_float, ctypes.c_int, P, P]
+        lib.swin_window_attention_bf16.restype = None
         lib.swin_window_attention_backward_bf16.argtypes = b.argtypes
         lib.swin_window_attention_backward_bf16.restype = None
         lib.swin_gelu_grad_bf16.argtypes = [P, P, P, L, ctypes.c_int]
         lib.swin_gelu_grad_bf16.restype = None
-        lib.swin_window_attention_bf16.restype = None
         lib.swin_rows_bf16.argtypes = [P, P, P, P, P, ctypes.c_float, ctypes.c_int, P, P, L, L, ctypes.c_int]
         lib.swin_rows_bf16.restype = None
         lib.swin_scatter_rows_bf16.argtypes = [P, P, P, L, L, ctypes.c_int]
@@ -894,6 +894,12 @@ def available() -> bool:
                 except (OSError, subprocess.SubprocessError):  # no compiler, a failed build, a read-only home
                     _lib = False
     return _lib is not False
+
+
+def _exports(name: str) -> bool:
+    """The kernels are built and the loaded library has entry point ``name`` (a library of an older
+    revision, loaded by benchmarks/cpu_ab.py, may lack the newer ones: their callers then take PyTorch)."""
+    return available() and hasattr(_lib, name)
 
 
 def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> bool:
@@ -918,7 +924,7 @@ def mask_dtype(dtype: torch.dtype, n: int, d: int) -> torch.dtype:
     """The dtype :func:`window_attention` wants its mask in for ``dtype`` q/k/v of n tokens and d channels
     a head: fp32 where the kernel takes them (bf16 included), else ``dtype`` (for SDPA)."""
     if dtype == torch.float32 or (dtype == torch.bfloat16 and d % 16 == 0 and d <= 64 and n <= MAX_TOKENS
-                                  and available() and hasattr(_lib, "swin_window_attention_bf16")):
+                                  and _exports("swin_window_attention_bf16")):
         return torch.float32
     return dtype
 
@@ -927,7 +933,7 @@ def cosine_eligible(dtype: torch.dtype, d: int) -> bool:
     """Whether :func:`window_attention` can take V2's cosine attention (``cosine=``) for q/k/v of this
     dtype and d channels a head: fp32 or bf16, d a multiple of 16, in this build."""
     name = "swin_window_attention_cos_f32" if dtype == torch.float32 else "swin_window_attention_bf16"
-    return d % 16 == 0 and dtype in (torch.float32, torch.bfloat16) and available() and hasattr(_lib, name)
+    return d % 16 == 0 and dtype in (torch.float32, torch.bfloat16) and _exports(name)
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
@@ -981,7 +987,7 @@ def backward_eligible(q: torch.Tensor) -> bool:
     """q: (windows, N, heads, d). The backward kernel takes what the forward took, with at most 64
     tokens per window."""
     return (q.shape[1] <= MAX_BACKWARD_TOKENS and available()
-            and (q.dtype == torch.float32 or hasattr(_lib, "swin_window_attention_backward_bf16")))
+            and (q.dtype == torch.float32 or _exports("swin_window_attention_backward_bf16")))
 
 
 def window_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, probs: torch.Tensor,
@@ -1010,7 +1016,7 @@ def window_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     probs = probs.contiguous()
     if q.dtype == torch.bfloat16:
         if not (k.dtype == v.dtype == grad.dtype == torch.bfloat16 and probs.dtype == torch.float32 and d % 16 == 0
-                and hasattr(_lib, "swin_window_attention_backward_bf16")):
+                and _exports("swin_window_attention_backward_bf16")):
             raise ValueError("window_attention_backward on bf16 takes bf16 q, k, v and gradient, fp32 "
                              "probabilities and heads of a multiple of 16 channels; check backward_eligible first.")
         fn = _lib.swin_window_attention_backward_bf16
@@ -1040,7 +1046,7 @@ def rows_bf16_eligible(C: int, *tensors: torch.Tensor) -> bool:
     return (C % 16 == 0 and C <= MAX_BF16_CHANNELS
             and all(t is None or (t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous())
                     for t in tensors)
-            and available() and hasattr(_lib, "swin_rows_bf16"))
+            and _exports("swin_rows_bf16"))
 
 
 def _fp32(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -1152,10 +1158,9 @@ def merge_rows_reference(x: torch.Tensor, norm=None) -> torch.Tensor:
 
 def gelu_grad_eligible(h: torch.Tensor, g: torch.Tensor) -> bool:
     """fp32, or bf16 (autocast training; a multiple of 16 elements), CPU, contiguous, one shape."""
-    return ((h.dtype == g.dtype == torch.float32
-             or (h.dtype == g.dtype == torch.bfloat16 and h.numel() % 16 == 0 and available()
-                 and hasattr(_lib, "swin_gelu_grad_bf16")))
-            and h.device.type == "cpu" and h.shape == g.shape and h.is_contiguous() and g.is_contiguous() and available())
+    return ((h.dtype == g.dtype == torch.float32 or (h.dtype == g.dtype == torch.bfloat16 and h.numel() % 16 == 0))
+            and h.device.type == "cpu" and h.shape == g.shape and h.is_contiguous() and g.is_contiguous()
+            and _exports("swin_gelu_grad_bf16" if h.dtype == torch.bfloat16 else "swin_gelu_grad_f32"))
 
 
 def gelu_and_grad_(h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
