@@ -974,6 +974,32 @@ def test_cpu_tiled_under_bf16_autocast(name, size, onednn, monkeypatch):
                 m.layers[0].blocks[0].attn.qkv.weight.mul_(0.5)
 
 
+@pytest.mark.parametrize("name", ["swin_micro", "swinv2_micro"])
+def test_cpu_tiled_every_product_prepacked(name, monkeypatch):
+    """Where oneDNN is present, qkv, proj, fc1, fc2 and patch merging's reduction each run as one
+    oneDNN call on a prepacked weight (none silently falls back to addmm), with the logits of the
+    addmm path and of the reference."""
+    from swin.ops import cpu_tiled
+
+    if not cpu_tiled._onednn_ok(torch.float32):
+        pytest.skip("PyTorch built without oneDNN's linear ops")
+    model = _random_model(name)
+    x = torch.randn(2, 3, 40, 24)
+    packed = []
+    build = cpu_tiled._packed_weight
+    monkeypatch.setattr(cpu_tiled, "_packed_weight", lambda lin, h: packed.append(build(lin, h)) or packed[-1])
+    with torch.inference_mode():
+        fast = model(x)
+        monkeypatch.setattr(cpu_tiled, "USE_ONEDNN", False)
+        plain = model(x)
+        model.set_backend("reference")
+        ref = model(x)
+    blocks = sum(len(layer.blocks) for layer in model.layers)
+    mergings = sum(layer.downsample is not None for layer in model.layers)
+    assert len(packed) >= 4 * blocks + mergings and all(p is not None for p in packed)
+    assert rel_err(fast, ref) <= 1e-5 and rel_err(plain, ref) <= 1e-5
+
+
 def test_cpu_tiled_fc1_gelu_both_ways_and_model_still_copies(monkeypatch):
     from swin.ops import cpu_tiled
 
