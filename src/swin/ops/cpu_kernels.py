@@ -290,15 +290,43 @@ static inline AVX512 __attribute__((always_inline)) void pv_rows(
     }
 }
 
-/* K^T (or V^T): d rows of np floats, 16 keys at a time by gathers; columns past the last key 0 */
+/* a 16 x 16 block of floats transposed in registers: r[i] holds row i before, column i after */
+static inline AVX512 __attribute__((always_inline)) void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+        r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+        r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+        r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+    }
+    for (int h = 0; h < 16; h += 8)
+        for (int i = 0; i < 4; i++) {
+            t[h + i] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0x88);
+            t[h + i + 4] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0xdd);
+        }
+    for (int i = 0; i < 8; i++) {
+        r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+    }
+}
+
+/* K^T (or V^T): d rows of np floats, 16 keys x 16 channels at a time transposed in registers (gathers
+   are slow on AMD's Zen 4); columns past the last key 0 */
 static inline AVX512 void transpose_keys(const float *k, long ks, float *kt, int n, int np, int d) {
-    __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                      _mm512_set1_epi32((int)ks));
     for (int j = 0; j < np; j += 16) {
-        __mmask16 m = first_lanes(n - j);
-        const float *kb = k + (long)j * ks;
-        for (int c = 0; c < d; c++)
-            _mm512_store_ps(kt + c * np + j, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, rows, kb + c, 4));
+        int keys = n - j < 16 ? n - j : 16;
+        for (int c0 = 0; c0 < d; c0 += 16) {
+            __mmask16 cm = first_lanes(d - c0);
+            __m512 r[16];
+            for (int i = 0; i < 16; i++)
+                r[i] = i < keys ? _mm512_maskz_loadu_ps(cm, k + (long)(j + i) * ks + c0) : _mm512_setzero_ps();
+            transpose16(r);
+            for (int c = 0; c < 16 && c0 + c < d; c++) _mm512_store_ps(kt + (c0 + c) * np + j, r[c]);
+        }
     }
 }
 
