@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import swin
 from swin import windows as W
@@ -1233,11 +1234,18 @@ def _saved_bytes(fn) -> int:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("chunk", [7, 4096])  # CPU: several chunks with a partial last one / one chunk
-def test_recompute_gelu_mlp_equals_plain_mlp(chunk, device, monkeypatch):
+@pytest.mark.parametrize("onednn", [True, False])  # CPU fp32: products through oneDNN, or addmm / mm
+def test_recompute_gelu_mlp_equals_plain_mlp(onednn, chunk, device, monkeypatch):
     from swin.model import Mlp
-    from swin.ops import mlp as mlp_ops
+    from swin.ops import mlp as mlp_ops, onednn as onednn_ops
 
+    if onednn and (device != "cpu" or not onednn_ops.available(torch.float32)):
+        pytest.skip("oneDNN products: CPU with PyTorch's oneDNN build")
     monkeypatch.setattr(mlp_ops, "CPU_CHUNK_TOKENS", chunk)
+    monkeypatch.setattr(onednn_ops, "USE_TRAINING", onednn)
+    used = []
+    apply = mlp_ops._OneDnnRecomputeGeluMlp.apply
+    monkeypatch.setattr(mlp_ops._OneDnnRecomputeGeluMlp, "apply", lambda *a: used.append(1) or apply(*a))
     torch.manual_seed(0)
     plain = Mlp(24, 96, backend="reference").to(device)
     fast = copy.deepcopy(plain)
@@ -1255,6 +1263,39 @@ def test_recompute_gelu_mlp_equals_plain_mlp(chunk, device, monkeypatch):
         assert rel_err(a, b) <= 1e-5
     hidden = 2 * 5 * 6 * 96 * 4
     assert b_plain - b_fast >= hidden  # GELU's output (tokens x 4C) is no longer kept
+    assert bool(used) == onednn
+
+
+@pytest.mark.parametrize("bias,frozen", [(True, False), (False, False), (True, True)])
+def test_onednn_linear_equals_f_linear_forward_and_backward(bias, frozen):
+    """fp32 CPU training products through oneDNN (forward and input gradient) and mm (weight
+    gradient): F.linear's values and gradients to float rounding; outside autograd, F.linear itself."""
+    from swin.ops import onednn
+
+    if not onednn.available(torch.float32):
+        pytest.skip("PyTorch built without oneDNN's linear ops")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(48, 80, bias=bias)
+    lin.weight.requires_grad_(not frozen)
+    x = torch.randn(3, 37, 48)
+    g = torch.randn(3, 37, 80)
+    results = []
+    for fn in (F.linear, onednn.linear):
+        xi = x.clone().requires_grad_(True)
+        lin.zero_grad(set_to_none=True)
+        out = fn(xi, lin.weight, lin.bias)
+        assert out.shape == (3, 37, 80)
+        out.backward(g)
+        results.append((out, xi.grad, lin.weight.grad, None if lin.bias is None else lin.bias.grad))
+    assert onednn.training_eligible(x, lin.weight)
+    for a, b in zip(*results):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert rel_err(b, a) <= 1e-5
+    assert frozen == (results[1][2] is None)
+    with torch.no_grad():
+        assert not onednn.training_eligible(x, lin.weight)
+        assert torch.equal(onednn.linear(x, lin.weight, lin.bias), F.linear(x, lin.weight, lin.bias))
 
 
 def test_recompute_gelu_mlp_frozen_weights_and_autocast():

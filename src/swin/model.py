@@ -23,6 +23,7 @@ from . import windows as W
 from .config import SwinConfig
 from .ops import autocast_dtype, cpu_tiled, fused_attention_half, fused_block_eligible, fused_mlp_half, has_hooks, is_plain
 from .ops import mlp as mlp_ops
+from .ops import onednn
 
 
 class SwinTransformer(nn.Module):
@@ -263,10 +264,20 @@ class WindowAttention(nn.Module):
         anything in its place (a LoRA wrapper, a quantized or pruned layer, a hooked one) is called
         as a module, and V2's q/v biases are added after it."""
         if is_plain(self.qkv, nn.Linear):
-            return F.linear(x, self.qkv.weight, self.qkv_bias())
+            return self._linear(x, self.qkv.weight, self.qkv_bias())
         qkv = self.qkv(x)
         bias = None if self.version == 1 else self.qkv_bias()
         return qkv if bias is None else qkv + bias.to(qkv.dtype)
+
+    def project_out(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., C) -> (..., C): ``proj`` (a plain ``nn.Linear`` as one product, anything else called)."""
+        if is_plain(self.proj, nn.Linear):
+            return self._linear(x, self.proj.weight, self.proj.bias)
+        return self.proj(x)
+
+    def _linear(self, x, weight, bias):
+        # the fast backends train in fp32 on CPU with oneDNN's products (swin.ops.onednn); the reference is F.linear
+        return F.linear(x, weight, bias) if self.backend == "reference" else onednn.linear(x, weight, bias)
 
     def position_bias(self, window: int) -> torch.Tensor:
         """(heads, N, N) relative position bias for a window x window window."""

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from .. import windows as W
 from . import _INTERPRET, autocast_dtype, cached, cpu_kernels, has_hooks, param_as
 from .mlp import plain_mlp
+from .onednn import available as _onednn_ok
 from .sdpa import bias_and_mask, split_qkv, window_indices
 
 CHUNK_TOKENS = 2048  # tokens per chunk: fc1's (tokens x 4C) output then fits the L2 cache for C <= 96
@@ -276,7 +277,7 @@ def patch_merging(merging, x: torch.Tensor) -> torch.Tensor:
 # weight prepacked once, with the bias, GELU or the residual add as a post-op. PyTorch's addmm runs
 # MKL's sgemm instead, which on an AMD Zen 4 CPU reaches 0.80-0.87x oneDNN's rate at Swin's shapes
 # (2-core EPYC VM: 173-191 against 217-219 GFLOP/s at Swin-B's stage 3); on Intel Xeon the two were
-# within 0.5% of each other in the model (stop 18).
+# within 0.5% of each other in the model (stop 18). See also ``onednn.py`` (training).
 USE_ONEDNN = True  # set False to always take the plain addmm (+ GELU) instead
 
 
@@ -302,15 +303,6 @@ def linear(h, w_t, b, packed):
     if packed is None:
         return h @ w_t if b is None else torch.addmm(b, h, w_t)
     return torch.ops.mkldnn._linear_pointwise(h, packed, b, "none", [], "none")
-
-
-def _onednn_ok(dtype: torch.dtype) -> bool:
-    try:
-        if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
-            return False
-        return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def _packed_weight(linear, h: torch.Tensor):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import autocast_dtype, cpu_kernels, has_hooks
+from . import autocast_dtype, cpu_kernels, has_hooks, onednn
 
 CPU_CHUNK_TOKENS = 2048
 
@@ -49,8 +49,12 @@ def mlp_recompute_gelu(mlp, x: torch.Tensor) -> torch.Tensor:
     if dtype is not None:  # run the function at autocast's precision, as F.linear would
         x, params = x.to(dtype), tuple(None if p is None else p.to(dtype) for p in params)
     chunk = max(1, x.numel() // x.shape[-1]) if x.is_cuda else CPU_CHUNK_TOKENS
-    with torch.autocast(x.device.type, enabled=False):
-        out = _RecomputeGeluMlp.apply(x.reshape(-1, x.shape[-1]), *params, chunk)
+    x2 = x.reshape(-1, x.shape[-1])
+    if onednn.training_eligible(x2, params[0]):  # fp32 CPU: the products of both passes through oneDNN
+        out = _OneDnnRecomputeGeluMlp.apply(x2.contiguous(), *params, chunk)
+    else:
+        with torch.autocast(x.device.type, enabled=False):
+            out = _RecomputeGeluMlp.apply(x2, *params, chunk)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -95,6 +99,50 @@ class _RecomputeGeluMlp(torch.autograd.Function):
                 db1 = dh.sum(0) if db1 is None else db1.add_(dh.sum(0))
             if need_x:
                 torch.mm(dh, w1, out=dx[s:s + ctx.chunk])
+        return dx, dw1, db1 if ctx.has_b1 else None, dw2, db2 if ctx.has_b2 else None, None
+
+
+class _OneDnnRecomputeGeluMlp(torch.autograd.Function):
+    """:class:`_RecomputeGeluMlp` for fp32 on CPU with fc1, fc2 and the input gradients' products as
+    oneDNN calls (:mod:`.onednn`), the weight gradients with ``mm``. oneDNN writes each product into a
+    tensor of its own, so the hidden tensor is kept as one tensor per chunk."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, chunk):
+        hidden, outs = [], []
+        for s in range(0, x.shape[0], chunk):
+            h = onednn.mm_t(x[s:s + chunk], w1, b1)
+            hidden.append(h)
+            outs.append(onednn.mm_t(F.gelu(h), w2, b2))
+        ctx.save_for_backward(x, w1, w2, *hidden)
+        ctx.chunk, ctx.has_b1, ctx.has_b2 = chunk, b1 is not None, b2 is not None
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w1, w2, *hidden = ctx.saved_tensors
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+        grad = grad.contiguous()
+        dx = torch.empty_like(x) if need_x else None
+        dw1 = dw2 = db1 = db2 = None
+        for i, hs in enumerate(hidden):
+            s = i * ctx.chunk
+            g, xs = grad[s:s + ctx.chunk], x[s:s + ctx.chunk]
+            dh = onednn.mm_t(g, w2.t())  # (chunk, 4C): the gradient at GELU's output, then at its input
+            if cpu_kernels.gelu_grad_eligible(hs, dh):
+                a = cpu_kernels.gelu_and_grad_(hs, dh)
+            else:
+                a, dh = F.gelu(hs) if need_w2 else None, torch.ops.aten.gelu_backward(dh, hs)
+            if need_w2:
+                dw2 = g.t() @ a if dw2 is None else dw2.addmm_(g.t(), a)
+            if need_b2:
+                db2 = g.sum(0) if db2 is None else db2.add_(g.sum(0))
+            if need_w1:
+                dw1 = dh.t() @ xs if dw1 is None else dw1.addmm_(dh.t(), xs)
+            if need_b1:
+                db1 = dh.sum(0) if db1 is None else db1.add_(dh.sum(0))
+            if need_x:
+                dx[s:s + ctx.chunk] = onednn.mm_t(dh, w1.t())
         return dx, dw1, db1 if ctx.has_b1 else None, dw2, db2 if ctx.has_b2 else None, None
 
 

@@ -166,7 +166,7 @@ def window_attention_sdpa(attn, x: torch.Tensor, window: int, shift: int, mask_p
             out = _CpuKernelAttention.apply(None, None, None, mask, scale, qkv)  # (B, nW*N, C)
         else:  # V2's q and k are normalised copies
             out = _CpuKernelAttention.apply(q, k, v, mask, scale)
-        return attn.proj_drop(attn.proj(_unpermute(out, rev, fwd, unpadded, B, H, Wd)))
+        return attn.proj_drop(attn.project_out(_unpermute(out, rev, fwd, unpadded, B, H, Wd)))
     mask = mask.to(q.dtype)  # the plain paths below take it in q's dtype
     if not x.is_cuda and mask.requires_grad:
         # training the bias on CPU: SDPA's CPU kernel has no gradient for the mask and would fall
@@ -195,7 +195,7 @@ def window_attention_sdpa(attn, x: torch.Tensor, window: int, shift: int, mask_p
                                                attn_mask=mask, dropout_p=p, scale=scale).transpose(1, 2)
                 for b in range(B)]  # each (nW, N, heads, d)
         out = torch.stack(outs)
-    return attn.proj_drop(attn.proj(_unpermute(out.reshape(B, nW * N, C), rev, fwd, unpadded, B, H, Wd)))
+    return attn.proj_drop(attn.project_out(_unpermute(out.reshape(B, nW * N, C), rev, fwd, unpadded, B, H, Wd)))
 
 
 def _unpermute(out, rev, fwd, unpadded: bool, B: int, H: int, Wd: int) -> torch.Tensor:
