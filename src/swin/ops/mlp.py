@@ -50,73 +50,38 @@ def mlp_recompute_gelu(mlp, x: torch.Tensor) -> torch.Tensor:
         x, params = x.to(dtype), tuple(None if p is None else p.to(dtype) for p in params)
     chunk = max(1, x.numel() // x.shape[-1]) if x.is_cuda else CPU_CHUNK_TOKENS
     x2 = x.reshape(-1, x.shape[-1])
-    if onednn.training_eligible(x2, params[0]):  # fp32 CPU: the products of both passes through oneDNN
-        out = _OneDnnRecomputeGeluMlp.apply(x2.contiguous(), *params, chunk)
-    else:
-        with torch.autocast(x.device.type, enabled=False):
-            out = _RecomputeGeluMlp.apply(x2, *params, chunk)
+    dnn = onednn.training_eligible(x2, params[0])  # fp32 CPU: the products of both passes through oneDNN
+    with torch.autocast(x.device.type, enabled=False):
+        out = _RecomputeGeluMlp.apply(x2.contiguous() if dnn else x2, *params, chunk, dnn)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
 class _RecomputeGeluMlp(torch.autograd.Function):
+    """With ``dnn`` (fp32 on CPU) fc1, fc2 and the input gradients' products are oneDNN calls
+    (:mod:`.onednn`), the weight gradients ``mm``; oneDNN writes each product into a tensor of its
+    own, so the hidden tensor is then kept as one tensor per chunk instead of one (M, 4C) tensor."""
+
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, chunk):
-        if chunk >= x.shape[0]:
-            h = F.linear(x, w1, b1)  # (M, 4C): the one hidden tensor kept for backward
-            out = F.linear(F.gelu(h), w2, b2)
+    def forward(ctx, x, w1, b1, w2, b2, chunk, dnn):
+        if dnn:
+            hidden, outs = [], []
+            for s in range(0, x.shape[0], chunk):
+                hidden.append(onednn.mm_t(x[s:s + chunk], w1, b1))
+                outs.append(onednn.mm_t(F.gelu(hidden[-1]), w2, b2))
+            out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        elif chunk >= x.shape[0]:
+            hidden = [F.linear(x, w1, b1)]  # (M, 4C): the one hidden tensor kept for backward
+            out = F.linear(F.gelu(hidden[0]), w2, b2)
         else:  # fc1, GELU and fc2 chunk by chunk, each product written straight into its rows
-            h = x.new_empty(x.shape[0], w1.shape[0])
+            hidden = [x.new_empty(x.shape[0], w1.shape[0])]
             out = x.new_empty(x.shape[0], w2.shape[0])
             for s in range(0, x.shape[0], chunk):
-                hs, o = h[s:s + chunk], out[s:s + chunk]
+                hs, o = hidden[0][s:s + chunk], out[s:s + chunk]
                 _linear_into(hs, x[s:s + chunk], w1, b1)
                 _linear_into(o, F.gelu(hs), w2, b2)
-        ctx.save_for_backward(x, h, w1, w2)
-        ctx.chunk, ctx.has_b1, ctx.has_b2 = chunk, b1 is not None, b2 is not None
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, h, w1, w2 = ctx.saved_tensors
-        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
-        grad = grad.contiguous()
-        dx = torch.empty_like(x) if need_x else None
-        dw1 = dw2 = db1 = db2 = None
-        for s in range(0, x.shape[0], ctx.chunk):
-            g, hs = grad[s:s + ctx.chunk], h[s:s + ctx.chunk]
-            dh = g @ w2  # (chunk, 4C): the gradient at GELU's output, then at its input
-            if cpu_kernels.gelu_grad_eligible(hs, dh):  # GELU and its gradient in one pass (fp32 or bf16 CPU)
-                a = cpu_kernels.gelu_and_grad_(hs, dh)
-            else:
-                a, dh = F.gelu(hs) if need_w2 else None, torch.ops.aten.gelu_backward(dh, hs)
-            if need_w2:  # (C, 4C), summed over chunks
-                dw2 = g.t() @ a if dw2 is None else dw2.addmm_(g.t(), a)
-            if need_b2:
-                db2 = g.sum(0) if db2 is None else db2.add_(g.sum(0))
-            if need_w1:
-                dw1 = dh.t() @ x[s:s + ctx.chunk] if dw1 is None else dw1.addmm_(dh.t(), x[s:s + ctx.chunk])
-            if need_b1:
-                db1 = dh.sum(0) if db1 is None else db1.add_(dh.sum(0))
-            if need_x:
-                torch.mm(dh, w1, out=dx[s:s + ctx.chunk])
-        return dx, dw1, db1 if ctx.has_b1 else None, dw2, db2 if ctx.has_b2 else None, None
-
-
-class _OneDnnRecomputeGeluMlp(torch.autograd.Function):
-    """:class:`_RecomputeGeluMlp` for fp32 on CPU with fc1, fc2 and the input gradients' products as
-    oneDNN calls (:mod:`.onednn`), the weight gradients with ``mm``. oneDNN writes each product into a
-    tensor of its own, so the hidden tensor is kept as one tensor per chunk."""
-
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, chunk):
-        hidden, outs = [], []
-        for s in range(0, x.shape[0], chunk):
-            h = onednn.mm_t(x[s:s + chunk], w1, b1)
-            hidden.append(h)
-            outs.append(onednn.mm_t(F.gelu(h), w2, b2))
         ctx.save_for_backward(x, w1, w2, *hidden)
-        ctx.chunk, ctx.has_b1, ctx.has_b2 = chunk, b1 is not None, b2 is not None
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        ctx.chunk, ctx.dnn, ctx.has_b1, ctx.has_b2 = chunk, dnn, b1 is not None, b2 is not None
+        return out
 
     @staticmethod
     def backward(ctx, grad):
@@ -125,15 +90,15 @@ class _OneDnnRecomputeGeluMlp(torch.autograd.Function):
         grad = grad.contiguous()
         dx = torch.empty_like(x) if need_x else None
         dw1 = dw2 = db1 = db2 = None
-        for i, hs in enumerate(hidden):
-            s = i * ctx.chunk
+        for i, s in enumerate(range(0, x.shape[0], ctx.chunk)):
             g, xs = grad[s:s + ctx.chunk], x[s:s + ctx.chunk]
-            dh = onednn.mm_t(g, w2.t())  # (chunk, 4C): the gradient at GELU's output, then at its input
-            if cpu_kernels.gelu_grad_eligible(hs, dh):
-                a = cpu_kernels.gelu_and_grad_(hs, dh)
+            hs = hidden[i] if ctx.dnn else hidden[0][s:s + ctx.chunk]
+            dh = onednn.mm_t(g, w2.t()) if ctx.dnn else g @ w2  # (chunk, 4C): the gradient at GELU's output
+            if cpu_kernels.gelu_grad_eligible(hs, dh):  # GELU and its gradient in one pass (fp32 or bf16 CPU)
+                a = cpu_kernels.gelu_and_grad_(hs, dh)  # dh: now the gradient at GELU's input
             else:
                 a, dh = F.gelu(hs) if need_w2 else None, torch.ops.aten.gelu_backward(dh, hs)
-            if need_w2:
+            if need_w2:  # (C, 4C), summed over chunks
                 dw2 = g.t() @ a if dw2 is None else dw2.addmm_(g.t(), a)
             if need_b2:
                 db2 = g.sum(0) if db2 is None else db2.add_(g.sum(0))
@@ -141,9 +106,11 @@ class _OneDnnRecomputeGeluMlp(torch.autograd.Function):
                 dw1 = dh.t() @ xs if dw1 is None else dw1.addmm_(dh.t(), xs)
             if need_b1:
                 db1 = dh.sum(0) if db1 is None else db1.add_(dh.sum(0))
-            if need_x:
+            if need_x and ctx.dnn:
                 dx[s:s + ctx.chunk] = onednn.mm_t(dh, w1.t())
-        return dx, dw1, db1 if ctx.has_b1 else None, dw2, db2 if ctx.has_b2 else None, None
+            elif need_x:
+                torch.mm(dh, w1, out=dx[s:s + ctx.chunk])
+        return dx, dw1, db1 if ctx.has_b1 else None, dw2, db2 if ctx.has_b2 else None, None, None
 
 
 def _linear_into(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
