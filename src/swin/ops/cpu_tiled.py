@@ -186,11 +186,13 @@ def _run_block(blk, tokens: torch.Tensor, B: int, H: int, Wd: int, Hp: int, Wp: 
     # V1 adds proj's and fc2's biases in the row passes, in fp32 (so the bf16 row kernels take them
     # as they are); V2 adds them inside the products, in the products' dtype
     bias_dtype = dtype if blk.post_norm else torch.float32
-    proj_w, proj_b = param_as(attn.proj, "weight", dtype).t(), param_as(attn.proj, "bias", bias_dtype)
     fc1, fc2 = blk.mlp.fc1, blk.mlp.fc2
-    fc2_w, fc2_b = param_as(fc2, "weight", dtype).t(), param_as(fc2, "bias", bias_dtype)
     proj_p = _packed_weight(attn.proj, tokens) if USE_ONEDNN else None
     fc2_p = _packed_weight(fc2, tokens) if USE_ONEDNN else None
+    # addmm's (K, N) weights only where no packed one runs (no bf16 copy made and kept for nothing)
+    proj_w = param_as(attn.proj, "weight", dtype).t() if proj_p is None else None
+    fc2_w = param_as(fc2, "weight", dtype).t() if fc2_p is None else None
+    proj_b, fc2_b = param_as(attn.proj, "bias", bias_dtype), param_as(fc2, "bias", bias_dtype)
     n1, n2 = blk.norm1, blk.norm2
 
     def attention(h: torch.Tensor, w0: int, kk: int) -> torch.Tensor:

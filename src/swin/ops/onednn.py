@@ -14,14 +14,18 @@ The values are F.linear's to float rounding (tests/test_ops.py).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from . import autocast_dtype
 
 
+@functools.lru_cache(maxsize=None)
 def available(dtype: torch.dtype) -> bool:
-    """oneDNN's linear ops are built into this PyTorch and run ``dtype`` on this CPU."""
+    """oneDNN's linear ops are built into this PyTorch and run ``dtype`` on this CPU (asked once per
+    dtype: every training product and every inference chunk checks it)."""
     try:
         if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
             return False
