@@ -533,6 +533,53 @@ AVX512 void swin_gelu_grad_f32(const float *h, float *g, float *a, long n, int t
     }
 }
 
+/* V2's cosine attention in training: F.normalize(x, dim=-1) over rows of d floats and its backward,
+   one pass each (autograd's norm, divide, multiply, sum and addcmul on the strided q and k views cost
+   ~5% of a SwinV2-T step). Forward: row r = (i0, i1, i2, i3) of x at x + i0 s0 + i1 s1 + i2 s2 + i3 s3
+   -> y[r] = x[r] / n[r], n[r] = max(||x[r]||, 1e-12); y and n contiguous in r's order. Backward:
+   dx[r] = (g[r] - y[r] <g[r], y[r]>) / n[r], or g[r] / n[r] where the norm was clamped. */
+AVX512 void swin_unit_rows_f32(const float *x, long n0, long n1, long n2, long n3, long s0, long s1, long s2,
+                               long s3, long d, float *y, float *nrm, int threads) {
+    long rows = n0 * n1 * n2 * n3;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (long r = 0; r < rows; r++) {
+        long i3 = r % n3, t = r / n3, i2 = t % n2, i1 = t / n2 % n1, i0 = t / n2 / n1;
+        const float *s = x + i0 * s0 + i1 * s1 + i2 * s2 + i3 * s3;
+        __m512 sq = _mm512_setzero_ps();
+        for (long c = 0; c < d; c += 16) {
+            __m512 v = _mm512_maskz_loadu_ps(first_lanes(d - c), s + c);
+            sq = _mm512_fmadd_ps(v, v, sq);
+        }
+        float nr = _mm_cvtss_f32(_mm_sqrt_ss(_mm_set_ss(_mm512_reduce_add_ps(sq))));
+        nr = nr > 1e-12f ? nr : 1e-12f;
+        __m512 nv = _mm512_set1_ps(nr);
+        for (long c = 0; c < d; c += 16) {
+            __mmask16 m = first_lanes(d - c);
+            _mm512_mask_storeu_ps(y + r * d + c, m, _mm512_div_ps(_mm512_maskz_loadu_ps(m, s + c), nv));
+        }
+        nrm[r] = nr;
+    }
+}
+
+AVX512 void swin_unit_rows_backward_f32(const float *g, const float *y, const float *nrm, float *dx, long rows, long d,
+                                        int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (long r = 0; r < rows; r++) {
+        const float *gr = g + r * d, *yr = y + r * d;
+        __m512 dot = _mm512_setzero_ps();
+        for (long c = 0; c < d; c += 16) {
+            __mmask16 m = first_lanes(d - c);
+            dot = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, gr + c), _mm512_maskz_loadu_ps(m, yr + c), dot);
+        }
+        __m512 dv = _mm512_set1_ps(nrm[r] > 1e-12f ? _mm512_reduce_add_ps(dot) : 0.0f), nv = _mm512_set1_ps(nrm[r]);
+        for (long c = 0; c < d; c += 16) {
+            __mmask16 m = first_lanes(d - c);
+            __m512 v = _mm512_fnmadd_ps(_mm512_maskz_loadu_ps(m, yr + c), dv, _mm512_maskz_loadu_ps(m, gr + c));
+            _mm512_mask_storeu_ps(dx + r * d + c, m, _mm512_div_ps(v, nv));
+        }
+    }
+}
+
 /* LayerNorm of one row s (C floats) into o: o = (s - mean) * rstd * w + b, or o += that with acc;
    biased variance from a second pass over the row (in L1), as PyTorch's */
 static inline AVX512 void ln_row(const float *s, float *o, const float *w, const float *b, long C, float eps, int acc) {
@@ -894,6 +941,11 @@ def load_library(path: Path) -> ctypes.CDLL:
     lib.swin_scatter_rows_f32.restype = None
     lib.swin_merge_rows_f32.argtypes = [P, L, L, L, L, P, P, ctypes.c_float, P, ctypes.c_int]
     lib.swin_merge_rows_f32.restype = None
+    if hasattr(lib, "swin_unit_rows_f32"):  # (an older build, loaded by benchmarks/cpu_ab.py, has none)
+        lib.swin_unit_rows_f32.argtypes = [P, L, L, L, L, L, L, L, L, L, P, P, ctypes.c_int]
+        lib.swin_unit_rows_f32.restype = None
+        lib.swin_unit_rows_backward_f32.argtypes = [P, P, P, P, L, L, ctypes.c_int]
+        lib.swin_unit_rows_backward_f32.restype = None
     if hasattr(lib, "swin_window_attention_cos_f32"):
         lib.swin_window_attention_cos_f32.argtypes = [P, L, L, L, P, L, L, L, P, L, L, L, P, L, P, L, L, L, P, L, L, L,
                                                       L, ctypes.c_float, ctypes.c_int]
@@ -1185,6 +1237,35 @@ def merge_rows_reference(x: torch.Tensor, norm=None) -> torch.Tensor:
     rows = windows.merge_2x2(x)
     rows = rows.reshape(-1, rows.shape[-1])
     return rows if norm is None else torch.nn.functional.layer_norm(rows, (rows.shape[1],), norm.weight, norm.bias, norm.eps)
+
+
+def unit_rows_eligible(x: torch.Tensor) -> bool:
+    """fp32 CPU rows (the last dim contiguous) under at most four outer dims: :func:`unit_rows` takes them."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and 1 <= x.dim() <= 5 and x.shape[-1] > 0
+            and x.stride(-1) == 1 and _exports("swin_unit_rows_f32"))
+
+
+def unit_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``F.normalize(x, dim=-1)`` in one pass over fp32 rows of any strides (see
+    :func:`unit_rows_eligible`): (y, n), y contiguous of x's shape, n the (..., 1) clamped norms
+    max(||x||, 1e-12) (for :func:`unit_rows_backward`)."""
+    d = x.shape[-1]
+    outer = [1] * (5 - x.dim()) + list(x.shape[:-1])
+    strides = [0] * (5 - x.dim()) + list(x.stride()[:-1])
+    y = torch.empty(x.shape, dtype=x.dtype)
+    n = torch.empty(*x.shape[:-1], 1, dtype=x.dtype)
+    _lib.swin_unit_rows_f32(x.data_ptr(), *outer, *strides, d, y.data_ptr(), n.data_ptr(), torch.get_num_threads())
+    return y, n
+
+
+def unit_rows_backward(g: torch.Tensor, y: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """The gradient at :func:`unit_rows`' input from ``g`` at its output: (g - y <g, y>) / n per row,
+    g / n where the norm was clamped; one pass, contiguous, y's shape."""
+    g = g.contiguous()
+    dx = torch.empty(y.shape, dtype=y.dtype)
+    _lib.swin_unit_rows_backward_f32(g.data_ptr(), y.data_ptr(), n.data_ptr(), dx.data_ptr(), n.numel(), y.shape[-1],
+                                     torch.get_num_threads())
+    return dx
 
 
 def gelu_grad_eligible(h: torch.Tensor, g: torch.Tensor) -> bool:
