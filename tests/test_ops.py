@@ -1337,10 +1337,11 @@ def test_unit_rows_equals_f_normalize_forward_and_backward():
     assert (go - gr).abs().max() <= 1e-12
 
 
-@pytest.mark.parametrize("d", [32, 24, 40])
-def test_cpu_unit_rows_kernel_equals_f_normalize(d, monkeypatch):
-    """fp32 training (V2's q and k): the one-pass C kernel's F.normalize and its gradient against
-    fp64, on a strided view (as q and k are) with a zero row, as close as PyTorch's own fp32."""
+@pytest.mark.parametrize("d,scaled", [(32, True), (32, False), (24, True), (40, False)])
+def test_cpu_unit_rows_kernel_equals_f_normalize(d, scaled, monkeypatch):
+    """fp32 training (V2's q and k): the one-pass C kernel's F.normalize (times a factor per head, as
+    q's exp(logit_scale)) and its gradients against fp64, on a strided view (as q and k are) with a
+    zero row, as close as PyTorch's own fp32 ops."""
     ck = _cpu_kernel()
     from swin.ops import sdpa
 
@@ -1348,22 +1349,26 @@ def test_cpu_unit_rows_kernel_equals_f_normalize(d, monkeypatch):
     base = torch.randn(3, 9, 2, 3, 4, d, generator=g) * 3
     base[0, 0, 1, 0, 0] = 0.0  # a zero row (of the slice used below): the norm is clamped there
     grad = torch.randn(3, 9, 4, 3, d, generator=g)
-    outs = {}
+    factor = torch.rand(4, generator=g) * 20 + 1  # (heads,), along dim -3
+    outs, ran = {}, []
     for name, dtype, kernel in (("ours", torch.float32, True), ("torch", torch.float32, False), ("ref", torch.float64, False)):
         monkeypatch.setattr(ck, "unit_rows_eligible", lambda t, k=kernel, f=ck.unit_rows_eligible: k and f(t))
+        monkeypatch.setattr(ck, "unit_rows", lambda *a, f=ck.unit_rows: ran.append(name) or f(*a))
         x = base.to(dtype)[:, :, 1].transpose(2, 3).requires_grad_(True)  # (3, 9, 4, 3, d): strided
         assert not x.is_contiguous() and x.stride(-1) == 1
-        y = sdpa.unit_rows(x)
-        (dx,) = torch.autograd.grad(y, x, grad.to(dtype))
-        outs[name] = (y.double(), dx.double())
+        s = factor.to(dtype).requires_grad_(True)
+        y = sdpa.unit_rows(x, s if scaled else None)
+        grads = torch.autograd.grad(y, (x, s) if scaled else (x,), grad.to(dtype))
+        outs[name] = [t.double() for t in (y, *grads)]
     monkeypatch.undo()
-    assert ck.unit_rows_eligible(base[:, :, 1].transpose(2, 3))  # the kernel ran for "ours"
+    assert ran == ["ours"]  # the kernel ran for ours only
     clamped = torch.zeros(3, 9, 4, 3, 1, dtype=torch.bool)
-    clamped[0, 0, 0, 0] = True  # its gradient is g / 1e-12: compared relatively, the rest absolutely
-    for i in range(2):
-        err = (outs["ours"][i] - outs["ref"][i]).masked_fill(clamped, 0).abs().max().item()
-        err_torch = (outs["torch"][i] - outs["ref"][i]).masked_fill(clamped, 0).abs().max().item()
-        assert err <= max(2 * err_torch, 1e-6), (i, err, err_torch)
+    clamped[0, 0, 0, 0] = True  # its input gradient is g / 1e-12: compared relatively, the rest absolutely
+    for i in range(len(outs["ref"])):
+        mask = clamped if i == 1 else torch.zeros((), dtype=torch.bool)
+        err = (outs["ours"][i] - outs["ref"][i]).masked_fill(mask, 0).abs().max().item()
+        err_torch = (outs["torch"][i] - outs["ref"][i]).masked_fill(mask, 0).abs().max().item()
+        assert err <= max(2 * err_torch, 1e-6 * outs["ref"][i].abs().max().item()), (i, err, err_torch)
     row, ref_row = outs["ours"][1][0, 0, 0, 0], outs["ref"][1][0, 0, 0, 0]
     assert ((row - ref_row).abs().max() / ref_row.abs().max()).item() <= 1e-6 and ref_row.abs().max() > 1e11
 

@@ -533,13 +533,16 @@ AVX512 void swin_gelu_grad_f32(const float *h, float *g, float *a, long n, int t
     }
 }
 
-/* V2's cosine attention in training: F.normalize(x, dim=-1) over rows of d floats and its backward,
-   one pass each (autograd's norm, divide, multiply, sum and addcmul on the strided q and k views cost
-   ~5% of a SwinV2-T step). Forward: row r = (i0, i1, i2, i3) of x at x + i0 s0 + i1 s1 + i2 s2 + i3 s3
-   -> y[r] = x[r] / n[r], n[r] = max(||x[r]||, 1e-12); y and n contiguous in r's order. Backward:
-   dx[r] = (g[r] - y[r] <g[r], y[r]>) / n[r], or g[r] / n[r] where the norm was clamped. */
+/* V2's cosine attention in training: F.normalize(x, dim=-1) over rows of d floats, times a factor per
+   head (q's exp(logit_scale)), and its backward, one pass each (autograd's norm, divide, multiply,
+   sum and addcmul on the strided q and k views cost ~5% of a SwinV2-T step). Row r = (i0, i1, i2, i3)
+   of x is at x + i0 s0 + i1 s1 + i2 s2 + i3 s3, its factor scale[i2] (scale NULL: 1). Forward:
+   y[r] = (x[r] / n[r]) * scale[i2], n[r] = max(||x[r]||, 1e-12), the reference's operations in its
+   order; y and n contiguous in r's order. Backward, u = y / scale the unit row: dot[r] = <g[r], u[r]>
+   (summed per head, the factor's gradient) and dx[r] = scale (g[r] - u[r] dot[r]) / n[r], or
+   scale g[r] / n[r] where the norm was clamped. */
 AVX512 void swin_unit_rows_f32(const float *x, long n0, long n1, long n2, long n3, long s0, long s1, long s2,
-                               long s3, long d, float *y, float *nrm, int threads) {
+                               long s3, long d, const float *scale, float *y, float *nrm, int threads) {
     long rows = n0 * n1 * n2 * n3;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (long r = 0; r < rows; r++) {
@@ -552,30 +555,34 @@ AVX512 void swin_unit_rows_f32(const float *x, long n0, long n1, long n2, long n
         }
         float nr = _mm_cvtss_f32(_mm_sqrt_ss(_mm_set_ss(_mm512_reduce_add_ps(sq))));
         nr = nr > 1e-12f ? nr : 1e-12f;
-        __m512 nv = _mm512_set1_ps(nr);
+        __m512 nv = _mm512_set1_ps(nr), f = _mm512_set1_ps(scale ? scale[i2] : 1.0f);
         for (long c = 0; c < d; c += 16) {
             __mmask16 m = first_lanes(d - c);
-            _mm512_mask_storeu_ps(y + r * d + c, m, _mm512_div_ps(_mm512_maskz_loadu_ps(m, s + c), nv));
+            __m512 u = _mm512_div_ps(_mm512_maskz_loadu_ps(m, s + c), nv);
+            _mm512_mask_storeu_ps(y + r * d + c, m, scale ? _mm512_mul_ps(u, f) : u);
         }
         nrm[r] = nr;
     }
 }
 
-AVX512 void swin_unit_rows_backward_f32(const float *g, const float *y, const float *nrm, float *dx, long rows, long d,
-                                        int threads) {
+AVX512 void swin_unit_rows_backward_f32(const float *g, const float *y, const float *nrm, long n2, long n3,
+                                        const float *scale, float *dx, float *dots, long rows, long d, int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (long r = 0; r < rows; r++) {
         const float *gr = g + r * d, *yr = y + r * d;
+        float f = scale ? scale[r / n3 % n2] : 1.0f;
         __m512 dot = _mm512_setzero_ps();
         for (long c = 0; c < d; c += 16) {
             __mmask16 m = first_lanes(d - c);
             dot = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, gr + c), _mm512_maskz_loadu_ps(m, yr + c), dot);
         }
-        __m512 dv = _mm512_set1_ps(nrm[r] > 1e-12f ? _mm512_reduce_add_ps(dot) : 0.0f), nv = _mm512_set1_ps(nrm[r]);
-        for (long c = 0; c < d; c += 16) {
+        float gu = _mm512_reduce_add_ps(dot) / f;  /* <g, u> */
+        if (dots) dots[r] = gu;
+        __m512 dv = _mm512_set1_ps(nrm[r] > 1e-12f ? gu / f : 0.0f), fv = _mm512_set1_ps(f / nrm[r]);
+        for (long c = 0; c < d; c += 16) {  /* (f / n) (g - u <g, u>), u <g, u> = y <g, u> / f */
             __mmask16 m = first_lanes(d - c);
             __m512 v = _mm512_fnmadd_ps(_mm512_maskz_loadu_ps(m, yr + c), dv, _mm512_maskz_loadu_ps(m, gr + c));
-            _mm512_mask_storeu_ps(dx + r * d + c, m, _mm512_div_ps(v, nv));
+            _mm512_mask_storeu_ps(dx + r * d + c, m, _mm512_mul_ps(v, fv));
         }
     }
 }
@@ -942,9 +949,9 @@ def load_library(path: Path) -> ctypes.CDLL:
     lib.swin_merge_rows_f32.argtypes = [P, L, L, L, L, P, P, ctypes.c_float, P, ctypes.c_int]
     lib.swin_merge_rows_f32.restype = None
     if hasattr(lib, "swin_unit_rows_f32"):  # (an older build, loaded by benchmarks/cpu_ab.py, has none)
-        lib.swin_unit_rows_f32.argtypes = [P, L, L, L, L, L, L, L, L, L, P, P, ctypes.c_int]
+        lib.swin_unit_rows_f32.argtypes = [P, L, L, L, L, L, L, L, L, L, P, P, P, ctypes.c_int]
         lib.swin_unit_rows_f32.restype = None
-        lib.swin_unit_rows_backward_f32.argtypes = [P, P, P, P, L, L, ctypes.c_int]
+        lib.swin_unit_rows_backward_f32.argtypes = [P, P, P, L, L, P, P, P, L, L, ctypes.c_int]
         lib.swin_unit_rows_backward_f32.restype = None
     if hasattr(lib, "swin_window_attention_cos_f32"):
         lib.swin_window_attention_cos_f32.argtypes = [P, L, L, L, P, L, L, L, P, L, L, L, P, L, P, L, L, L, P, L, L, L,
@@ -1240,32 +1247,50 @@ def merge_rows_reference(x: torch.Tensor, norm=None) -> torch.Tensor:
 
 
 def unit_rows_eligible(x: torch.Tensor) -> bool:
-    """fp32 CPU rows (the last dim contiguous) under at most four outer dims: :func:`unit_rows` takes them."""
+    """fp32 CPU rows (the last dim contiguous) under at most four outer dims, outside torch.compile
+    (which traces the PyTorch form): :func:`unit_rows` takes them."""
     return (x.dtype == torch.float32 and x.device.type == "cpu" and 1 <= x.dim() <= 5 and x.shape[-1] > 0
-            and x.stride(-1) == 1 and _exports("swin_unit_rows_f32"))
+            and x.stride(-1) == 1 and not torch.compiler.is_compiling() and _exports("swin_unit_rows_f32"))
 
 
-def unit_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``F.normalize(x, dim=-1)`` in one pass over fp32 rows of any strides (see
-    :func:`unit_rows_eligible`): (y, n), y contiguous of x's shape, n the (..., 1) clamped norms
-    max(||x||, 1e-12) (for :func:`unit_rows_backward`)."""
-    d = x.shape[-1]
-    outer = [1] * (5 - x.dim()) + list(x.shape[:-1])
-    strides = [0] * (5 - x.dim()) + list(x.stride()[:-1])
+def _outer(x: torch.Tensor) -> tuple[list, list]:
+    """x's dims but the last, padded in front to four, and their strides."""
+    pad = 5 - x.dim()
+    return [1] * pad + list(x.shape[:-1]), [0] * pad + list(x.stride()[:-1])
+
+
+def unit_rows(x: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``F.normalize(x, dim=-1)`` (times ``scale[h]``, h the index along dim -3, when given: fp32, one
+    per head) in one pass over fp32 rows of any strides (see :func:`unit_rows_eligible`): (y, n), y
+    contiguous of x's shape, n the (..., 1) clamped norms max(||x||, 1e-12) (for
+    :func:`unit_rows_backward`)."""
+    outer, strides = _outer(x)
     y = torch.empty(x.shape, dtype=x.dtype)
     n = torch.empty(*x.shape[:-1], 1, dtype=x.dtype)
-    _lib.swin_unit_rows_f32(x.data_ptr(), *outer, *strides, d, y.data_ptr(), n.data_ptr(), torch.get_num_threads())
+    if scale is not None:
+        scale = scale.detach().float().contiguous()
+        if x.dim() < 3 or scale.numel() != x.shape[-3]:
+            raise ValueError(f"unit_rows takes one scale per index of dim -3 of x, got {scale.numel()} for shape "
+                             f"{tuple(x.shape)}.")
+    _lib.swin_unit_rows_f32(x.data_ptr(), *outer, *strides, x.shape[-1], _ptr(scale), y.data_ptr(), n.data_ptr(),
+                            torch.get_num_threads())
     return y, n
 
 
-def unit_rows_backward(g: torch.Tensor, y: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """The gradient at :func:`unit_rows`' input from ``g`` at its output: (g - y <g, y>) / n per row,
-    g / n where the norm was clamped; one pass, contiguous, y's shape."""
+def unit_rows_backward(g: torch.Tensor, y: torch.Tensor, n: torch.Tensor, scale: torch.Tensor | None = None):
+    """From ``g`` at :func:`unit_rows`' output y (norms n, factors ``scale``): (dx, dscale). dx, y's
+    shape and contiguous: scale (g - u <g, u>) / n per row, u = y / scale the unit row (scale g / n
+    where the norm was clamped); dscale: <g, u> summed over the rows of each index of dim -3 (None
+    without scale). One pass."""
     g = g.contiguous()
+    outer, _ = _outer(y)
     dx = torch.empty(y.shape, dtype=y.dtype)
-    _lib.swin_unit_rows_backward_f32(g.data_ptr(), y.data_ptr(), n.data_ptr(), dx.data_ptr(), n.numel(), y.shape[-1],
-                                     torch.get_num_threads())
-    return dx
+    dots = None if scale is None else torch.empty(n.numel(), dtype=torch.float32)
+    if scale is not None:
+        scale = scale.detach().float().contiguous()
+    _lib.swin_unit_rows_backward_f32(g.data_ptr(), y.data_ptr(), n.data_ptr(), outer[2], outer[3], _ptr(scale),
+                                     dx.data_ptr(), _ptr(dots), n.numel(), y.shape[-1], torch.get_num_threads())
+    return dx, None if dots is None else dots.view(outer).sum((0, 1, 3))
 
 
 def gelu_grad_eligible(h: torch.Tensor, g: torch.Tensor) -> bool:

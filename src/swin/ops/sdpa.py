@@ -108,7 +108,7 @@ def split_qkv(attn, qkv: torch.Tensor):
         # CPU training: autograd's F.normalize backward on these strided views costs ~10% of a V2
         # step (unit_rows instead); q and k are written heads-major (the same (..., N, heads, d)
         # shape, transposed memory) so that the batched products read them without a copy
-        q = (unit_rows(q.float().transpose(-3, -2)) * logit.float().view(-1, 1, 1)).to(v.dtype)
+        q = unit_rows(q.float().transpose(-3, -2), logit.float().view(-1)).to(v.dtype)
         return q.transpose(-3, -2), unit_rows(k.float().transpose(-3, -2)).to(v.dtype).transpose(-3, -2), v, 1.0
     q = (F.normalize(q.float(), dim=-1) * logit.float()).to(v.dtype)  # SDPA wants one dtype
     return q, F.normalize(k.float(), dim=-1).to(v.dtype), v, 1.0
@@ -116,30 +116,47 @@ def split_qkv(attn, qkv: torch.Tensor):
 
 class _UnitRows(torch.autograd.Function):
     """F.normalize(x, dim=-1) = x / max(||x||, 1e-12), with the backward in closed form:
-    (g - y <g, y>) / n, y the output and n the clamped norm (g / n alone where n was clamped).
-    fp32 on an AVX-512 CPU: each direction one pass of a C kernel (``cpu_kernels.unit_rows``)."""
+    (g - y <g, y>) / n, y the output and n the clamped norm (g / n alone where n was clamped)."""
 
     @staticmethod
     def forward(ctx, x):
-        if cpu_kernels.unit_rows_eligible(x):
-            y, n = cpu_kernels.unit_rows(x)
-        else:
-            n = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(1e-12)
-            y = torch.div(x, n, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))  # contiguous, whatever x's strides
+        n = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(1e-12)
+        y = torch.div(x, n, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))  # contiguous, whatever x's strides
         ctx.save_for_backward(y, n)
         return y
 
     @staticmethod
     def backward(ctx, g):
         y, n = ctx.saved_tensors
-        if cpu_kernels.unit_rows_eligible(y) and g.dtype == y.dtype and g.device == y.device:
-            return cpu_kernels.unit_rows_backward(g, y, n)
         dot = (g * y).sum(-1, keepdim=True).masked_fill_(n <= 1e-12, 0.0)
         return torch.addcmul(g, y, dot, value=-1.0).div_(n)
 
 
-def unit_rows(x: torch.Tensor) -> torch.Tensor:
-    return _UnitRows.apply(x)
+class _UnitRowsKernel(torch.autograd.Function):
+    """:class:`_UnitRows`, times ``scale[h]`` along dim -3 when given (q's exp(logit_scale) per head),
+    as one pass of a C kernel each way (fp32 on an AVX-512 CPU, ``cpu_kernels.unit_rows``): the
+    forward's norm, divide and multiply, and the backward's products, sums and addcmul were each a
+    pass over the strided q and k views."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        y, n = cpu_kernels.unit_rows(x, scale)
+        ctx.save_for_backward(y, n, scale)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        y, n, scale = ctx.saved_tensors
+        dx, dscale = cpu_kernels.unit_rows_backward(g, y, n, scale)
+        return dx, None if dscale is None else dscale.to(scale.dtype).view(scale.shape)
+
+
+def unit_rows(x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """F.normalize(x, dim=-1), times ``scale`` ((heads,), indexing dim -3) when given."""
+    if cpu_kernels.unit_rows_eligible(x) and (scale is None or (x.dim() >= 3 and scale.numel() == x.shape[-3])):
+        return _UnitRowsKernel.apply(x, scale)
+    y = _UnitRows.apply(x)
+    return y if scale is None else y * scale.reshape(-1, 1, 1)
 
 
 def window_attention_sdpa(attn, x: torch.Tensor, window: int, shift: int, mask_padding: bool = False) -> torch.Tensor:
