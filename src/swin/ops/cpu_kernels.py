@@ -87,6 +87,15 @@ int swin_cpu_ok(void) {
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
 }
 
+/* where prefetch_rows asks for the next item's rows: L2 on AMD CPUs, L1 elsewhere (set when the
+   library is loaded) */
+static int prefetch_to_l2;
+
+__attribute__((constructor)) static void swin_choose_prefetch(void) {
+    __builtin_cpu_init();
+    prefetch_to_l2 = __builtin_cpu_is("amd");
+}
+
 #define AVX512 __attribute__((target("avx512f,fma")))
 
 /* the first min(left, 16) lanes of a vector */
@@ -94,15 +103,21 @@ static inline __mmask16 first_lanes(long left) {
     return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
 }
 
-/* ask for rows 0..n-1 of d floats (row stride ts) to be brought into the L2 cache: the next item's
+/* ask for rows 0..n-1 of d floats (row stride ts) to be brought into the cache: the next item's
    inputs while this one computes (they come from a product far larger than the caches; without it the
-   kernel waits on memory at Swin-B's stage 3: 84 against 130 GFLOP/s with its inputs in cache). L2,
-   not L1: an item's own rows, K^T and mask rows fill most of a 32 KB L1, and the next item's 19 KB
-   pulled in beside them evicted what this one still read (the AMD Zen 4 VM: forward 1.03-1.15x at
-   7 x 7 windows, Swin-T's attention 26.0 -> 23.9 ms per forward, stop 21) */
+   kernel waits on memory at Swin-B's stage 3: 84 against 130 GFLOP/s with its inputs in cache). Into
+   L1 on Intel (the 2-core Xeon VM, stop 18: L2 instead ran 0.89-0.97x), into L2 on AMD (the 2-core
+   Zen 4 VM, stop 21: forward 1.03-1.15x at 7 x 7 windows, Swin-T's attention 26.0 -> 23.9 ms per
+   forward; there an item's own rows, K^T and mask rows fill most of the 32 KB L1, and the next
+   item's 19 KB pulled in beside them evicted what this one still read) */
 static inline AVX512 __attribute__((always_inline)) void prefetch_rows(const float *x, long ts, long n, long d) {
-    for (long i = 0; i < n; i++)
-        for (long c = 0; c < d; c += 16) _mm_prefetch((const char *)(x + i * ts + c), _MM_HINT_T1);
+    if (prefetch_to_l2) {
+        for (long i = 0; i < n; i++)
+            for (long c = 0; c < d; c += 16) _mm_prefetch((const char *)(x + i * ts + c), _MM_HINT_T1);
+    } else {
+        for (long i = 0; i < n; i++)
+            for (long c = 0; c < d; c += 16) _mm_prefetch((const char *)(x + i * ts + c), _MM_HINT_T0);
+    }
 }
 
 /* exp(x) for x <= 0 (logits minus their row maximum), Cephes' expf polynomial, ~1 ulp;
