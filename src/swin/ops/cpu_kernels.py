@@ -107,7 +107,7 @@ static inline __mmask16 first_lanes(long left) {
    inputs while this one computes (they come from a product far larger than the caches; without it the
    kernel waits on memory at Swin-B's stage 3: 84 against 130 GFLOP/s with its inputs in cache). Into
    L1 on Intel (the 2-core Xeon VM, stop 18: L2 instead ran 0.89-0.97x), into L2 on AMD (the 2-core
-   Zen 4 VM, stop 21: forward 1.03-1.15x at 7 x 7 windows, Swin-T's attention 26.0 -> 23.9 ms per
+   Zen 4 VM, stop 21: forward ~1.1x at 7 x 7 windows, Swin-T's attention 26.0 -> 23.9 ms per
    forward; there an item's own rows, K^T and mask rows fill most of the 32 KB L1, and the next
    item's 19 KB pulled in beside them evicted what this one still read) */
 static inline AVX512 __attribute__((always_inline)) void prefetch_rows(const float *x, long ts, long n, long d) {
