@@ -1348,7 +1348,7 @@ def test_cpu_unit_rows_kernel_equals_f_normalize(d, scaled, monkeypatch):
     g = torch.Generator().manual_seed(0)
     base = torch.randn(3, 9, 2, 3, 4, d, generator=g) * 3
     base[0, 0, 1, 0, 0] = 0.0  # a zero row (of the slice used below): the norm is clamped there
-    grad = torch.randn(3, 9, 4, 3, d, generator=g)
+    grad = torch.randn(3, 9, 3, 4, d, generator=g).transpose(2, 3)  # strided, as the attention's gradient comes
     factor = torch.rand(4, generator=g) * 20 + 1  # (heads,), along dim -3
     outs, ran = {}, []
     for name, dtype, kernel in (("ours", torch.float32, True), ("torch", torch.float32, False), ("ref", torch.float64, False)):

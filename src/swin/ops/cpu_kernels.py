@@ -580,12 +580,15 @@ AVX512 void swin_unit_rows_f32(const float *x, long n0, long n1, long n2, long n
     }
 }
 
-AVX512 void swin_unit_rows_backward_f32(const float *g, const float *y, const float *nrm, long n2, long n3,
-                                        const float *scale, float *dx, float *dots, long rows, long d, int threads) {
+AVX512 void swin_unit_rows_backward_f32(const float *g, long n0, long n1, long n2, long n3, long s0, long s1, long s2,
+                                        long s3, const float *y, const float *nrm, const float *scale, float *dx,
+                                        float *dots, long d, int threads) {
+    long rows = n0 * n1 * n2 * n3;
     #pragma omp parallel for num_threads(threads) schedule(static)
-    for (long r = 0; r < rows; r++) {
-        const float *gr = g + r * d, *yr = y + r * d;
-        float f = scale ? scale[r / n3 % n2] : 1.0f;
+    for (long r = 0; r < rows; r++) {  /* g: strided as x in the forward (the gradient of a transposed view) */
+        long i3 = r % n3, t = r / n3, i2 = t % n2, i1 = t / n2 % n1, i0 = t / n2 / n1;
+        const float *gr = g + i0 * s0 + i1 * s1 + i2 * s2 + i3 * s3, *yr = y + r * d;
+        float f = scale ? scale[i2] : 1.0f;
         __m512 dot = _mm512_setzero_ps();
         for (long c = 0; c < d; c += 16) {
             __mmask16 m = first_lanes(d - c);
@@ -966,7 +969,7 @@ def load_library(path: Path) -> ctypes.CDLL:
     if hasattr(lib, "swin_unit_rows_f32"):  # (an older build, loaded by benchmarks/cpu_ab.py, has none)
         lib.swin_unit_rows_f32.argtypes = [P, L, L, L, L, L, L, L, L, L, P, P, P, ctypes.c_int]
         lib.swin_unit_rows_f32.restype = None
-        lib.swin_unit_rows_backward_f32.argtypes = [P, P, P, L, L, P, P, P, L, L, ctypes.c_int]
+        lib.swin_unit_rows_backward_f32.argtypes = [P, L, L, L, L, L, L, L, L, P, P, P, P, P, L, ctypes.c_int]
         lib.swin_unit_rows_backward_f32.restype = None
     if hasattr(lib, "swin_window_attention_cos_f32"):
         lib.swin_window_attention_cos_f32.argtypes = [P, L, L, L, P, L, L, L, P, L, L, L, P, L, P, L, L, L, P, L, L, L,
@@ -1296,15 +1299,17 @@ def unit_rows_backward(g: torch.Tensor, y: torch.Tensor, n: torch.Tensor, scale:
     """From ``g`` at :func:`unit_rows`' output y (norms n, factors ``scale``): (dx, dscale). dx, y's
     shape and contiguous: scale (g - u <g, u>) / n per row, u = y / scale the unit row (scale g / n
     where the norm was clamped); dscale: <g, u> summed over the rows of each index of dim -3 (None
-    without scale). One pass."""
-    g = g.contiguous()
-    outer, _ = _outer(y)
+    without scale). One pass; g may have any strides with a contiguous last dim (as the gradient of
+    the transposed q and k comes), read in place."""
+    if g.stride(-1) != 1 or g.dtype != y.dtype:
+        g = g.contiguous().to(y.dtype)
+    outer, strides = _outer(g)
     dx = torch.empty(y.shape, dtype=y.dtype)
     dots = None if scale is None else torch.empty(n.numel(), dtype=torch.float32)
     if scale is not None:
         scale = scale.detach().float().contiguous()
-    _lib.swin_unit_rows_backward_f32(g.data_ptr(), y.data_ptr(), n.data_ptr(), outer[2], outer[3], _ptr(scale),
-                                     dx.data_ptr(), _ptr(dots), n.numel(), y.shape[-1], torch.get_num_threads())
+    _lib.swin_unit_rows_backward_f32(g.data_ptr(), *outer, *strides, y.data_ptr(), n.data_ptr(), _ptr(scale),
+                                     dx.data_ptr(), _ptr(dots), y.shape[-1], torch.get_num_threads())
     return dx, None if dots is None else dots.view(outer).sum((0, 1, 3))
 
 
