@@ -63,6 +63,27 @@ def test_train_writes_a_run_that_eval_and_plot_read(run_dir, capsys):
     assert rc == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+def test_export_of_a_run_carries_its_classes_and_normalisation(run_dir, tmp_path, capsys):
+    """`swin export RUN out.onnx`: the run's class names and the digits statistics go into the file's
+    metadata; onnxruntime's logits equal the run's model (the check inside export, and here)."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from swin.export import onnx_session, rel_err
+    from swin.train import load_for_inference
+
+    rc, out, _ = run_cli(capsys, "export", run_dir, tmp_path / "run.onnx")
+    assert rc == 0 and "logits (N, 10)" in out
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "run.onnx")).metadata_props}
+    loaded = load_for_inference(run_dir)
+    assert json.loads(meta["swin.classes"]) == loaded.classes == [str(i) for i in range(10)]
+    assert meta["swin.mean"] == ",".join(map(str, D.DIGITS_MEAN)) != ",".join(map(str, D.IMAGENET_MEAN))
+    x = torch.randn(5, 3, 32, 32)
+    with torch.inference_mode():
+        ref = loaded.model(x)
+    assert rel_err(onnx_session(tmp_path / "run.onnx").run(None, {"pixel_values": x.numpy()})[0], ref) <= 1e-5
+
+
 def test_predict_prints_top5_with_the_runs_class_names(run_dir, tmp_path, capsys):
     paths, _ = digit_pngs(tmp_path)
     rc, out, _ = run_cli(capsys, "predict", *paths, "--checkpoint", run_dir, "--device", "cpu")
@@ -231,6 +252,9 @@ def test_bench_default_includes_the_fastest_compiled_peer():
     assert "timm-sdpa+compile" in impls and impls[0] == "ours"
     impls = bench.parse_args(["--device", "cpu", "--compile"]).impls.split(",")
     assert len(impls) == len(set(impls)) and {"ours+compile", "hf+compile", "timm-sdpa+compile"} <= set(impls)
+    # on a CPU the deployment peer too: timm's model exported and run by onnxruntime (when installed)
+    assert ("timm+ort" in impls) == bench._has_onnx()
+    assert not bench._applies("timm+ort", "train") and bench._applies("timm+ort", "infer")
 
 
 def test_bench_runs_ours_against_timm_on_cpu(tmp_path):
@@ -239,13 +263,16 @@ def test_bench_runs_ours_against_timm_on_cpu(tmp_path):
     from swin import bench
 
     out = tmp_path / "bench"
-    assert bench.main(["--device", "cpu", "--models", "swin_t", "--modes", "infer,train", "--impls", "ours,timm",
+    impls = "ours,timm,timm+ort" if bench._has_onnx() else "ours,timm"
+    assert bench.main(["--device", "cpu", "--models", "swin_t", "--modes", "infer,train", "--impls", impls,
                        "--rounds", "1", "--iters", "1", "--warmup", "0", "--batch-infer", "1",
                        "--batch-train", "2", "--drop-path", "0", "--out", str(out)]) == 0
     report = json.loads((out / "bench.json").read_text())
     entries = {(e["mode"], e["impl"]): e for e in report["entries"]}
     assert all(e["median"] > 0 and e["error"] is None for e in entries.values())
     assert entries[("infer", "ours")]["parity_rel_err"] <= 1e-5
+    if bench._has_onnx():  # onnxruntime's logits against timm's own, checked before timing; no training entry
+        assert entries[("infer", "timm+ort")]["parity_rel_err"] <= 1e-4 and ("train", "timm+ort") not in entries
     ours, timm = entries[("train", "ours")], entries[("train", "timm")]
     # GELU's output is not kept (swin.ops.mlp): 4C values per token per block fewer than timm
     assert ours["saved_vs_timm"] < 0.9 and timm["saved_vs_timm"] == 1.0

@@ -79,7 +79,7 @@ class Entry:
 
 # -- building the implementations ------------------------------------------------------------
 COMPILED = ("compile", "ro", "mat", "freeze")  # the flags that torch.compile the forward (slow to prepare)
-FLAGS = COMPILED + ("graph", "cast", "plainmlp", "dpskip")
+FLAGS = COMPILED + ("graph", "cast", "plainmlp", "dpskip", "ort")
 
 
 def _build(impl: str, name: str, drop_path: float) -> tuple[nn.Module, Callable]:
@@ -200,6 +200,8 @@ def _prepare(impl: str, name: str, mode: str, device: str, dtype: torch.dtype, b
     elif "freeze" in flags:  # inference only: weights become constants (prepacked, folded) for inductor
         fwd = torch.compile(fwd, options={"freezing": True})
     info: dict = {"model": model, "fwd": fwd}
+    if "ort" in flags:  # the model exported to ONNX and run by onnxruntime: a deployment peer
+        return _ort_step(impl, model, fwd, device, dtype, inputs), info
     if mode == "train":
         model.train()
         labels = [torch.randint(0, 1000, (batch,), device=device) for _ in inputs]
@@ -232,6 +234,44 @@ def _prepare(impl: str, name: str, mode: str, device: str, dtype: torch.dtype, b
                 if i == 0 and not torch.isfinite(out.float()).all():
                     raise RuntimeError(f"{impl}: non-finite logits")
     return step, info
+
+
+class _Logits(nn.Module):
+    """x -> logits tensor for any implementation (HF's forward returns an output object)."""
+
+    def __init__(self, model: nn.Module, fwd: Callable):
+        super().__init__()
+        self.model, self.fwd = model, fwd
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fwd(x)
+
+
+def _ort_step(impl: str, model: nn.Module, fwd: Callable, device: str, dtype: torch.dtype,
+              inputs: list[torch.Tensor]) -> Callable[[int], None]:
+    """+ort: export the eval-mode model at the run's batch (static shapes, onnxruntime's best case),
+    check that onnxruntime's logits equal the PyTorch model's, and time session.run on the inputs.
+    onnxruntime runs with torch's thread count and its default graph optimisations."""
+    from .export import MAX_REL_ERR, export_module, onnx_session, rel_err
+
+    if device != "cpu" or dtype != torch.float32:
+        raise ValueError(f"{impl}: +ort runs onnxruntime's CPU provider in fp32; use --device cpu --dtype fp32")
+    model.eval()
+    with tempfile.TemporaryDirectory(prefix="swin_bench_onnx_") as tmp:
+        path = Path(tmp) / "model.onnx"
+        export_module(_Logits(model, fwd).eval(), inputs[0], path, dynamic_batch=False, legacy_fallback=True)
+        session = onnx_session(path)  # holds the graph in memory: the file can go
+    arrays = [x.numpy() for x in inputs]
+    with torch.inference_mode():
+        err = rel_err(session.run(None, {"pixel_values": arrays[0]})[0], fwd(inputs[0]).float())
+    if not err <= MAX_REL_ERR:
+        raise RuntimeError(f"{impl}: onnxruntime's logits differ from the model's by {err:.1e} of their scale")
+
+    def step(i: int) -> None:
+        session.run(None, {"pixel_values": arrays[i % len(arrays)]})
+
+    step.rel_err = err
+    return step
 
 
 def _saved_activation_bytes(info: dict, x: torch.Tensor, dtype: torch.dtype) -> int:
@@ -314,7 +354,9 @@ def run_mode(name: str, mode: str, impls: list[str], args, log) -> list[Entry]:
                     e.peak_gib = (torch.cuda.max_memory_allocated() - base) / 2**30
             if mode == "train" and not compiled:
                 e.saved_gib = _saved_activation_bytes(info, inputs[0], dtype) / 2**30
-            if impl.startswith("ours") and mode != "train" and args.parity:
+            if getattr(step, "rel_err", None) is not None:  # +ort: onnxruntime against its PyTorch model
+                e.parity_rel_err = step.rel_err
+            elif impl.startswith("ours") and mode != "train" and args.parity:
                 e.parity_rel_err = _parity(name, impl, device, dtype, inputs[0])
             steps[impl] = step
             log(f"  ready {name} {mode} {impl} in {time.perf_counter() - t0:.1f}s")
@@ -346,12 +388,12 @@ def run_mode(name: str, mode: str, impls: list[str], args, log) -> list[Entry]:
 
 
 def _applies(impl: str, mode: str) -> bool:
-    """CUDA graphs (+graph) time latency only; training is not timed with freezing or a 16-bit model
-    (+cast: training keeps fp32 weights under autocast). Training with reduce-overhead (+ro: the
+    """CUDA graphs (+graph) time latency only; training is not timed with freezing, a 16-bit model
+    (+cast: training keeps fp32 weights under autocast) or onnxruntime (+ort). Training with reduce-overhead (+ro: the
     compiled forward and backward replayed as CUDA graphs, the optimizer outside) is timed."""
     flags = set(impl.split("+")[1:])
     return not ((mode != "latency" and "graph" in flags)
-                or (mode == "train" and {"graph", "freeze", "cast"} & flags))
+                or (mode == "train" and {"graph", "freeze", "cast", "ort"} & flags))
 
 
 def _run_isolated(name: str, mode: str, impls: list[str], args, log) -> list[Entry]:
@@ -540,6 +582,12 @@ def _over_budget(args, factor: float = 1.0) -> bool:
     return args.budget_s > 0 and time.perf_counter() - _START[0] > args.budget_s * factor
 
 
+def _has_onnx() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnxscript"))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="swin bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -551,7 +599,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(+compile: torch.compile, +ro: compile reduce-overhead, +mat: compile max-autotune, +freeze: compile with inductor freezing (inference), +graph: our CUDA-graph runner, "
                         "+cast: the model and input in --dtype instead of autocast (inference), "
                         "+plainmlp: ours with the plain MLP instead of GELU recomputation, "
-                        "+dpskip: ours skipping drop-path-dropped samples on CUDA too, as it does on CPU)")
+                        "+dpskip: ours skipping drop-path-dropped samples on CUDA too, as it does on CPU, "
+                        "+ort: the model exported to ONNX and run by onnxruntime (CPU, fp32, inference; "
+                        "timm+ort and hf+ort count as peers))")
     p.add_argument("--compile", action="store_true", help="add +compile variants of ours, timm and hf")
     p.add_argument("--batch-infer", type=int, default=None, help="default: 256 on CUDA, 8 on CPU")
     p.add_argument("--batch-train", type=int, default=None, help="default: 128 on CUDA, 8 on CPU")
@@ -581,6 +631,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         a.impls = ("ours,ours+compile,ours+ro,ours+graph,timm,timm-sdpa,timm+compile,timm-sdpa+compile,timm-sdpa+ro,tv,hf"
                    if cuda
                    else "ours,ours-ref,timm,timm-sdpa,timm-sdpa+compile,tv,hf")
+        if not cuda and _has_onnx():  # deployment on a CPU: the model in onnxruntime is a peer too
+            a.impls += ",timm+ort"
         if a.compile:
             a.impls += ",ours+compile,timm+compile,timm-sdpa+compile,hf+compile"
         a.impls = ",".join(dict.fromkeys(a.impls.split(",")))  # once each, in order

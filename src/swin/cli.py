@@ -1,4 +1,4 @@
-"""The ``swin`` command line: train, eval, predict, flops, convert, plot, models, bench.
+"""The ``swin`` command line: train, eval, predict, flops, convert, export, plot, models, bench.
 
 Errors a user can cause print one line, ``error: ...``, and exit with status 2 (no traceback;
 SWIN_DEBUG=1 shows it). A run stopped by SIGINT/SIGTERM saves and exits 0; a non-finite loss exits 1.
@@ -110,6 +110,19 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
     c.add_argument("--model", help="architecture name (swin models); needed to write V2 weights for "
                                    "torchvision/official, whose buffers depend on the window size")
+
+    x = sub.add_parser("export", help="write a checkpoint as an ONNX file (onnxruntime, TensorRT, OpenVINO)",
+                       description="Export to ONNX: dynamic batch, the image size fixed. onnxruntime runs the "
+                                   "file before it is moved into place; its logits must equal the model's.")
+    x.add_argument("checkpoint", help="a run folder, a run checkpoint, or a foreign checkpoint (with --model)")
+    x.add_argument("output", help="the .onnx file to write")
+    x.add_argument("--model", help="architecture of a foreign checkpoint (e.g. swin_t)")
+    x.add_argument("--img-size", type=int, help="input side (default: the run's or the model's)")
+    x.add_argument("--batch", type=int, help="a fixed batch size (default: dynamic)")
+    x.add_argument("--opset", type=int, default=18)
+    x.add_argument("--ema", action="store_true", help="export the run's EMA weights")
+    x.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
+    x.add_argument("--no-check", dest="check", action="store_false", help="skip the onnxruntime comparison")
 
     pl = sub.add_parser("plot", help="PNG of a run's loss, accuracy and lr")
     pl.add_argument("run_dir")
@@ -332,6 +345,32 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+    from .train import load_for_inference
+
+    out = Path(args.output)
+    if out.exists() and not args.force:  # before loading anything
+        raise ValueError(f"{out} already exists; choose another name or pass --force to overwrite it.")
+    loaded = load_for_inference(args.checkpoint, model=args.model, img_size=args.img_size, use_ema=args.ema)
+    meta = {"swin.mean": ",".join(map(str, loaded.mean)), "swin.std": ",".join(map(str, loaded.std)),
+            "swin.eval_crop": str(loaded.eval_crop)}
+    if loaded.classes:
+        meta["swin.classes"] = json.dumps(loaded.classes)
+    try:
+        r = export_onnx(loaded.model, out, img_size=loaded.img_size, batch=args.batch, opset=args.opset,
+                        metadata=meta, check=args.check, force=args.force)
+    except ImportError as e:  # the optional packages: one line, as any other input error
+        raise ValueError(str(e)) from None
+    n = args.batch or "N"
+    check = (f"onnxruntime's logits within {r['max_rel_err']:.1e} of the model's" if r["max_rel_err"] is not None
+             else "not run in onnxruntime")
+    print(f"Wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {r['seconds']:.0f} s): pixel_values ({n}, 3, "
+          f"{loaded.img_size}, {loaded.img_size}) normalised with mean {loaded.mean}, std {loaded.std} -> "
+          f"logits ({n}, {loaded.model.num_classes}); {check}")
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     import matplotlib
 
@@ -381,7 +420,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "flops": cmd_flops,
-            "convert": cmd_convert, "plot": cmd_plot, "models": cmd_models}
+            "convert": cmd_convert, "export": cmd_export, "plot": cmd_plot, "models": cmd_models}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -191,11 +191,13 @@ def window_attention_sdpa(attn, x: torch.Tensor, window: int, shift: int, mask_p
             out = _CpuKernelAttention.apply(q, k, v, mask, scale)
         return attn.proj_drop(attn.project_out(_unpermute(out, rev, fwd, unpadded, B, H, Wd)))
     mask = mask.to(q.dtype)  # the plain paths below take it in q's dtype
-    if not x.is_cuda and mask.requires_grad:
+    if not x.is_cuda and (mask.requires_grad or _is_exporting()):
         # training the bias on CPU: SDPA's CPU kernel has no gradient for the mask and would fall
         # back to its generic math path; plain batched matmuls with the (nW, heads, N, N) bias
         # broadcast over the batch are faster, and flushing the masked (~1e-44, subnormal)
-        # probabilities to 0 makes the products with them ~70x faster (softmax_flush_tiny)
+        # probabilities to 0 makes the products with them ~70x faster (softmax_flush_tiny).
+        # Exported graphs take this branch too: one graph for any batch (the per-image loop below
+        # would fix the batch size)
         q, k, v = (t.transpose(2, 3) for t in (q, k, v))  # (B, nW, heads, N, d) views
         qs = q if scale == 1.0 else q * scale  # V2's q already carries exp(logit_scale): no pass by 1.0
         logits = qs @ k.transpose(-2, -1) + mask  # (B, nW, heads, N, N)
@@ -219,6 +221,9 @@ def window_attention_sdpa(attn, x: torch.Tensor, window: int, shift: int, mask_p
                 for b in range(B)]  # each (nW, N, heads, d)
         out = torch.stack(outs)
     return attn.proj_drop(attn.project_out(_unpermute(out.reshape(B, nW * N, C), rev, fwd, unpadded, B, H, Wd)))
+
+
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.5
 
 
 def _unpermute(out, rev, fwd, unpadded: bool, B: int, H: int, Wd: int) -> torch.Tensor:
@@ -334,4 +339,6 @@ class _SoftmaxFlushTiny(torch.autograd.Function):
 
 
 def softmax_flush_tiny(logits: torch.Tensor) -> torch.Tensor:
+    if torch.onnx.is_in_onnx_export():  # a plain Softmax node: the flush would be two more nodes per
+        return torch.softmax(logits, -1)  # block (7% of Swin-T's time in onnxruntime); see swin.export
     return _SoftmaxFlushTiny.apply(logits)
