@@ -601,7 +601,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "+plainmlp: ours with the plain MLP instead of GELU recomputation, "
                         "+dpskip: ours skipping drop-path-dropped samples on CUDA too, as it does on CPU, "
                         "+ort: the model exported to ONNX and run by onnxruntime (CPU, fp32, inference; "
-                        "timm+ort and hf+ort count as peers))")
+                        "timm+ort, tv+ort and hf+ort count as peers))")
     p.add_argument("--compile", action="store_true", help="add +compile variants of ours, timm and hf")
     p.add_argument("--batch-infer", type=int, default=None, help="default: 256 on CUDA, 8 on CPU")
     p.add_argument("--batch-train", type=int, default=None, help="default: 128 on CUDA, 8 on CPU")
