@@ -201,7 +201,8 @@ def _prepare(impl: str, name: str, mode: str, device: str, dtype: torch.dtype, b
         fwd = torch.compile(fwd, options={"freezing": True})
     info: dict = {"model": model, "fwd": fwd}
     if "ort" in flags:  # the model exported to ONNX and run by onnxruntime: a deployment peer
-        return _ort_step(impl, model, fwd, device, dtype, inputs), info
+        step, info["ort_rel_err"] = _ort_step(impl, model, fwd, device, dtype, inputs)
+        return step, info
     if mode == "train":
         model.train()
         labels = [torch.randint(0, 1000, (batch,), device=device) for _ in inputs]
@@ -248,9 +249,10 @@ class _Logits(nn.Module):
 
 
 def _ort_step(impl: str, model: nn.Module, fwd: Callable, device: str, dtype: torch.dtype,
-              inputs: list[torch.Tensor]) -> Callable[[int], None]:
+              inputs: list[torch.Tensor]) -> tuple[Callable[[int], None], float]:
     """+ort: export the eval-mode model at the run's batch (static shapes, onnxruntime's best case),
-    check that onnxruntime's logits equal the PyTorch model's, and time session.run on the inputs.
+    check that onnxruntime's logits equal the PyTorch model's (the error is returned with the step),
+    and time session.run on the inputs.
     onnxruntime runs with torch's thread count and its default graph optimisations."""
     from .export import MAX_REL_ERR, export_module, onnx_session, rel_err
 
@@ -270,8 +272,7 @@ def _ort_step(impl: str, model: nn.Module, fwd: Callable, device: str, dtype: to
     def step(i: int) -> None:
         session.run(None, {"pixel_values": arrays[i % len(arrays)]})
 
-    step.rel_err = err
-    return step
+    return step, err
 
 
 def _saved_activation_bytes(info: dict, x: torch.Tensor, dtype: torch.dtype) -> int:
@@ -354,8 +355,8 @@ def run_mode(name: str, mode: str, impls: list[str], args, log) -> list[Entry]:
                     e.peak_gib = (torch.cuda.max_memory_allocated() - base) / 2**30
             if mode == "train" and not compiled:
                 e.saved_gib = _saved_activation_bytes(info, inputs[0], dtype) / 2**30
-            if getattr(step, "rel_err", None) is not None:  # +ort: onnxruntime against its PyTorch model
-                e.parity_rel_err = step.rel_err
+            if "ort_rel_err" in info:  # +ort: onnxruntime against its PyTorch model
+                e.parity_rel_err = info["ort_rel_err"]
             elif impl.startswith("ours") and mode != "train" and args.parity:
                 e.parity_rel_err = _parity(name, impl, device, dtype, inputs[0])
             steps[impl] = step
@@ -583,9 +584,9 @@ def _over_budget(args, factor: float = 1.0) -> bool:
 
 
 def _has_onnx() -> bool:
-    import importlib.util
+    from .export import installed
 
-    return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnxscript"))
+    return installed("onnxruntime", "onnxscript")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -122,7 +122,7 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, *, img_size: in
     try:
         export_module(model, example, tmp, dynamic_batch=batch is None, opset=opset, metadata=meta)
         err = None
-        if check and _has_onnxruntime():
+        if check and installed("onnxruntime"):
             x = torch.randn(batch or 3, 3, H, W, generator=gen)  # another batch size than the trace's
             with torch.inference_mode():
                 ref = model(x.to(device)).float()
@@ -139,9 +139,8 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, *, img_size: in
     return {"path": str(path), "seconds": time.perf_counter() - t0, "max_rel_err": err}
 
 
-def _has_onnxruntime() -> bool:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def installed(*modules: str) -> bool:
+    """Whether every named package can be imported (without importing it)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in modules)

@@ -159,6 +159,9 @@ def unit_rows(x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tenso
     return y if scale is None else y * scale.reshape(-1, 1, 1)
 
 
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.5
+
+
 def window_attention_sdpa(attn, x: torch.Tensor, window: int, shift: int, mask_padding: bool = False) -> torch.Tensor:
     """(B, H, W, C) -> (B, H, W, C); the same function as ``attn``'s reference path."""
     B, H, Wd, C = x.shape
@@ -221,9 +224,6 @@ def window_attention_sdpa(attn, x: torch.Tensor, window: int, shift: int, mask_p
                 for b in range(B)]  # each (nW, N, heads, d)
         out = torch.stack(outs)
     return attn.proj_drop(attn.project_out(_unpermute(out.reshape(B, nW * N, C), rev, fwd, unpadded, B, H, Wd)))
-
-
-_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.5
 
 
 def _unpermute(out, rev, fwd, unpadded: bool, B: int, H: int, Wd: int) -> torch.Tensor:
