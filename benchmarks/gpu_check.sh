@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One command for a CUDA machine (H100/H200; torch, triton, timm, transformers, torchvision installed):
 #   bash benchmarks/gpu_check.sh            # results under $OUT (default /tmp/swin_gpu_check)
-# 1. the Swin-T training step b128 with peak memory: ours with reduce-overhead vs timm-sdpa with
-# reduce-overhead and with compile, timm eager for memory, 2. Swin-T 224 bf16 inference b256 vs timm +
-# compile, with autocast and as 16-bit models, 3. latency b1, 3b. `swin train --compile reduce-overhead`
+# 1. Swin-T 224 bf16 inference b256 vs timm + compile, with autocast and as 16-bit models, each with and
+# without fc1 + GELU as one cuBLASLt call (+ltgelu), 2. the Swin-T training step b128 with peak memory:
+# ours with reduce-overhead vs timm-sdpa with reduce-overhead and with compile, timm eager for memory,
+# 3. latency b1, 3b. `swin train --compile reduce-overhead`
 # on CUDA, 4. profiles of ours' and timm-sdpa's compiled training steps, then if time is left the ops
 # parity tests on the GPU (every Triton launch configuration). By name only (ONLY=...): parity_new (the
 # newest kernels' parity), fused_probe (backend "fused"'s launches one process each; pinned stop 13's
@@ -39,6 +40,7 @@ section() {  # section NAME MAX_SECONDS CMD... ; runs CMD with a timeout of min(
 { date; nvidia-smi; "$PY" -c "import torch, triton, timm, transformers, torchvision; print('torch', torch.__version__, 'triton', triton.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name())"; } > "$OUT/env.txt" 2>&1
 tail -n 1 "$OUT/env.txt"
 
+# Order (stop 23): inference first (the cuBLASLt fc1 + GELU is the one new lever), then training.
 # Order (stop 15): training first (reduce-overhead against timm's reduce-overhead), then inference,
 # latency, the Trainer on CUDA, the profiles, and the parity of every launch if time is left.
 # Order (stop 13): what the last runs left open first. Stop 13 pinned backend "fused"'s crash (one
@@ -51,17 +53,21 @@ tail -n 1 "$OUT/env.txt"
   -rfE -k "linear_gelu_matches_reference_cuda or fused_block_matches_reference_cuda"
 
 B="$PY benchmarks/bench.py --device cuda --dtype bf16 --rounds 5 --iters 8 --warmup 3"
-# 1. the training step b128 (fwd + bwd + AdamW). Stop 15: plain compile is host-bound for ours (host/device
+# 1. Swin-T 224 inference b256 (stop 15: ours+compile 21,751 img/s = 1.75x timm+compile; as 16-bit models
+#    (+cast: weights and input in bf16, no autocast) 23,148 = 1.86x), now also with fc1 + GELU as one cuBLASLt
+#    call (+ltgelu, swin.ops.mlp.addmm_gelu; stop 23, untimed). Prediction: the GELU passes were 2.06 ms
+#    (18%) of the 11.4 ms compiled step (stop 13); if cuBLASLt's epilogue costs little, ~9.6-10 ms per
+#    step: +ltgelu 1.1-1.15x ours+cast+compile, ~2.0-2.1x timm+cast+compile. If it wins by >= 3%,
+#    Mlp.LT_GELU_DEVICES becomes ("cuda",) by default (swin/model.py).
+section t_infer 200 $B --models swin_t --modes infer --budget-s 175 --out "$OUT/t_infer" \
+  --impls timm+compile,ours+compile,ours+ltgelu+compile,timm+cast+compile,ours+cast+compile,ours+cast+ltgelu+compile
+
+# 2. the training step b128 (fwd + bwd + AdamW). Stop 15: plain compile is host-bound for ours (host/device
 #    1.00, rounds 4,585-6,354 img/s); reduce-overhead (CUDA graphs) 6,944 = 1.40x timm-sdpa+compile. timm
 #    with reduce-overhead has not been timed: it is the fair peer for ours+ro. Peak memory now counts the
 #    graphs' pools. timm eager gives the memory ratio's denominator (8.81 GiB in stop 15).
 section t_train 200 $B --models swin_t --modes train --budget-s 175 --out "$OUT/t_train" \
   --impls ours+ro,timm-sdpa+ro,timm-sdpa+compile,timm
-
-# 2. Swin-T 224 inference b256 (stop 13: ours+compile 20,665 img/s, timm+compile 12,159), also as
-# 16-bit models (+cast: weights and input in bf16, no autocast), as many deploy
-section t_infer 150 $B --models swin_t --modes infer --budget-s 125 --out "$OUT/t_infer" \
-  --impls ours,timm+compile,ours+compile,timm+cast+compile,ours+cast+compile
 
 # 3. latency b1 (stop 15: ours+graph 0.81 ms)
 section t_latency 40 $B --models swin_t --modes latency --iters 20 --out "$OUT/t_latency" \

@@ -67,7 +67,8 @@ def run(batch: int, dtype: torch.dtype, device: str, iters: int, stages=STAGES, 
 
 def linear_rows(timer, M: int, C: int, dtype, device, iters, stage: str = "") -> list[dict]:
     """fc1 with GELU in the product's epilogue (swin.ops.triton_linear), each launch configuration,
-    against cuBLAS's fc1 followed by GELU and against cuBLAS's fc1 alone (the floor a fused product
+    against cuBLAS's fc1 followed by GELU, cuBLASLt's fc1 with GELU's tanh form in its epilogue
+    (swin.ops.mlp.addmm_gelu) and cuBLAS's fc1 alone (the floor a fused product
     should reach): (M, C) -> (M, 4C). GB/s count x read and the hidden layer written once; TFLOP/s
     the product's 2 M C 4C."""
     import torch.nn.functional as F
@@ -84,6 +85,7 @@ def linear_rows(timer, M: int, C: int, dtype, device, iters, stage: str = "") ->
     forced = T.FORCE_CONFIG
     cases = [("fc1+GELU: one product", i, lambda: TL.linear_gelu(x, w, b)) for i in range(len(TL.CONFIGS))]
     cases += [("fc1+GELU: cuBLAS, then GELU", None, lambda: F.gelu(F.linear(x, w, b))),
+              ("fc1+GELU (tanh): cuBLASLt epilogue", None, lambda: torch._addmm_activation(b, x, w.t(), use_gelu=True)),
               ("fc1 alone: cuBLAS", None, lambda: F.linear(x, w, b))]
     rows = []
     for name, index, fn in cases:

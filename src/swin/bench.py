@@ -79,7 +79,7 @@ class Entry:
 
 # -- building the implementations ------------------------------------------------------------
 COMPILED = ("compile", "ro", "mat", "freeze")  # the flags that torch.compile the forward (slow to prepare)
-FLAGS = COMPILED + ("graph", "cast", "plainmlp", "dpskip", "ort")
+FLAGS = COMPILED + ("graph", "cast", "plainmlp", "dpskip", "ltgelu", "ort")
 
 
 def _build(impl: str, name: str, drop_path: float) -> tuple[nn.Module, Callable]:
@@ -191,6 +191,14 @@ def _prepare(impl: str, name: str, mode: str, device: str, dtype: torch.dtype, b
         for m in model.modules():
             if isinstance(m, DropPath):
                 m.SKIP_DEVICES = ("cpu", "cuda")
+    if "ltgelu" in flags:  # ours with fc1 + GELU as one cuBLASLt call in 16-bit CUDA inference (swin.ops.mlp)
+        if not impl.startswith("ours"):
+            raise ValueError(f"+ltgelu applies to ours only, not {impl!r}")
+        from swin.model import Mlp
+
+        for m in model.modules():
+            if isinstance(m, Mlp):
+                m.LT_GELU_DEVICES = ("cuda",)
     if "compile" in flags:
         fwd = torch.compile(fwd)
     elif "ro" in flags:
@@ -601,6 +609,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "+cast: the model and input in --dtype instead of autocast (inference), "
                         "+plainmlp: ours with the plain MLP instead of GELU recomputation, "
                         "+dpskip: ours skipping drop-path-dropped samples on CUDA too, as it does on CPU, "
+                        "+ltgelu: ours with fc1 + GELU (tanh form) as one cuBLASLt call in 16-bit CUDA inference, "
                         "+ort: the model exported to ONNX and run by onnxruntime (CPU, fp32, inference; "
                         "timm+ort, tv+ort and hf+ort count as peers))")
     p.add_argument("--compile", action="store_true", help="add +compile variants of ours, timm and hf")

@@ -335,6 +335,10 @@ class WindowAttention(nn.Module):
 
 
 class Mlp(nn.Module):
+    # where 16-bit inference runs fc1 + GELU as one cuBLASLt call (GELU's tanh form; swin.ops.mlp):
+    # none by default, until a GPU run shows it faster ("cuda" is what it is for)
+    LT_GELU_DEVICES: tuple[str, ...] = ()
+
     def __init__(self, dim: int, hidden: int, drop: float = 0.0, backend: str = "reference"):
         super().__init__()
         self.backend = backend  # any fast backend: GELU recomputed in backward (swin.ops.mlp)
@@ -349,6 +353,8 @@ class Mlp(nn.Module):
             return mlp_ops.mlp_recompute_gelu(self, x)
         if mlp_ops.gelu_epilogue_eligible(self, x):  # backend "fused", CUDA inference: fc1 + GELU, one product
             return mlp_ops.mlp_gelu_epilogue(self, x)
+        if mlp_ops.lt_gelu_eligible(self, x):  # 16-bit inference where opted in: fc1 + GELU, one cuBLASLt call
+            return mlp_ops.mlp_lt_gelu(self, x)
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 

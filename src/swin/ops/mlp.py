@@ -144,3 +144,50 @@ def mlp_gelu_epilogue(mlp, x: torch.Tensor) -> torch.Tensor:
     fc1 = mlp.fc1
     bias = None if fc1.bias is None else param_as(fc1, "bias", dtype)  # as autocast rounds it for F.linear
     return mlp.fc2(linear_gelu(x.to(dtype), param_as(fc1, "weight", dtype), bias))
+
+
+# -- fc1 + GELU as one cuBLASLt call (16-bit inference) ------------------------------------------------
+# cuBLASLt applies GELU in the product's epilogue (``torch._addmm_activation``), so the (tokens x 4C)
+# hidden layer is written once, already activated, instead of written by the product, read and written
+# again by GELU. Its GELU is the tanh form; the model's is the erf form. The two differ by at most 4.7e-4
+# (at x = -2.7, where GELU is -0.009), under a quarter of a bf16 unit in the last place for outputs over
+# 0.25; a bf16 Swin-T's or SwinV2-T's logits are as far from the fp32 model's with either (tests/test_ops.py). On
+# CPU the same call computes the erf form. Used on the device types in ``Mlp.LT_GELU_DEVICES``
+# (empty by default: opt-in until a GPU run shows it faster than cuBLAS + inductor's GELU pass).
+
+def lt_gelu_eligible(mlp, x: torch.Tensor) -> bool:
+    """Inference with 16-bit products on a device type in ``mlp.LT_GELU_DEVICES``: nothing to
+    differentiate, no active dropout, a fast backend, plain fc1/fc2/GELU with biases and no hooks."""
+    if x.device.type not in mlp.LT_GELU_DEVICES or torch.is_grad_enabled() or mlp.backend == "reference":
+        return False
+    if mlp.training and (mlp.drop1.p > 0 or mlp.drop2.p > 0):
+        return False
+    dtype = autocast_dtype(x.device.type) or x.dtype
+    return (dtype in (torch.float16, torch.bfloat16) and x.dtype in (torch.float32, dtype)
+            and mlp.fc1.bias is not None and plain_mlp(mlp) and not has_hooks(mlp))
+
+
+def mlp_lt_gelu(mlp, x: torch.Tensor) -> torch.Tensor:
+    """(..., C) -> (..., C): ``mlp.fc2(GELU(mlp.fc1(x)))`` with fc1's GELU (tanh form on CUDA) in
+    cuBLASLt's epilogue."""
+    from . import param_as
+
+    dtype = autocast_dtype(x.device.type) or x.dtype
+    fc1 = mlp.fc1
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+    h = addmm_gelu(x2, param_as(fc1, "weight", dtype), param_as(fc1, "bias", dtype))
+    return mlp.fc2(h.view(*x.shape[:-1], h.shape[-1]))
+
+
+@torch.library.custom_op("swin::addmm_gelu", mutates_args=())
+def addmm_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """(M, K) x, (N, K) weight, (N,) bias -> GELU(x W^T + b), (M, N): one cuBLASLt call on CUDA (GELU's
+    tanh form), addmm + the erf GELU on CPU. An operator of its own so that torch.compile keeps the
+    call whole (inductor would split ``_addmm_activation`` into a product and a GELU pass)."""
+    return torch._addmm_activation(bias, x.contiguous(), weight.t(), use_gelu=True)
+
+
+@addmm_gelu.register_fake
+def _(x, weight, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
