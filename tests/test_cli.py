@@ -181,6 +181,9 @@ def _bad_cases(tmp: Path, run_dir: Path) -> list[tuple[list, str]]:
     (empty / "train" / "ghost").mkdir()
     twelve = write_folder(tmp / "twelve", classes=[str(i) for i in range(12)], per_class=1, splits=("val",))
     torch.save(swin.create_model("swin_micro_p4").state_dict(), tmp / "foreign.pth")
+    torch.save(swin.create_model("swin_micro_p4", num_classes=0).state_dict(), tmp / "backbone.pth")
+    (tmp / "afile").write_text("")
+    (tmp / "adir").mkdir()
     (tmp / "bad.yaml").write_text("epochs: [unclosed\n")
     out = ["--out-dir", tmp / "runs"]
     return [
@@ -199,7 +202,15 @@ def _bad_cases(tmp: Path, run_dir: Path) -> list[tuple[list, str]]:
         (["eval", "--checkpoint", tmp / "foreign.pth", "--data", "digits"], "pass --model"),
         (["eval", "--checkpoint", run_dir, "--data", twelve], "labels 10..11 would be out of range"),
         (["predict", tmp / "nope.png", "--checkpoint", run_dir], "Image"),
+        (["eval", "--checkpoint", tmp / "backbone.pth", "--model", "swin_micro_p4", "--data", "digits"],
+         "has no classifier head"),
+        (["predict", tmp / "nope.png", "--checkpoint", tmp / "backbone.pth", "--model", "swin_micro_p4"],
+         "has no classifier head"),
+        (["eval", "--checkpoint", tmp / "adir", "--model", "swin_micro_p4", "--data", "digits"], "no best.pt"),
         (["convert", tmp / "nope.pth", tmp / "o.pth", "--to", "timm"], "does not exist"),
+        (["convert", tmp / "foreign.pth", tmp / "adir", "--to", "timm"], "is a folder"),
+        (["convert", tmp / "foreign.pth", tmp / "afile" / "o.pth", "--to", "timm"], "Cannot create the folder"),
+        (["convert", tmp / "adir", tmp / "o.pth", "--to", "timm"], "is a folder without"),
         (["plot", tmp], "has no metrics.jsonl"),
     ]
 

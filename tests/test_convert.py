@@ -115,7 +115,9 @@ def test_wrappers_and_nesting_are_unwrapped():
     ddp = {"module." + k: v for k, v in sd.items()}
     for ckpt in ({"model": sd, "ema": ema, "epoch": 3}, {"state_dict": ddp}, {"model_state": sd},
                  {"state_dict_ema": sd}, {"model": {"_orig_mod." + k: v for k, v in sd.items()}},
-                 {"model." + k: v for k, v in sd.items()}, {"backbone." + k: v for k, v in sd.items()}, model):
+                 {"model." + k: v for k, v in sd.items()}, {"backbone." + k: v for k, v in sd.items()},
+                 {"_orig_mod.module." + k: v for k, v in sd.items()},  # torch.compile(DDP(model))
+                 {"model.module." + k: v for k, v in sd.items()}, model):
         assert_same_state(convert_state_dict(ckpt), sd)
     timm_nested = {"state_dict": {"module." + k: v for k, v in convert_state_dict(sd, dst="timm").items()}}
     assert detect_format(timm_nested) == "timm"
@@ -300,6 +302,21 @@ def test_load_checkpoint_files(tmp_path, suffix, fmt):
         result = load_checkpoint(dst, where)
         assert result.missing_keys == [] and result.unexpected_keys == []
         assert_same_state(dst.state_dict(), src.state_dict())
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "pytorch_model.bin"])
+def test_load_checkpoint_reads_a_save_pretrained_folder(tmp_path, name):
+    """A transformers save_pretrained folder (config.json beside the weights file) loads as its file;
+    a folder without one is named as such, not as a missing file."""
+    src = randomized(tiny(1), seed=6)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    save_state_dict(convert_state_dict(src.state_dict(), dst="hf"), tmp_path / "hf" / name)
+    dst = tiny(1)
+    assert load_checkpoint(dst, tmp_path / "hf") == ([], [])
+    assert_same_state(dst.state_dict(), src.state_dict())
+    with pytest.raises(ValueError, match="is a folder without model.safetensors or pytorch_model.bin"):
+        load_checkpoint(tiny(1), tmp_path)
 
 
 def test_load_checkpoint_training_checkpoint_prefers_model_over_ema(tmp_path):

@@ -330,19 +330,39 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .train import read_state_dict
 
     src, out = Path(args.input), Path(args.output)
+    if src.is_dir():  # a transformers save_pretrained folder
+        from swin.convert import folder_checkpoint
+
+        src = folder_checkpoint(src)
     if not src.is_file():
         raise FileNotFoundError(f"Checkpoint {src} does not exist.")
-    if out.exists() and not args.force:
-        raise ValueError(f"{out} already exists; choose another name or pass --force to overwrite it.")
     if out.resolve() == src.resolve():
         raise ValueError("OUTPUT must differ from INPUT.")
+    _check_output(out, args.force)
     sd = read_state_dict(src)
     config = swin.get_config(args.model) if args.model else None
     converted = swin.convert_state_dict(sd, src=args.src, dst=args.to, config=config)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_state_dict(converted, out)
+    try:
+        save_state_dict(converted, out)
+    except OSError as e:
+        raise ValueError(f"Cannot write {out} ({e.strerror or e}).") from None
     print(f"Wrote {len(converted)} tensors in the {args.to} layout to {out}")
     return 0
+
+
+def _check_output(out: Path, force: bool) -> None:
+    """Refuse, before any work, an output that exists (unless ``force``), is a folder, or cannot be
+    created; creates its missing parent folders."""
+    if out.is_dir():
+        raise ValueError(f"{out} is a folder; give a file name for the output.")
+    if out.exists() and not force:
+        raise ValueError(f"{out} already exists; choose another name or pass --force to overwrite it.")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"Cannot create the folder for {out} ({e.strerror or e}).") from None
+    if not os.access(out.parent, os.W_OK):
+        raise ValueError(f"Cannot write {out}: no write permission in {out.parent}.")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -350,8 +370,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .train import load_for_inference
 
     out = Path(args.output)
-    if out.exists() and not args.force:  # before loading anything
-        raise ValueError(f"{out} already exists; choose another name or pass --force to overwrite it.")
+    _check_output(out, args.force)  # before loading anything
     loaded = load_for_inference(args.checkpoint, model=args.model, img_size=args.img_size, use_ema=args.ema)
     meta = {"swin.mean": ",".join(map(str, loaded.mean)), "swin.std": ",".join(map(str, loaded.std)),
             "swin.eval_crop": str(loaded.eval_crop)}

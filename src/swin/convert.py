@@ -125,9 +125,12 @@ def _unwrap(obj: Any) -> dict[str, torch.Tensor]:
                              f"expected tensors or one of the nesting keys {', '.join(_NEST_KEYS)}.")
         obj = obj[nested]
     sd = dict(obj)
-    for prefix in _WRAPPER_PREFIXES:
-        while sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    stripped = True
+    while stripped:  # in any order and nesting: torch.compile(DDP(m)) saves "_orig_mod.module."
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if sd and all(k.startswith(prefix) for k in sd):
+                sd, stripped = {k[len(prefix):]: v for k, v in sd.items()}, True
     return sd
 
 
@@ -614,6 +617,8 @@ def convert_state_dict(state_dict: Mapping[str, Any], src: str = "auto", dst: st
 def read_file(path: str | os.PathLike) -> Any:
     """What a checkpoint file holds, read safely (weights_only / safetensors), before any unwrapping."""
     path = Path(path)
+    if path.is_dir():
+        path = folder_checkpoint(path)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint file {str(path)!r} does not exist; check the path.")
     if path.suffix == ".safetensors":
@@ -640,6 +645,21 @@ def read_file(path: str | os.PathLike) -> Any:
         first = str(e).splitlines()[0][:160] if str(e) else ""
         raise ValueError(f"Could not read checkpoint {str(path)!r} ({type(e).__name__}: {first}); "
                          "is the file complete and a PyTorch or safetensors checkpoint?") from None
+
+
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what save_pretrained writes in its folder
+
+
+def folder_checkpoint(folder: Path) -> Path:
+    """The weights file of a transformers ``save_pretrained`` folder; ValueError for any other folder."""
+    for name in HF_WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    if any(folder.glob("*.index.json")):
+        raise ValueError(f"{str(folder)!r} holds a sharded checkpoint; load it with transformers and save "
+                         "its state dict as one file.")
+    raise ValueError(f"{str(folder)!r} is a folder without {' or '.join(HF_WEIGHT_FILES)}; "
+                     "give the checkpoint file itself.")
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -690,13 +710,42 @@ def _resize_bias_table(table: torch.Tensor, window: int) -> torch.Tensor:
     return grid.reshape(heads, new_side * new_side).permute(1, 0).contiguous().to(table.dtype)
 
 
+def _stage_window(model: nn.Module, key: str) -> int | None:
+    """The window the block of ``key`` (layers.I.blocks....) runs at on the model's nominal image size
+    when its map is smaller than the configured window (the official rule: one window of the map's
+    size); None otherwise. timm and the official code size that block's bias table for this smaller
+    window."""
+    config, m = getattr(model, "config", None), re.match(r"^layers\.(\d+)\.", key)
+    if config is None or m is None:
+        return None
+    height, width = (-(-n // config.patch_size) for n in config.img_size)
+    for _ in range(int(m.group(1))):  # patch merging halves the map, padding an odd side
+        height, width = -(-height // 2), -(-width // 2)
+    side = min(height, width)
+    return side if side < config.window_size else None
+
+
+def _embed_bias_table(table: torch.Tensor, window: int) -> torch.Tensor:
+    """((2m-1)^2, heads) -> ((2M-1)^2, heads), M >= m: the small table in the centre of a zero table.
+    A window of m tokens reads exactly these rows of the big one (``windows.relative_index``), so a
+    table saved for a block whose map was smaller than the window loads exactly."""
+    rows, heads = table.shape
+    side, new_side = round(rows ** 0.5), 2 * window - 1
+    big = table.new_zeros(new_side, new_side, heads)
+    o = (new_side - side) // 2
+    big[o:o + side, o:o + side] = table.view(side, side, heads)
+    return big.view(new_side * new_side, heads)
+
+
 def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Mapping[str, Any],
                     strict: bool = True) -> LoadResult:
     """Load Swin weights of any supported format into ``model`` (a :class:`swin.SwinTransformer`).
 
-    Accepts a ``.pth``/``.pt``/``.bin``/``.safetensors`` path or an in-memory (possibly nested)
-    checkpoint. Pickled files are read with ``weights_only=True``. Bias tables are resized
-    bicubically to the model's window; a head of another class count (or none at all) is left
+    Accepts a ``.pth``/``.pt``/``.bin``/``.safetensors`` path, a transformers ``save_pretrained``
+    folder, or an in-memory (possibly nested) checkpoint. Pickled files are read with ``weights_only=True``. Bias tables are resized
+    bicubically to the model's window, except a table saved for a block whose map is smaller than
+    the window (timm and the official code shrink such a block's window and table): it goes in the
+    centre of the model's table, which is what that block reads; a head of another class count (or none at all) is left
     as initialised, with a warning, and its keys are reported missing. With ``strict=True`` any
     other missing, unexpected or mis-shaped key raises ValueError.
     """
@@ -706,10 +755,18 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
     ours = convert_state_dict(sd, src=info.fmt, dst="swin")
     target = model.state_dict()
 
-    for k, v in list(ours.items()):
-        if k.endswith("relative_position_bias_table") and k in target and v.shape != target[k].shape:
-            rows = target[k].shape[0]
-            ours[k] = _resize_bias_table(v, (round(rows ** 0.5) + 1) // 2)
+    tables = {k: v for k, v in ours.items() if k.endswith("relative_position_bias_table") and k in target}
+    same_window = any(v.shape == target[k].shape for k, v in tables.items())
+    for k, v in tables.items():
+        if v.shape != target[k].shape:
+            window = (round(target[k].shape[0] ** 0.5) + 1) // 2
+            shrunk = v.shape[0] == (2 * (_stage_window(model, k) or 0) - 1) ** 2
+            if v.shape[0] < target[k].shape[0] and (same_window or shrunk):
+                # the checkpoint's window is the model's, shrunk at this block because its map was smaller
+                # (or the model's own map is that small here): this block only ever read the centre rows
+                ours[k] = _embed_bias_table(v, window)
+            else:  # another window: fine-tuning at a new size, as the official code does
+                ours[k] = _resize_bias_table(v, window)
 
     head_keys = [k for k in ("head.weight", "head.bias") if k in target]
     ckpt_head = [k for k in ("head.weight", "head.bias") if k in ours]

@@ -914,7 +914,12 @@ def load_for_inference(checkpoint: str | os.PathLike, *, model: str | None = Non
         best = path / "best.pt"
         path = best if best.is_file() else latest_checkpoint(path)
         if path is None:
-            raise FileNotFoundError(f"Run folder {checkpoint} has no best.pt or ckpt-*.pt.")
+            from .convert import HF_WEIGHT_FILES, folder_checkpoint
+
+            if not any((Path(checkpoint) / name).is_file() for name in HF_WEIGHT_FILES):
+                raise FileNotFoundError(f"Folder {checkpoint} has no best.pt or ckpt-*.pt (a run) and no "
+                                        f"{' or '.join(HF_WEIGHT_FILES)} (a transformers model).")
+            path = folder_checkpoint(Path(checkpoint))
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint {path} does not exist.")
     ours = None
@@ -941,7 +946,11 @@ def load_for_inference(checkpoint: str | os.PathLike, *, model: str | None = Non
     from . import load_checkpoint
 
     sd = read_state_dict(path)
-    mcfg = get_config(model, num_classes=_head_classes(sd))
+    classes = _head_classes(sd)
+    if classes is None:
+        raise ValueError(f"{path} has no classifier head (a backbone checkpoint), so it cannot classify; "
+                         f"fine-tune a head first: swin train --pretrained {path} --model {model} --data ...")
+    mcfg = get_config(model, num_classes=classes)
     net = SwinTransformer(mcfg)
     load_checkpoint(net, sd, strict=True)
     size = img_size or mcfg.img_size[0]
