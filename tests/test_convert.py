@@ -416,11 +416,15 @@ def test_pickle_with_code_is_refused_and_not_run(tmp_path):
 
 def test_wrong_model_raises_naming_format_and_keys():
     v1 = convert_state_dict(tiny(1).state_dict(), dst="timm")
-    with pytest.raises(ValueError, match=r"'timm' \(Swin V1\).*(missing|unexpected).*layers\.0\.blocks\.0\.attn\."):
+    with pytest.raises(ValueError, match=r"These are Swin V1 weights and the model is a SwinV2; create a Swin V1"):
         load_checkpoint(tiny(2), v1)
     deeper = tiny(1, depths=(2, 2, 4, 2))
-    with pytest.raises(ValueError, match=r"missing layers\.2\.blocks\.2\."):
+    with pytest.raises(ValueError, match=r"'timm' \(detected; Swin V1\).*missing layers\.2\.blocks\.2\."):
         load_checkpoint(deeper, v1)
+    with pytest.raises(ValueError, match=r"'torchvision' \(as given; the keys look like 'timm'.*do not fit"):
+        convert_state_dict(v1, src="torchvision")
+    with pytest.raises(ValueError, match=r"Swin V1 weights \(format 'timm'\) and the given config is a SwinV2"):
+        convert_state_dict(v1, dst="official", config=swin.get_config("swinv2_t_w8"))
     wider = swin.create_model("swin_t", num_classes=10, window_size=4, embed_dim=64, depths=(2, 2, 2, 2),
                               num_heads=(1, 2, 4, 8))
     with warnings.catch_warnings():

@@ -110,6 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
     c.add_argument("--model", help="architecture name (swin models); needed to write V2 weights for "
                                    "torchvision/official, whose buffers depend on the window size")
+    c.add_argument("--hf-version", type=int, choices=[4, 5], default=None,
+                   help="transformers naming to write with --to hf (default: the installed version's)")
 
     x = sub.add_parser("export", help="write a checkpoint as an ONNX file (onnxruntime, TensorRT, OpenVINO)",
                        description="Export to ONNX: dynamic batch, the image size fixed. onnxruntime runs the "
@@ -341,7 +343,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     _check_output(out, args.force)
     sd = read_state_dict(src)
     config = swin.get_config(args.model) if args.model else None
-    converted = swin.convert_state_dict(sd, src=args.src, dst=args.to, config=config)
+    converted = swin.convert_state_dict(sd, src=args.src, dst=args.to, config=config, hf_version=args.hf_version)
     try:
         save_state_dict(converted, out)
     except OSError as e:

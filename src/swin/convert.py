@@ -35,6 +35,7 @@ import pickle
 import re
 import tempfile
 import warnings
+from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,11 +84,14 @@ class _Info:
     fmt: str
     version: int  # 1 or 2
     hf_version: int | None = None  # 4 or 5 for HF V1 names
+    detected: str | None = None  # set when the caller named the format: what the keys looked like
 
     def describe(self) -> str:
         name = "SwinV2" if self.version == 2 else "Swin V1"
         hf = f", transformers {self.hf_version}.x names" if self.hf_version else ""
-        return f"'{self.fmt}' ({name}{hf})"
+        if self.detected:
+            return f"'{self.fmt}' (as given; the keys look like '{self.detected}', {name})"
+        return f"'{self.fmt}' (detected; {name}{hf})"
 
 
 class LoadResult(NamedTuple):
@@ -115,6 +119,8 @@ def _unwrap(obj: Any) -> dict[str, torch.Tensor]:
             raise ValueError(f"Expected a state dict (a mapping of names to tensors), got {type(obj).__name__}.")
         if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             break
+        if not obj:
+            raise ValueError("The checkpoint is empty: it holds no tensors.")
         nested = next((k for k in _NEST_KEYS if isinstance(obj.get(k), Mapping)), None)
         if nested is None:
             tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
@@ -125,6 +131,14 @@ def _unwrap(obj: Any) -> dict[str, torch.Tensor]:
                              f"expected tensors or one of the nesting keys {', '.join(_NEST_KEYS)}.")
         obj = obj[nested]
     sd = dict(obj)
+    if any(k.startswith("encoder.patch_embed.") for k in sd):  # official SimMIM pre-training: encoder + decoder
+        dropped = [k for k in sd if not k.startswith("encoder.") or k == "encoder.mask_token"]
+        sd = {k[len("encoder."):]: v for k, v in sd.items() if k not in dropped}
+        if dropped:
+            warnings.warn(f"Dropped {len(dropped)} SimMIM key(s) a Swin classifier has no place for (the "
+                          f"decoder, the mask token): {_first(dropped)}.", stacklevel=3)
+    if any(re.match(r"^layers_\d+\.", k) for k in sd):  # timm features_only=True: layers_0. for layers.0.
+        sd = {re.sub(r"^layers_(\d+)\.", r"layers.\1.", k): v for k, v in sd.items()}
     stripped = True
     while stripped:  # in any order and nesting: torch.compile(DDP(m)) saves "_orig_mod.module."
         stripped = False
@@ -143,12 +157,25 @@ def _detect_version(keys) -> int:
     return 2 if any(any(s in k for s in v2) for k in keys) else 1
 
 
+_UNSUPPORTED = (  # (key fragment, what the weights are): architectures a Swin key reader would misread
+    (".attn.meta_mlp.", "timm's swinv2_cr_* (a different SwinV2 variant: post-norm, a meta MLP for the bias)"),
+    ("absolute_pos_embed", "a Swin with absolute position embeddings (ape=True), which this package does not build"),
+    ("embeddings.position_embeddings", "a Swin with absolute position embeddings (use_absolute_embeddings), "
+                                       "which this package does not build"),
+)
+
+
 def _inspect(sd: Mapping[str, torch.Tensor]) -> _Info:
     keys = list(sd)
+    for fragment, what in _UNSUPPORTED:
+        if any(fragment in k for k in keys):
+            raise ValueError(f"These weights are {what}; their keys (e.g. "
+                             f"{next(k for k in keys if fragment in k)}) have no place in this implementation.")
     version = _detect_version(keys)
     if any(k.startswith("features.0.0.") or re.match(r"^features\.\d+\.\d+\.attn\.", k) for k in keys):
         return _Info("torchvision", version)
-    if any(".attn.w_msa." in k or re.match(r"^(backbone\.)?stages\.\d+\.", k) for k in keys):
+    if any(".attn.w_msa." in k or re.match(r"^(backbone\.)?stages\.\d+\.blocks\.\d+\.ffn\.layers\.", k)
+           for k in keys):
         return _Info("mmdet", version)
     if any("embeddings.patch_embeddings." in k or re.match(r"^(swin|swinv2)\.", k) or
            re.match(r"^(swin\.|swinv2\.)?encoder\.layers\.", k) for k in keys):
@@ -274,11 +301,15 @@ def _read_hf(sd, info):
     else:  # accept either naming (a dict that mixes both is still read)
         tables = [_hf_tables(1, 5), _hf_tables(1, 4)]
     qkv: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    norms: dict[int, dict[str, tuple[str, torch.Tensor]]] = defaultdict(dict)
+    dropped: list[str] = []
     for k, v in sd.items():
         if _is_buffer(k):
             continue
         key = re.sub(r"^(swin|swinv2)\.", "", k)
-        if key.startswith("embeddings."):
+        if key == "embeddings.mask_token" or key.startswith("decoder."):  # SwinForMaskedImageModeling
+            dropped.append(k)
+        elif key.startswith("embeddings."):
             rest = key[len("embeddings."):]
             mapped = {"patch_embeddings.projection.weight": "patch_embed.proj.weight",
                       "patch_embeddings.projection.bias": "patch_embed.proj.bias",
@@ -305,8 +336,18 @@ def _read_hf(sd, info):
             out["norm." + key.split(".")[1]] = v
         elif key in ("classifier.weight", "classifier.bias"):
             out["head." + key.split(".")[1]] = v
+        elif m := re.match(r"^hidden_states_norms\.stage(\d+)\.(weight|bias)$", key):  # SwinBackbone
+            norms[int(m.group(1))][m.group(2)] = (k, v)
         else:
             bad.append(k)
+    if norms:  # the last stage's output norm is the classifier's final norm; the others have no place
+        last = max(norms)
+        for name, (k, v) in norms.pop(last).items():
+            out["norm." + name] = v
+        dropped += [k for stage in norms.values() for k, _ in stage.values()]
+    if dropped:
+        warnings.warn(f"Dropped {len(dropped)} transformers key(s) a Swin classifier has no place for (earlier "
+                      f"stages' output norms, the masked-image-modelling decoder): {_first(dropped)}.", stacklevel=3)
     for (prefix, name), parts in qkv.items():
         if sorted(parts) != [0, 1, 2]:
             bad.append(f"{prefix}{name} (only {len(parts)} of query/key/value present)")
@@ -396,7 +437,7 @@ def _check_ours(sd: Mapping[str, torch.Tensor], info: _Info, bad: list[str]) -> 
             continue
         bad.append(k)
     if bad:
-        raise ValueError(f"These weights, detected as format {info.describe()}, have keys that do not fit that "
+        raise ValueError(f"These weights, read as format {info.describe()}, have keys that do not fit that "
                          f"format or this Swin implementation: {_first(bad)}.")
 
 
@@ -598,7 +639,11 @@ def convert_state_dict(state_dict: Mapping[str, Any], src: str = "auto", dst: st
     info = _inspect(sd)
     if src != "auto" and src != info.fmt and not {src, info.fmt} <= {"swin", "official"}:
         # Trust the caller's format but say what the keys looked like if they do not fit it.
-        info = _Info(src, info.version, info.hf_version)
+        info = _Info(src, info.version, info.hf_version, detected=info.fmt)
+    if config is not None and config.version != info.version:
+        raise ValueError(f"These are {'SwinV2' if info.version == 2 else 'Swin V1'} weights (format {info.fmt!r}) "
+                         f"and the given config is a {'SwinV2' if config.version == 2 else 'Swin V1'} model; "
+                         "name a model of the weights' version.")
     ours, bad = _READERS[info.fmt](sd, info)
     _check_ours(ours, info, bad)
     if hf_version is not None:
@@ -752,6 +797,11 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
     raw = path_or_state_dict
     sd = read_checkpoint(raw) if isinstance(raw, (str, os.PathLike)) else _unwrap(raw)
     info = _inspect(sd)
+    version = getattr(getattr(model, "config", None), "version", info.version)
+    if version != info.version:
+        have, want = ("SwinV2", "Swin V1") if info.version == 2 else ("Swin V1", "SwinV2")
+        raise ValueError(f"These are {have} weights and the model is a {want}; create a {have} model "
+                         f"(e.g. {'swinv2_t_w8' if info.version == 2 else 'swin_t'}) to load them.")
     ours = convert_state_dict(sd, src=info.fmt, dst="swin")
     target = model.state_dict()
 
@@ -796,7 +846,7 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
             parts.append(f"unexpected {_first(unexpected)}")
         if mismatched:
             parts.append(f"wrong shape {_first(mismatched, 3)}")
-        raise ValueError(f"Weights detected as format {info.describe()} do not fit this model "
+        raise ValueError(f"Weights read as format {info.describe()} do not fit this model "
                          f"({type(model).__name__}): {'; '.join(parts)}.")
     usable = {k: v for k, v in ours.items() if k in target and v.shape == target[k].shape}
     model.load_state_dict(usable, strict=False)
