@@ -101,6 +101,11 @@ def test_intermediates_index_selection_and_strides():
     torch.testing.assert_close(sel[1], full[3], rtol=0, atol=0)
     with pytest.raises(ValueError, match="out of range"):
         model.forward_intermediates(x, indices=(4,))
+    assert model.forward_intermediates(x, indices=[]) == []
+    with torch.no_grad():  # one int: that stage
+        torch.testing.assert_close(model.forward_intermediates(x, indices=2)[0], full[2], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="indices must be stage numbers"):
+        model.forward_intermediates(x, indices=[0.5])
 
 
 def test_forward_is_stateless_across_sizes():
@@ -194,6 +199,89 @@ def test_bad_input_raises_one_clear_sentence(bad, match):
     model = tiny().eval()
     with pytest.raises(ValueError, match=match):
         model(bad)
+
+
+def test_input_of_another_dtype_than_the_weights_is_one_sentence():
+    model = tiny().eval()
+    with pytest.raises(ValueError, match="input is torch.float64 and the model's weights are torch.float32"):
+        model(torch.randn(1, 3, 64, 64, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast takes care of it
+        assert model(torch.randn(1, 3, 64, 64)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("window_size", 2.5, "window_size must be a positive integer"), ("embed_dim", 0, "embed_dim must be"),
+    ("num_heads", (0, 2, 2, 4), "num_heads must be positive"), ("depths", (), "depths must be"),
+    ("drop_path_rate", 1.5, r"drop_path_rate must be in \[0, 1\)"), ("mlp_ratio", 0, "mlp_ratio must be positive"),
+    ("in_chans", 0, "in_chans must be"), ("num_classes", -1, "num_classes must be"),
+    ("img_size", (32,), "img_size must be"), ("pretrained_window_sizes", (-1, 0, 0, 0), "pretrained_window_sizes"),
+])
+def test_bad_config_raises_one_clear_sentence(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(**{field: value})
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_fast_paths_honour_each_dropout_modules_own_mode(version):
+    """Monte-Carlo dropout: the model in eval, its dropout / drop-path modules alone back in training
+    mode. Every path then draws (outputs vary) as the reference does; with them in eval, none does."""
+    model = tiny(version, drop_rate=0.2, attn_drop_rate=0.2, drop_path_rate=0.3).eval()
+    x = torch.randn(2, 3, 64, 64)
+    kinds = (torch.nn.Dropout, swin.model.DropPath)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            assert torch.equal(model(x), model(x))
+            for name in ("attn_drop", "proj_drop", "drop1", "drop_path"):
+                for n, m in model.named_modules():
+                    m.train(isinstance(m, kinds) and n.endswith(name))
+                assert not torch.equal(model(x), model(x)), (grad, name)
+                model.eval()
+
+
+def test_weight_caches_follow_a_dtype_round_trip_and_assign_loads():
+    """model.bfloat16(); model.float() (or load_state_dict(assign=True)) makes new weight tensors, which
+    may land at a freed one's address at version 0; the fast paths' caches must not take them for
+    the old ones (they did: V2 logits 5e-3 of their scale off the reference)."""
+    import copy
+
+    for version in (1, 2):
+        for seed in range(4):
+            model = tiny(version).eval()
+            x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+            model.double().float()
+            with torch.no_grad():
+                model(x)  # caches built
+                model.bfloat16().float()  # every weight rounded, new tensors
+                out = model(x)
+                ref = copy.deepcopy(model)
+                ref.set_backend("reference")
+                assert (out - ref(x)).abs().max() <= 1e-5 * ref(x).abs().max(), (version, seed)
+                new = {k: v.clone() * 1.01 for k, v in model.state_dict().items()}
+                model.load_state_dict(new, assign=True)
+                ref.load_state_dict(new)
+                assert (model(x) - ref(x)).abs().max() <= 1e-5 * ref(x).abs().max(), (version, seed)
+
+
+def test_empty_batch_quantized_v2_and_biasless_linears_run():
+    """Three things users do that crashed a fast path: an empty batch with autograd on, SwinV2 under
+    torch.ao dynamic quantization, a block Linear without bias."""
+    for version in (1, 2):
+        model = tiny(version)
+        assert model.train()(torch.randn(0, 3, 64, 64)).shape == (0, 7)
+        assert model.eval()(torch.randn(0, 3, 64, 64)).shape == (0, 7)
+    q = torch.ao.quantization.quantize_dynamic(tiny(2).eval(), {torch.nn.Linear}, dtype=torch.qint8)
+    with torch.no_grad():
+        assert torch.isfinite(q(torch.randn(1, 3, 64, 64))).all()
+    import copy
+
+    model = tiny().eval()
+    model.layers[0].blocks[0].mlp.fc1.bias = None
+    model.layers[0].blocks[1].attn.proj.bias = None
+    ref = copy.deepcopy(model)
+    ref.set_backend("reference")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
 def test_shift_mask_matches_official_construction():

@@ -49,6 +49,26 @@ class SwinConfig:
     def validate(self) -> "SwinConfig":
         if self.version not in (1, 2):
             raise ValueError(f"version must be 1 or 2, got {self.version}.")
+        for name in ("patch_size", "in_chans", "embed_dim", "window_size"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if not _is_int(self.num_classes) or self.num_classes < 0:
+            raise ValueError(f"num_classes must be an integer >= 0 (0: no head), got {self.num_classes!r}.")
+        if len(self.img_size) != 2 or not all(_is_int(s) and s >= 1 for s in self.img_size):
+            raise ValueError(f"img_size must be (height, width) in pixels, got {self.img_size!r}.")
+        if not self.depths or not all(_is_int(d) and d >= 1 for d in self.depths):
+            raise ValueError(f"depths must be one positive block count per stage, got {self.depths!r}.")
+        if not all(_is_int(h) and h >= 1 for h in self.num_heads):
+            raise ValueError(f"num_heads must be positive integers, got {self.num_heads!r}.")
+        if not all(_is_int(w) and w >= 0 for w in self.pretrained_window_sizes):
+            raise ValueError(f"pretrained_window_sizes must be integers >= 0, got {self.pretrained_window_sizes!r}.")
+        if not self.mlp_ratio > 0 or round(self.embed_dim * self.mlp_ratio) < 1:
+            raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio!r}.")
+        for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value!r}.")
         if len(self.num_heads) != len(self.depths):
             raise ValueError(f"depths {self.depths} and num_heads {self.num_heads} must have the same length.")
         for i, h in enumerate(self.num_heads):
@@ -62,6 +82,10 @@ class SwinConfig:
             raise ValueError(f"backend must be one of auto, reference, sdpa, triton, fused; got {self.backend!r}.")
         return self
 
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 def _v1(embed_dim, depths, heads, window=7, img=224, **kw) -> SwinConfig:
     return SwinConfig(version=1, img_size=(img, img), embed_dim=embed_dim, depths=depths, num_heads=heads,

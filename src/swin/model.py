@@ -21,7 +21,8 @@ from torch.utils.checkpoint import checkpoint
 
 from . import windows as W
 from .config import SwinConfig
-from .ops import autocast_dtype, cpu_tiled, fused_attention_half, fused_block_eligible, fused_mlp_half, has_hooks, is_plain
+from .ops import (autocast_dtype, cpu_tiled, fused_attention_half, fused_block_eligible, fused_mlp_half, has_hooks,
+                  invalidate_caches, is_plain)
 from .ops import mlp as mlp_ops
 from .ops import onednn
 
@@ -53,6 +54,14 @@ class SwinTransformer(nn.Module):
         for layer in self.layers:
             for blk in layer.blocks:
                 blk.attn.reset_special_parameters()
+        # load_state_dict(assign=True) puts in new tensors: the fast paths' weight caches start afresh
+        self.register_load_state_dict_post_hook(lambda module, keys: invalidate_caches())
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .float() / .half() / .cuda() replace every weight; a new one may reuse a freed one's
+        # address at version 0, which the caches' keys (address, version, dtype) cannot tell apart
+        invalidate_caches()
+        return super()._apply(fn, *args, **kwargs)
 
     # -- public API ------------------------------------------------------------------------
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -93,8 +102,13 @@ class SwinTransformer(nn.Module):
         the final LayerNorm to the last stage's map (as the classifier sees it).
         """
         n = self.config.num_layers
-        indices = range(n) if indices is None else indices
+        indices = range(n) if indices is None else [indices] if isinstance(indices, int) else list(indices)
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+            raise ValueError(f"indices must be stage numbers (integers in 0..{n - 1}, or negative from the end), "
+                             f"got {indices!r}.")
         wanted = sorted({i % n if -n <= i < n else _bad_index(i, n) for i in indices})
+        if not wanted:
+            return []
         x = self._stem(x)
         owned = self._owns_stage_inputs(x)
         out = []
@@ -115,6 +129,10 @@ class SwinTransformer(nn.Module):
     # -- internals -------------------------------------------------------------------------
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.config)
+        w = self.patch_embed.proj.weight
+        if isinstance(w, torch.Tensor) and x.dtype != w.dtype and autocast_dtype(x.device.type) is None:
+            raise ValueError(f"The input is {x.dtype} and the model's weights are {w.dtype}; convert one to the "
+                             f"other (x.to({w.dtype}) or model.to({x.dtype})), or run under torch.autocast.")
         return self.pos_drop(self.patch_embed(x))  # (B, H/4, W/4, C)
 
     def _owns_stage_inputs(self, x: torch.Tensor) -> bool:
@@ -287,7 +305,8 @@ class WindowAttention(nn.Module):
             bias = self.relative_position_bias_table[index.view(-1)].view(N, N, -1)  # (N, N, heads)
             return bias.permute(2, 0, 1)
         coords = W.log_coords(window, self.pretrained_window, self.logit_scale.device)  # ((2w-1)^2, 2)
-        table = self.cpb_mlp(coords.to(self.cpb_mlp[0].weight.dtype))  # ((2w-1)^2, heads)
+        w = self.cpb_mlp[0].weight  # a method, not a tensor, on a dynamically quantized Linear (fp32 input)
+        table = self.cpb_mlp(coords.to(w.dtype if isinstance(w, torch.Tensor) else torch.float32))  # ((2w-1)^2, heads)
         index = W.relative_index(window, window, self.logit_scale.device)
         bias = table[index.view(-1)].view(N, N, -1).permute(2, 0, 1)  # (heads, N, N)
         return 16 * torch.sigmoid(bias)
@@ -321,7 +340,7 @@ class WindowAttention(nn.Module):
         else:
             # normalised in fp32: in a pure fp16 model F.normalize's eps (1e-12) rounds to 0, and a padded
             # token's k (V2 has no k bias: k = 0) became 0/0 = NaN for every window holding one
-            q, k = (F.normalize(t.float(), dim=-1).to(t.dtype) for t in (q, k))
+            q, k = (F.normalize(t.to(torch.promote_types(t.dtype, torch.float32)), dim=-1).to(t.dtype) for t in (q, k))
             attn = q @ k.transpose(-2, -1)
             attn = attn * torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
         attn = attn + bias.unsqueeze(0)  # (B*nW, heads, N, N)

@@ -153,6 +153,18 @@ def has_hooks(module: torch.nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
+def dropout_active(*modules: torch.nn.Module) -> bool:
+    """True if any of these dropout / drop-path modules would drop now: in training mode with p > 0.
+    Each module's own mode counts (Monte-Carlo dropout puts dropouts alone back in training mode)."""
+    return any(m.training and getattr(m, "p", 0.0) > 0 for m in modules)
+
+
+def block_dropout_active(blocks: torch.nn.Module) -> bool:
+    """True if any dropout or drop-path module inside ``blocks`` would drop now."""
+    return any(m.training and getattr(m, "p", 0.0) > 0 for m in blocks.modules()
+               if isinstance(m, torch.nn.Dropout) or type(m).__name__ == "DropPath")
+
+
 def is_plain(module: torch.nn.Module, cls: type) -> bool:
     """True if ``module`` is exactly a ``cls`` with no hooks. Only then may a fast path use its
     weights directly instead of calling it: a subclass or a replacement (a LoRA wrapper, a quantized,

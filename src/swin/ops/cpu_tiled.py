@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import windows as W
-from . import _INTERPRET, autocast_dtype, cached, cpu_kernels, has_hooks, param_as
+from . import _INTERPRET, autocast_dtype, block_dropout_active, cached, cpu_kernels, has_hooks, param_as
 from .mlp import plain_mlp
 from .onednn import available as _onednn_ok
 from .sdpa import bias_and_mask, split_qkv, window_indices
@@ -59,7 +59,7 @@ CHUNK_TOKENS = 2048  # tokens per chunk: fc1's (tokens x 4C) output then fits th
 
 def eligible(layer, x: torch.Tensor) -> bool:
     """True when :func:`run_blocks` computes exactly what ``layer``'s blocks compute, faster."""
-    if x.device.type != "cpu" or layer.training:
+    if x.device.type != "cpu" or layer.training or block_dropout_active(layer.blocks):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.blocks.parameters())):
         return False  # autograd would need what the per-block path saves (a frozen model needs nothing)
@@ -84,7 +84,8 @@ def _plain_block(blk) -> bool:
     hooks are checked for all blocks at once by :func:`eligible`)."""
     return (type(blk.norm1) is torch.nn.LayerNorm and type(blk.norm2) is torch.nn.LayerNorm
             and type(blk.attn.qkv) is torch.nn.Linear and type(blk.attn.proj) is torch.nn.Linear
-            and plain_mlp(blk.mlp))
+            and plain_mlp(blk.mlp)
+            and all(m.bias is not None for m in (blk.attn.proj, blk.mlp.fc1, blk.mlp.fc2)))  # as nn.Linear builds them
 
 
 def chunk_windows(num_windows: int, tokens_per_window: int) -> int:

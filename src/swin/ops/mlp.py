@@ -22,15 +22,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import autocast_dtype, cpu_kernels, has_hooks, onednn
+from . import autocast_dtype, cpu_kernels, dropout_active, has_hooks, onednn
 
 CPU_CHUNK_TOKENS = 2048
 
 
 def eligible(mlp, x: torch.Tensor) -> bool:
     return (torch.is_grad_enabled() and mlp.backend != "reference" and not torch.compiler.is_compiling()
-            and not (mlp.training and (mlp.drop1.p > 0 or mlp.drop2.p > 0)) and plain_mlp(mlp)
-            and not has_hooks(mlp))
+            and not dropout_active(mlp.drop1, mlp.drop2) and plain_mlp(mlp) and not has_hooks(mlp)
+            and x.numel() > 0)
 
 
 def plain_mlp(mlp) -> bool:
@@ -126,7 +126,7 @@ def gelu_epilogue_eligible(mlp, x: torch.Tensor) -> bool:
 
     if mlp.backend != "fused" or not (x.is_cuda or _INTERPRET) or torch.is_grad_enabled():
         return False
-    if mlp.training and (mlp.drop1.p > 0 or mlp.drop2.p > 0):
+    if dropout_active(mlp.drop1, mlp.drop2):
         return False
     dtype = autocast_dtype(x.device.type) or x.dtype
     fc1 = mlp.fc1
@@ -160,7 +160,7 @@ def lt_gelu_eligible(mlp, x: torch.Tensor) -> bool:
     differentiate, no active dropout, a fast backend, plain fc1/fc2/GELU with biases and no hooks."""
     if x.device.type not in mlp.LT_GELU_DEVICES or torch.is_grad_enabled() or mlp.backend == "reference":
         return False
-    if mlp.training and (mlp.drop1.p > 0 or mlp.drop2.p > 0):
+    if dropout_active(mlp.drop1, mlp.drop2):
         return False
     dtype = autocast_dtype(x.device.type) or x.dtype
     return (dtype in (torch.float16, torch.bfloat16) and x.dtype in (torch.float32, dtype)

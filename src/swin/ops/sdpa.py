@@ -177,7 +177,7 @@ def window_attention_sdpa(attn, x: torch.Tensor, window: int, shift: int, mask_p
     qkv = attn.project_qkv(tokens)  # (B, nW*N, 3C)
     qkv = qkv.view(B, nW, N, 3, heads, d)
     q, k, v, scale = split_qkv(attn, qkv)  # each (B, nW, N, heads, d)
-    p = attn.attn_drop.p if attn.training else 0.0
+    p = attn.attn_drop.p if attn.attn_drop.training else 0.0
     # training the bias on CPU in fp32, or in bf16 (autocast) with windows the backward kernel takes:
     # the C kernels, which compute in fp32 and take the bias + mask in fp32
     kernel_train = (not x.is_cuda and p == 0.0 and torch.is_grad_enabled()

@@ -233,10 +233,10 @@ def eligible(blk, x: torch.Tensor) -> bool:
     """True when :func:`attention_half` computes what ``blk``'s attention half computes: backend
     "fused", nothing to differentiate, eval mode, CUDA (or the interpreter), window <= 8,
     C <= MAX_CHANNELS, plain LayerNorm and Linear layers with their biases and no hooks anywhere in the block."""
-    from . import _INTERPRET, autocast_dtype, has_hooks, is_plain
+    from . import _INTERPRET, autocast_dtype, block_dropout_active, has_hooks, is_plain
 
     attn = blk.attn
-    if attn.backend != "fused" or blk.training or not (x.is_cuda or _INTERPRET):
+    if attn.backend != "fused" or blk.training or block_dropout_active(blk) or not (x.is_cuda or _INTERPRET):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in blk.parameters())):
         return False

@@ -447,7 +447,7 @@ def _position_bias(attn, window: int) -> torch.Tensor:
 
 def window_attention_triton(attn, x: torch.Tensor, window: int, shift: int, mask_padding: bool = False) -> torch.Tensor:
     """(B, H, W, C) -> (B, H, W, C); the same function as ``attn``'s reference path."""
-    if attn.training and attn.attn_drop.p > 0:  # no dropout inside the kernel
+    if attn.attn_drop.training and attn.attn_drop.p > 0:  # no dropout inside the kernel
         from .sdpa import window_attention_sdpa
 
         return window_attention_sdpa(attn, x, window, shift, mask_padding)
