@@ -63,6 +63,39 @@ def test_train_writes_a_run_that_eval_and_plot_read(run_dir, capsys):
     assert rc == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+def test_resuming_a_finished_run_changes_nothing(run_dir, capsys):
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    rc, out, _ = run_cli(capsys, "train", "--resume", run_dir, "--no-progress")
+    assert rc == 0 and "has already trained its 1 epochs; nothing to do" in out
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+
+
+def test_eval_refuses_a_folder_whose_classes_are_not_the_runs(run_dir, tmp_path, capsys):
+    """Folders named as some of the run's classes and some not: labels by name would be partial and
+    labels by sorted folder order wrong; either way the accuracy printed would be meaningless."""
+    paths, labels = digit_pngs(tmp_path / "src", 4)
+    for p, y in zip(paths, labels):
+        for name in (str(y), "zebra"):
+            (tmp_path / "mixed" / name).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "mixed" / name / p.name).write_bytes(p.read_bytes())
+    rc, _, err = run_cli(capsys, "eval", "--checkpoint", run_dir, "--data", tmp_path / "mixed", "--workers", "0")
+    assert rc == 2 and "['zebra']" in err and "are not classes of the checkpoint" in err
+
+
+def test_predict_takes_a_folder_and_plot_a_new_folder(run_dir, tmp_path, capsys):
+    paths, _ = digit_pngs(tmp_path / "imgs", 3)
+    rc, out, _ = run_cli(capsys, "predict", tmp_path / "imgs", "--checkpoint", run_dir, "--top-k", "2")
+    assert rc == 0 and [ln for ln in out.splitlines() if not ln.startswith(" ")] == [str(p) for p in paths]
+    with open(run_dir / "metrics.jsonl") as f:
+        lines = f.read()
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "metrics.jsonl").write_text(lines + '{"step": 99, "loss": 1.')  # a run killed mid-line
+    rc, out, _ = run_cli(capsys, "plot", cut, "--out", tmp_path / "new" / "sub" / "m.png")
+    assert rc == 0 and (tmp_path / "new" / "sub" / "m.png").is_file()
+    assert not [p for p in (tmp_path / "new" / "sub").iterdir() if p.name.startswith(".")]  # no temp file left
+
+
 def test_export_of_a_run_carries_its_classes_and_normalisation(run_dir, tmp_path, capsys):
     """`swin export RUN out.onnx`: the run's class names and the digits statistics go into the file's
     metadata; onnxruntime's logits equal the run's model (the check inside export, and here)."""
@@ -200,7 +233,7 @@ def _bad_cases(tmp: Path, run_dir: Path) -> list[tuple[list, str]]:
         (["train", "--data", "cifar10", "--data-root", tmp / "cifar", *out], "could not be downloaded"),
         (["eval", "--checkpoint", tmp / "nope.pt", "--data", "digits"], "does not exist"),
         (["eval", "--checkpoint", tmp / "foreign.pth", "--data", "digits"], "pass --model"),
-        (["eval", "--checkpoint", run_dir, "--data", twelve], "labels 10..11 would be out of range"),
+        (["eval", "--checkpoint", run_dir, "--data", twelve], "Folder(s) ['10', '11']"),
         (["predict", tmp / "nope.png", "--checkpoint", run_dir], "Image"),
         (["eval", "--checkpoint", tmp / "backbone.pth", "--model", "swin_micro_p4", "--data", "digits"],
          "has no classifier head"),
@@ -212,6 +245,19 @@ def _bad_cases(tmp: Path, run_dir: Path) -> list[tuple[list, str]]:
         (["convert", tmp / "foreign.pth", tmp / "afile" / "o.pth", "--to", "timm"], "Cannot create the folder"),
         (["convert", tmp / "adir", tmp / "o.pth", "--to", "timm"], "is a folder without"),
         (["plot", tmp], "has no metrics.jsonl"),
+        (["plot", run_dir, "--out", tmp / "adir"], "is a folder"),
+        (["train", "--min-lr", "-1", *out], "min_lr must be >= 0"),
+        (["train", "--drop-path", "2", *out], r"drop_path must be in [0, 1)"),
+        (["train", "--workers", "-1", *out], "workers must be >= 0"),
+        (["train", "--label-smoothing", "1.5", *out], "label_smoothing must be in [0, 1)"),
+        (["train", "--out-dir", tmp / "afile"], "is a file"),
+        (["train", "--resume", run_dir, "--batch-size", "64"], "batch_size differs from the run's"),
+        (["predict", tmp / "nope.png", "--checkpoint", run_dir, "--top-k", "0"], "--top-k must be at least 1"),
+        (["predict", tmp / "adir", "--checkpoint", run_dir], "has no images"),
+        (["eval", "--checkpoint", run_dir, "--data", "digits", "--ema"], "has no EMA weights"),
+        (["eval", "--checkpoint", run_dir, "--data", "digits", "--model", "swin_t"], "is a run of swin_micro_p4"),
+        (["eval", "--checkpoint", run_dir, "--data", "digits", "--workers", "-1"], "--workers at least 0"),
+        (["export", run_dir, tmp / "o.onnx", "--opset", "5"], "opset must be 18 or later"),
     ]
 
 

@@ -88,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
     pr = sub.add_parser("predict", help="top-5 labels with probabilities for images")
-    pr.add_argument("images", nargs="+", metavar="IMAGE")
+    pr.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders (every image inside)")
     pr.add_argument("--checkpoint", required=True)
     pr.add_argument("--model", help="architecture of a foreign checkpoint (e.g. swin_t)")
     pr.add_argument("--img-size", type=int)
@@ -199,7 +199,22 @@ def build_train_config(args: argparse.Namespace):
         flags.setdefault("data", data)
     cfg = TrainConfig.from_dict(file, base=base)
     cfg = TrainConfig.from_dict(sets, base=cfg)
-    return TrainConfig.from_dict(flags, base=cfg), resume
+    cfg = TrainConfig.from_dict(flags, base=cfg)
+    if resume is not None:
+        changed = [k for k in RESUME_LOCKED if getattr(cfg, k) != getattr(base, k)]
+        if changed:
+            k = changed[0]
+            raise ValueError(f"--resume continues a run exactly, and {k} differs from the run's ({getattr(base, k)!r} "
+                             f"there, {getattr(cfg, k)!r} asked); leave it out, or start a new run from its weights "
+                             f"with --pretrained {resume}.")
+    return cfg, resume
+
+
+# what a resumed run cannot change without breaking its exact continuation (its data order, schedule,
+# model or folder); epochs may grow, and the machinery (device, workers, progress, ...) may change
+RESUME_LOCKED = ("data", "model", "img_size", "num_classes", "drop_path", "model_overrides", "batch_size",
+                 "accum_steps", "lr", "lr_batch", "warmup_epochs", "warmup_lr", "min_lr", "weight_decay",
+                 "layer_decay", "betas", "eps", "clip_grad", "seed", "ema", "ema_decay", "out_dir", "name")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -222,6 +237,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from . import data as D
     from .train import amp_dtype, check_labels, evaluate, load_for_inference
 
+    if args.batch_size < 1 or args.workers < 0:
+        raise ValueError(f"--batch-size must be at least 1 and --workers at least 0, got {args.batch_size} and "
+                         f"{args.workers}.")
     loaded = load_for_inference(args.checkpoint, model=args.model, img_size=args.img_size, use_ema=args.ema)
     data = args.data
     if data is None:
@@ -282,12 +300,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from . import data as D
     from .train import load_for_inference
 
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be at least 1, got {args.top_k}.")
+    paths = []
+    for path in args.images:  # a folder stands for the images in it
+        p = Path(path)
+        if p.is_dir():
+            found = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in D.IMG_EXTENSIONS and f.is_file())
+            if not found:
+                raise ValueError(f"Folder {path} has no images ({', '.join(D.IMG_EXTENSIONS)}).")
+            paths += found
+        else:
+            paths.append(path)
     loaded = load_for_inference(args.checkpoint, model=args.model, img_size=args.img_size, use_ema=args.ema)
     device = _device(args.device)
     model = loaded.model.to(device)
     tf = D.eval_transform(loaded.img_size, loaded.mean, loaded.std, loaded.eval_crop)
     images = []
-    for path in args.images:
+    for path in paths:
         if not Path(path).is_file():
             raise FileNotFoundError(f"Image {path} does not exist.")
         try:
@@ -299,7 +329,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         probs = model(torch.stack(images).to(device)).float().softmax(dim=-1).cpu()
     k = min(args.top_k, probs.shape[1])
     names = loaded.classes or [f"class {i}" for i in range(probs.shape[1])]
-    for path, p in zip(args.images, probs):
+    for path, p in zip(paths, probs):
         top = p.topk(k)
         print(path)
         for prob, idx in zip(top.values.tolist(), top.indices.tolist()):
@@ -404,7 +434,14 @@ def cmd_plot(args: argparse.Namespace) -> int:
     path = run / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{run} has no metrics.jsonl (is it a run folder of swin train?).")
-    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    rows = []
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    for i, ln in enumerate(lines):
+        try:
+            rows.append(json.loads(ln))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:  # only the last line may be cut off (a run still writing, or killed)
+                raise ValueError(f"{path} line {i + 1} is not valid JSON; the file is damaged.") from None
     train = [r for r in rows if "loss" in r]
     val = [r for r in rows if "val_top1" in r]
     if not train:
@@ -427,6 +464,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     fig.suptitle(run.name)
     fig.tight_layout()
     out = Path(args.out) if args.out else run / "metrics.png"
+    _check_output(out, force=True)  # the plot is redrawn from the metrics: an older one is replaced
     atomic_savefig(fig, out)
     plt.close(fig)
     print(f"Wrote {out}")
@@ -444,6 +482,16 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "flops
             "convert": cmd_convert, "export": cmd_export, "plot": cmd_plot, "models": cmd_models}
 
 
+def _run(args: argparse.Namespace) -> int:
+    from .train import NonFiniteLossError
+
+    try:
+        return COMMANDS[args.command](args)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":  # the benchmark has its own parser
@@ -454,19 +502,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv:
         argv = ["train"]  # `swin` alone is the demo too
     args = parser.parse_args(argv)
-    from .train import NonFiniteLossError
-
     try:
-        return COMMANDS[args.command](args)
+        return _run(args)
     except (ValueError, FileNotFoundError) as e:
         if os.environ.get("SWIN_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # also while torch is still being imported
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `swin models | head`

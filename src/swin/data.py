@@ -126,6 +126,10 @@ def load_cifar(name: str, root: str | os.PathLike) -> tuple[PILArrays, PILArrays
     return PILArrays(train.data, train.targets), PILArrays(val.data, val.targets), list(train.classes)
 
 
+def _not_a_folder(path: Path) -> str:
+    return "is a file, not a folder" if path.exists() else "does not exist"
+
+
 def scan_image_folder(root: str | os.PathLike,
                       classes: list[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
     """(path, label) pairs of ``root/<class>/*.<image ext>``; labels index ``classes`` (default: sorted folders)."""
@@ -161,7 +165,7 @@ def build_splits(data: str, img_size: int, root: str | os.PathLike = "data") -> 
         return DataSplits(data, train, val, classes, IMAGENET_MEAN, IMAGENET_STD, in_memory=False)
     path = Path(data).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"Data directory {data} does not exist (use a folder with train/ and val/, "
+        raise FileNotFoundError(f"Data directory {data} {_not_a_folder(path)} (use a folder with train/ and val/, "
                                 f"or one of {', '.join(BUILTIN)}).")
     for split in ("train", "val"):
         if not (path / split).is_dir():
@@ -312,11 +316,20 @@ def eval_split(data: str, img_size: int, root: str | os.PathLike = "data",
         return s.val, s.classes, s.mean, s.std
     path = Path(data).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"Data directory {data} does not exist (use a folder of class folders, one with "
+        raise FileNotFoundError(f"Data directory {data} {_not_a_folder(path)} (use a folder of class folders, one with "
                                 f"val/, or one of {', '.join(BUILTIN)}).")
     if (path / "val").is_dir():
         path = path / "val"
     found = sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
     use = classes if classes and set(found) <= set(classes) else None
+    if classes and use is None:
+        unknown = sorted(set(found) - set(classes))
+        if len(unknown) < len(found):  # some folders are the checkpoint's classes, some are not
+            raise ValueError(f"Folder(s) {unknown[:5]} in {path} are not classes of the checkpoint; name every "
+                             f"class folder as one of its classes (e.g. {classes[:3]}) or remove the others.")
+        if len(found) != len(classes):  # none matches: labels would be the folders' sorted order
+            raise ValueError(f"No class folder in {path} is named as one of the checkpoint's {len(classes)} classes, "
+                             f"so labels would follow the folders' sorted order, which needs all {len(classes)} "
+                             f"(found {len(found)}); name the folders as its classes (e.g. {classes[:3]}).")
     samples, names = scan_image_folder(path, use)
     return ImageFiles(samples), names, IMAGENET_MEAN, IMAGENET_STD

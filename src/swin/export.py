@@ -105,6 +105,8 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, *, img_size: in
         raise ValueError(f"{path} is a folder; give the path of the .onnx file to write.")
     if batch is not None and batch < 1:
         raise ValueError(f"batch must be a positive number or None (dynamic), got {batch}.")
+    if opset < 18:  # torch.onnx's exporter writes opset 18 or later, whatever it is asked
+        raise ValueError(f"opset must be 18 or later (torch.onnx's exporter writes no earlier opset), got {opset}.")
     size = img_size if img_size is not None else model.config.img_size
     H, W = (size, size) if isinstance(size, int) else tuple(size)
     if H < 1 or W < 1:

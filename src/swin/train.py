@@ -130,6 +130,37 @@ class TrainConfig:
         return d
 
 
+# option -> (lowest, highest, whether the highest is allowed); checked before any work
+_RANGES = {
+    "warmup_epochs": (0, math.inf, True), "warmup_lr": (0, math.inf, True), "min_lr": (0, math.inf, True),
+    "weight_decay": (0, math.inf, True), "eps": (0, math.inf, True), "clip_grad": (0, math.inf, True),
+    "hflip": (0, 1, True), "reprob": (0, 1, True), "mix_prob": (0, 1, True), "switch_prob": (0, 1, True),
+    "mixup": (0, math.inf, True), "cutmix": (0, math.inf, True), "label_smoothing": (0, 1, False),
+    "ema_decay": (0, 1, False), "rand_augment": (0, 30, True), "color_jitter": (0, math.inf, True),
+    "workers": (0, math.inf, True), "threads": (0, math.inf, True), "save_every": (0, math.inf, True),
+    "max_steps": (0, math.inf, True), "img_size": (0, math.inf, True), "num_classes": (0, math.inf, True),
+    "log_every": (1, math.inf, True),
+}
+
+
+def check_ranges(cfg: TrainConfig) -> None:
+    """ValueError naming the first option outside its range (a negative min_lr would train uphill)."""
+    for key, (low, high, high_ok) in _RANGES.items():
+        value = getattr(cfg, key)
+        if not (low <= value <= high and (high_ok or value < high)):
+            bound = f"[{low}, {high}{']' if high_ok else ')'}" if high != math.inf else f">= {low}"
+            raise ValueError(f"{key} must be {bound if high == math.inf else 'in ' + bound}, got {value}.")
+    if cfg.drop_path is not None and not 0 <= cfg.drop_path < 1:
+        raise ValueError(f"drop_path must be in [0, 1), got {cfg.drop_path}.")
+    if not all(0 <= b < 1 for b in cfg.betas):
+        raise ValueError(f"betas must be in [0, 1), got {cfg.betas}.")
+    lo, hi = cfg.crop_scale
+    if not 0 < lo <= hi <= 1:
+        raise ValueError(f"crop_scale must be (low, high) with 0 < low <= high <= 1, got {cfg.crop_scale}.")
+    if not 0 < cfg.eval_crop <= 1:
+        raise ValueError(f"eval_crop must be in (0, 1], got {cfg.eval_crop}.")
+
+
 def imagenet() -> TrainConfig:
     """The official Swin-T ImageNet-1K recipe (300 epochs, batch 1024, AdamW 1e-3, mixup/cutmix, RandAugment).
 
@@ -255,8 +286,12 @@ def atomic_savefig(fig, path: str | os.PathLike, dpi: int = 100) -> None:
     """Save a matplotlib figure as PNG through a temporary file and a rename."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=dpi)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
@@ -467,6 +502,9 @@ class Trainer:
             raise ValueError(f"lr must be positive, got {cfg.lr}.")
         if not 0 < cfg.layer_decay <= 1:
             raise ValueError(f"layer_decay must be in (0, 1], got {cfg.layer_decay}.")
+        check_ranges(cfg)
+        if resume_path is None and Path(cfg.out_dir).exists() and not Path(cfg.out_dir).is_dir():
+            raise ValueError(f"out_dir {cfg.out_dir} is a file; give a folder for the runs.")
         model_cfg = get_config(cfg.model, img_size=cfg.img_size or None, drop_path_rate=cfg.drop_path,
                                **cfg.model_overrides)
         self.img_size = cfg.img_size or model_cfg.img_size[0]
@@ -721,7 +759,7 @@ class Trainer:
             if p not in self.skipped:
                 self.skipped.add(p)
                 if self.is_main:
-                    warnings.warn(f"skipped unreadable image {p}", stacklevel=2)
+                    print(f"warning: skipped unreadable image {p}", file=sys.stderr, flush=True)
 
     def train_epoch(self) -> str | None:
         """Train until the end of the epoch; returns why it stopped early ("interrupted", "max_steps")."""
@@ -730,7 +768,7 @@ class Trainer:
         cfg = self.cfg
         batches = iter(self.make_loader())
         bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
-                   disable=not (self.is_main and cfg.progress), leave=False, dynamic_ncols=True, file=sys.stderr)
+                   disable=not (self.is_main and cfg.progress and sys.stderr.isatty()), leave=False, dynamic_ncols=True, file=sys.stderr)
         t_log, images = time.perf_counter(), 0
         try:
             while self.step_in_epoch < self.steps_per_epoch:
@@ -788,6 +826,12 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to the end (or until stopped); returns the summary also written to summary.json."""
         cfg = self.cfg
+        if self.epoch >= cfg.epochs:  # a resumed run that had already finished: leave its results as they are
+            self.log(f"{self.run_dir} has already trained its {cfg.epochs} epochs; nothing to do "
+                     f"(--resume {self.run_dir} --epochs N with a larger N trains on).")
+            path = self.run_dir / "summary.json"
+            self.finished = True
+            return json.loads(path.read_text()) if path.is_file() else {"status": "finished", "epochs_done": self.epoch}
         threads = f" ({self.threads} threads)" if self.device.type == "cpu" else ""
         self.log(f"Training {cfg.model} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params) on "
                  f"{self.splits.name}: {len(self.splits.train)} train / {len(self.splits.val)} val images, "
@@ -930,9 +974,14 @@ def load_for_inference(checkpoint: str | os.PathLike, *, model: str | None = Non
         if isinstance(obj, dict) and obj.get("format") == RUN_FORMAT:
             ours = obj
     if ours is not None:
+        if model and model != ours.get("model_name", model):
+            raise ValueError(f"{path} is a run of {ours['model_name']}, not {model}; leave out --model (a run "
+                             "checkpoint names its own architecture).")
+        if use_ema and ours.get("ema") is None:
+            raise ValueError(f"{path} has no EMA weights (the run was trained without --ema); leave out --ema.")
         mcfg = model_config_from_dict(ours["model_config"])
         net = SwinTransformer(mcfg)
-        weights = ours["ema"] if use_ema and ours.get("ema") is not None else ours["model"]
+        weights = ours["ema"] if use_ema else ours["model"]
         net.load_state_dict(weights)
         rc = ours.get("config", {})
         data = rc.get("data", "")
