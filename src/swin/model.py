@@ -58,10 +58,14 @@ class SwinTransformer(nn.Module):
         self.register_load_state_dict_post_hook(lambda module, keys: invalidate_caches())
 
     def _apply(self, fn, *args, **kwargs):
-        # .to() / .float() / .half() / .cuda() replace every weight; a new one may reuse a freed one's
-        # address at version 0, which the caches' keys (address, version, dtype) cannot tell apart
-        invalidate_caches()
-        return super()._apply(fn, *args, **kwargs)
+        # .float() / .half() / .to(device) make new weight tensors; one may reuse a freed one's address
+        # at version 0, which the caches' keys (address, version, dtype) cannot tell apart. A .to() that
+        # changes nothing (called every step in some loops) keeps the caches.
+        before = [(p.data_ptr(), p.dtype, p.device) for p in self.parameters()]
+        out = super()._apply(fn, *args, **kwargs)
+        if before != [(p.data_ptr(), p.dtype, p.device) for p in self.parameters()]:
+            invalidate_caches()
+        return out
 
     # -- public API ------------------------------------------------------------------------
     def set_grad_checkpointing(self, enable: bool = True) -> None:
