@@ -55,7 +55,7 @@ class SwinTransformer(nn.Module):
             for blk in layer.blocks:
                 blk.attn.reset_special_parameters()
         # load_state_dict(assign=True) puts in new tensors: the fast paths' weight caches start afresh
-        self.register_load_state_dict_post_hook(lambda module, keys: invalidate_caches())
+        self.register_load_state_dict_post_hook(_weights_loaded)
 
     def _apply(self, fn, *args, **kwargs):
         # .float() / .half() / .to(device) make new weight tensors; one may reuse a freed one's address
@@ -147,6 +147,10 @@ class SwinTransformer(nn.Module):
         return (x.device.type == "cpu" and type(self.patch_embed) is PatchEmbed and type(self.pos_drop) is nn.Dropout
                 and all(layer.downsample is None or type(layer.downsample) is PatchMerging for layer in self.layers)
                 and not has_hooks(self))
+
+
+def _weights_loaded(module: nn.Module, incompatible_keys) -> None:  # a function, so that models still pickle
+    invalidate_caches()
 
 
 def _bad_index(i: int, n: int) -> int:
