@@ -83,9 +83,9 @@ class SwinConfig:
         return self
 
 
-
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
 
 def _v1(embed_dim, depths, heads, window=7, img=224, **kw) -> SwinConfig:
     return SwinConfig(version=1, img_size=(img, img), embed_dim=embed_dim, depths=depths, num_heads=heads,

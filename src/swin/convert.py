@@ -787,12 +787,13 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
     """Load Swin weights of any supported format into ``model`` (a :class:`swin.SwinTransformer`).
 
     Accepts a ``.pth``/``.pt``/``.bin``/``.safetensors`` path, a transformers ``save_pretrained``
-    folder, or an in-memory (possibly nested) checkpoint. Pickled files are read with ``weights_only=True``. Bias tables are resized
-    bicubically to the model's window, except a table saved for a block whose map is smaller than
-    the window (timm and the official code shrink such a block's window and table): it goes in the
-    centre of the model's table, which is what that block reads; a head of another class count (or none at all) is left
-    as initialised, with a warning, and its keys are reported missing. With ``strict=True`` any
-    other missing, unexpected or mis-shaped key raises ValueError.
+    folder, or an in-memory (possibly nested) checkpoint. Pickled files are read with
+    ``weights_only=True``. Bias tables are resized bicubically to the model's window, except a table
+    saved for a block whose map is smaller than the window (timm and the official code shrink such a
+    block's window and table): it goes in the centre of the model's table, which is what that block
+    reads. A head of another class count (or none at all) is left as initialised, with a warning, and
+    its keys are reported missing. With ``strict=True`` any other missing, unexpected or mis-shaped
+    key raises ValueError.
     """
     raw = path_or_state_dict
     sd = read_checkpoint(raw) if isinstance(raw, (str, os.PathLike)) else _unwrap(raw)

@@ -768,7 +768,8 @@ class Trainer:
         cfg = self.cfg
         batches = iter(self.make_loader())
         bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
-                   disable=not (self.is_main and cfg.progress and sys.stderr.isatty()), leave=False, dynamic_ncols=True, file=sys.stderr)
+                   disable=not (self.is_main and cfg.progress and sys.stderr.isatty()),  # no frames into logs
+                   leave=False, dynamic_ncols=True, file=sys.stderr)
         t_log, images = time.perf_counter(), 0
         try:
             while self.step_in_epoch < self.steps_per_epoch:

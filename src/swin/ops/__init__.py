@@ -162,7 +162,7 @@ def dropout_active(*modules: torch.nn.Module) -> bool:
 def block_dropout_active(blocks: torch.nn.Module) -> bool:
     """True if any dropout or drop-path module inside ``blocks`` would drop now."""
     return any(m.training and getattr(m, "p", 0.0) > 0 for m in blocks.modules()
-               if isinstance(m, torch.nn.Dropout) or type(m).__name__ == "DropPath")
+               if isinstance(m, torch.nn.Dropout) or type(m).__name__ == "DropPath")  # (model.py imports this file)
 
 
 def is_plain(module: torch.nn.Module, cls: type) -> bool:

@@ -190,4 +190,3 @@ def addmm_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tor
 @addmm_gelu.register_fake
 def _(x, weight, bias):
     return x.new_empty(x.shape[0], weight.shape[0])
-
