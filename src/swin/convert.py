@@ -472,8 +472,22 @@ def _write_swin(sd, version, opts):
     return dict(sd)
 
 
+def _shrink_tables(sd, config: SwinConfig | None) -> dict:
+    """timm and the official code give a block whose map (at the config's image size) is smaller than
+    the window a window of the map's size, and a bias table to match: the centre of ours."""
+    out = dict(sd)
+    for k, v in sd.items():
+        window = _stage_window(config, k) if config is not None and k.endswith("relative_position_bias_table") else None
+        side, new_side = round(v.shape[0] ** 0.5), 2 * (window or 0) - 1
+        if window is not None and new_side < side:
+            o = (side - new_side) // 2
+            out[k] = v.view(side, side, -1)[o:o + new_side, o:o + new_side].reshape(new_side * new_side, -1).clone()
+    return out
+
+
 def _write_official(sd, version, opts):
     config: SwinConfig | None = opts["config"]
+    sd = _shrink_tables(sd, config)
     out = dict(sd)
     for i, j in _blocks(sd):
         M = _window_of(sd, i, j, version, opts["window_size"], "official")
@@ -495,7 +509,7 @@ def _write_official(sd, version, opts):
 
 def _write_timm(sd, version, opts):
     out = {}
-    for k, v in sd.items():
+    for k, v in _shrink_tables(sd, opts["config"]).items():
         if m := _MERGE_RE.match(k):
             out[f"layers.{int(m.group(1)) + 1}.downsample.{m.group(2)}"] = v
         elif k.startswith("head."):
@@ -755,12 +769,12 @@ def _resize_bias_table(table: torch.Tensor, window: int) -> torch.Tensor:
     return grid.reshape(heads, new_side * new_side).permute(1, 0).contiguous().to(table.dtype)
 
 
-def _stage_window(model: nn.Module, key: str) -> int | None:
-    """The window the block of ``key`` (layers.I.blocks....) runs at on the model's nominal image size
+def _stage_window(config: SwinConfig | None, key: str) -> int | None:
+    """The window the block of ``key`` (layers.I.blocks....) runs at on the config's nominal image size
     when its map is smaller than the configured window (the official rule: one window of the map's
     size); None otherwise. timm and the official code size that block's bias table for this smaller
     window."""
-    config, m = getattr(model, "config", None), re.match(r"^layers\.(\d+)\.", key)
+    m = re.match(r"^layers\.(\d+)\.", key)
     if config is None or m is None:
         return None
     height, width = (-(-n // config.patch_size) for n in config.img_size)
@@ -811,7 +825,7 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
     for k, v in tables.items():
         if v.shape != target[k].shape:
             window = (round(target[k].shape[0] ** 0.5) + 1) // 2
-            shrunk = v.shape[0] == (2 * (_stage_window(model, k) or 0) - 1) ** 2
+            shrunk = v.shape[0] == (2 * (_stage_window(getattr(model, "config", None), k) or 0) - 1) ** 2
             if v.shape[0] < target[k].shape[0] and (same_window or shrunk):
                 # the checkpoint's window is the model's, shrunk at this block because its map was smaller
                 # (or the model's own map is that small here): this block only ever read the centre rows
