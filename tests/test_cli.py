@@ -242,7 +242,7 @@ def _bad_cases(tmp: Path, run_dir: Path) -> list[tuple[list, str]]:
         (["eval", "--checkpoint", tmp / "adir", "--model", "swin_micro_p4", "--data", "digits"], "no best.pt"),
         (["convert", tmp / "nope.pth", tmp / "o.pth", "--to", "timm"], "does not exist"),
         (["convert", tmp / "foreign.pth", tmp / "adir", "--to", "timm"], "is a folder"),
-        (["convert", tmp / "foreign.pth", tmp / "afile" / "o.pth", "--to", "timm"], "Cannot create the folder"),
+        (["convert", tmp / "foreign.pth", tmp / "afile" / "o.pth", "--to", "timm"], "afile is a file, not a folder"),
         (["convert", tmp / "adir", tmp / "o.pth", "--to", "timm"], "is a folder without"),
         (["plot", tmp], "has no metrics.jsonl"),
         (["plot", run_dir, "--out", tmp / "adir"], "is a folder"),

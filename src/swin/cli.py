@@ -389,6 +389,9 @@ def _check_output(out: Path, force: bool) -> None:
         raise ValueError(f"{out} is a folder; give a file name for the output.")
     if out.exists() and not force:
         raise ValueError(f"{out} already exists; choose another name or pass --force to overwrite it.")
+    blocking = next((p for p in out.parents if p.is_file()), None)
+    if blocking is not None:
+        raise ValueError(f"Cannot write {out}: {blocking} is a file, not a folder.")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

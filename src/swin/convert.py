@@ -701,7 +701,7 @@ def read_file(path: str | os.PathLike) -> Any:
             f"torch.save or safetensors."
         ) from e
     except Exception as e:  # truncated or foreign files: zip errors, struct errors, EOF
-        first = str(e).splitlines()[0][:160] if str(e) else ""
+        first = str(e).splitlines()[0].split(". ")[0][:160] if str(e) else ""  # its first sentence
         raise ValueError(f"Could not read checkpoint {str(path)!r} ({type(e).__name__}: {first}); "
                          "is the file complete and a PyTorch or safetensors checkpoint?") from None
 
