@@ -115,6 +115,9 @@ def test_export_of_a_run_carries_its_classes_and_normalisation(run_dir, tmp_path
     with torch.inference_mode():
         ref = loaded.model(x)
     assert rel_err(onnx_session(tmp_path / "run.onnx").run(None, {"pixel_values": x.numpy()})[0], ref) <= 1e-5
+    rc, out, _ = run_cli(capsys, "export", run_dir, tmp_path / "wide.onnx", "--img-size", "32", "48", "--batch", "2")
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "wide.onnx")).metadata_props}
+    assert rc == 0 and "pixel_values (2, 3, 32, 48)" in out and meta["swin.img_size"] == "32,48"
 
 
 def test_predict_prints_top5_with_the_runs_class_names(run_dir, tmp_path, capsys):

@@ -297,6 +297,9 @@ def test_load_checkpoint_files(tmp_path, suffix, fmt):
     path = tmp_path / f"weights{suffix}"
     save_state_dict(convert_state_dict(src.state_dict(), dst=fmt), path)
     assert os.listdir(tmp_path) == [path.name]  # no temp file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as any new file, not private
     for where in (path, str(path)):
         dst = tiny(1)
         result = load_checkpoint(dst, where)

@@ -110,6 +110,20 @@ def test_eval_transform_resize_crop_and_mix():
     assert D.batch_mix(10, 0, 0, 0.5) is None
 
 
+@pytest.mark.parametrize("size", [224, 256, 384])
+def test_eval_transform_equals_timms(size):
+    """The official eval protocol: resize the short side to floor(size / 0.875) (292 for 256, 438 for
+    384: rounding gave 293 / 439, up to 226/255 off in a pixel), bicubic, centre crop."""
+    timm_data = pytest.importorskip("timm.data")
+    g = torch.Generator().manual_seed(size)
+    im = Image.fromarray((torch.rand(331, 517, 3, generator=g) * 255).to(torch.uint8).numpy())
+    ours = D.eval_transform(size, D.IMAGENET_MEAN, D.IMAGENET_STD, 0.875)(im)
+    theirs = timm_data.create_transform(size, is_training=False, interpolation="bicubic", crop_pct=0.875,
+                                        mean=D.IMAGENET_MEAN, std=D.IMAGENET_STD)(im)
+    assert ours.shape == theirs.shape == (3, size, size)
+    assert (ours - theirs).abs().max() <= 1.5 / 255 / min(D.IMAGENET_STD)  # one uint8 rounding step
+
+
 def test_cifar_offline_is_one_clear_sentence(monkeypatch, tmp_path):
     import torchvision.datasets as tvd
 

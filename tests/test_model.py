@@ -186,6 +186,9 @@ def test_torch_export_with_a_dynamic_batch(version):
         for batch in (2, 5, 1):
             xb = torch.randn(batch, 3, 36, 52)
             torch.testing.assert_close(program.module()(xb), model(xb), rtol=1e-4, atol=1e-5)
+        expected = model(x)
+    # exported with autograd on, the program also runs with it on (V2 once recorded an out= division)
+    torch.testing.assert_close(program.module()(x).detach(), expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("bad,match", [

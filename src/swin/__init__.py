@@ -7,8 +7,8 @@ from .config import MODELS, SwinConfig, get_config, list_models
 from .flops import flops
 from .model import SwinTransformer
 
-__all__ = ["SwinConfig", "SwinTransformer", "create_model", "list_models", "flops", "load_checkpoint",
-           "convert_state_dict"]
+__all__ = ["SwinConfig", "SwinTransformer", "create_model", "get_config", "list_models", "flops", "load_checkpoint",
+           "convert_state_dict", "detect_format"]
 __version__ = "0.1.0"
 
 
@@ -17,7 +17,12 @@ def create_model(name: str, *, num_classes: int | None = 1000, img_size: int | t
                  **overrides: Any) -> SwinTransformer:
     """Build a registered model by name (see :func:`list_models`), with config overrides.
 
-    ``num_classes=None`` keeps the variant's own class count (1000 for ImageNet variants).
+    ``num_classes``: the classifier's classes (default 1000, for every variant, the small ones too;
+    0: no head, the model returns pooled features; None: the variant's own count). ``img_size``: the
+    nominal size (an int or (H, W)); the model takes any size at run time. ``window_size``: the
+    attention window. ``drop_path_rate``: stochastic depth (None: the variant's). ``**overrides``: any
+    other :class:`SwinConfig` field (``embed_dim``, ``depths``, ``mask_padding``, ``backend``, ...).
+    Bad values raise ValueError naming the field.
     """
     config = get_config(name, num_classes=num_classes, img_size=img_size, window_size=window_size,
                         drop_path_rate=drop_path_rate, **overrides)
@@ -30,3 +35,7 @@ def __getattr__(name: str):  # lazy: the converter is only imported when used
 
         return getattr(convert, name)
     raise AttributeError(f"module 'swin' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -119,7 +119,8 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("checkpoint", help="a run folder, a run checkpoint, or a foreign checkpoint (with --model)")
     x.add_argument("output", help="the .onnx file to write")
     x.add_argument("--model", help="architecture of a foreign checkpoint (e.g. swin_t)")
-    x.add_argument("--img-size", type=int, help="input side (default: the run's or the model's)")
+    x.add_argument("--img-size", type=int, nargs="+", metavar=("H", "W"),
+                   help="input size, H or H W (default: the run's or the model's)")
     x.add_argument("--batch", type=int, help="a fixed batch size (default: dynamic)")
     x.add_argument("--opset", type=int, default=18)
     x.add_argument("--ema", action="store_true", help="export the run's EMA weights")
@@ -406,13 +407,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     out = Path(args.output)
     _check_output(out, args.force)  # before loading anything
-    loaded = load_for_inference(args.checkpoint, model=args.model, img_size=args.img_size, use_ema=args.ema)
+    size = args.img_size or []
+    if len(size) > 2:
+        raise ValueError(f"--img-size takes H or H W, got {len(size)} numbers.")
+    loaded = load_for_inference(args.checkpoint, model=args.model, img_size=min(size) if size else None,
+                                use_ema=args.ema)
+    hw = (size[0], size[-1]) if size else (loaded.img_size, loaded.img_size)
     meta = {"swin.mean": ",".join(map(str, loaded.mean)), "swin.std": ",".join(map(str, loaded.std)),
             "swin.eval_crop": str(loaded.eval_crop)}
     if loaded.classes:
         meta["swin.classes"] = json.dumps(loaded.classes)
     try:
-        r = export_onnx(loaded.model, out, img_size=loaded.img_size, batch=args.batch, opset=args.opset,
+        r = export_onnx(loaded.model, out, img_size=hw, batch=args.batch, opset=args.opset,
                         metadata=meta, check=args.check, force=args.force)
     except ImportError as e:  # the optional packages: one line, as any other input error
         raise ValueError(str(e)) from None
@@ -420,7 +426,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     check = (f"onnxruntime's logits within {r['max_rel_err']:.1e} of the model's" if r["max_rel_err"] is not None
              else "not run in onnxruntime")
     print(f"Wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {r['seconds']:.0f} s): pixel_values ({n}, 3, "
-          f"{loaded.img_size}, {loaded.img_size}) normalised with mean {loaded.mean}, std {loaded.std} -> "
+          f"{hw[0]}, {hw[1]}) normalised with mean {loaded.mean}, std {loaded.std} -> "
           f"logits ({n}, {loaded.model.num_classes}); {check}")
     return 0
 

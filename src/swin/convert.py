@@ -747,6 +747,9 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathL
             save_file({k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}, tmp)
         else:
             torch.save(dict(state_dict), tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as open() would create it (mkstemp makes it private: 0600)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -2,13 +2,15 @@
 
 Every training sample is augmented under its own seed, drawn from (run seed, epoch, index): the
 augmentation of an image does not depend on the worker that loads it, on the number of processes, or
-on where a run was resumed. That is what makes ``--resume`` exact and DDP equal to one process.
+on where a run was resumed. That is what makes ``--resume`` exact, and DDP equal to one process where
+nothing else is drawn per micro-batch (drop path and MixUp/CutMix are).
 
 A file that cannot be read becomes a *skipped* sample: the loader drops it from its batch and reports
 its path, and the trainer warns and counts it; it never stops a run.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,11 +203,12 @@ def train_transform(img_size: int, mean: Sequence[float], std: Sequence[float], 
 
 
 def eval_transform(img_size: int, mean: Sequence[float], std: Sequence[float], crop: float = 0.875) -> v2.Compose:
-    """Resize the short side to ``img_size / crop`` (bicubic; 224 -> 256 at 0.875), centre crop, normalise."""
+    """Resize the short side to floor(``img_size / crop``) (bicubic; 224 -> 256, 256 -> 292, 384 -> 438 at
+    0.875, as timm and the official code), centre crop, normalise."""
     if not 0 < crop <= 1:
         raise ValueError(f"eval_crop must be in (0, 1], got {crop}.")
     return v2.Compose([v2.ToImage(),
-                       v2.Resize(int(round(img_size / crop)), interpolation=v2.InterpolationMode.BICUBIC,
+                       v2.Resize(math.floor(img_size / crop), interpolation=v2.InterpolationMode.BICUBIC,
                                  antialias=True),
                        v2.CenterCrop(img_size), v2.ToDtype(torch.float32, scale=True),
                        v2.Normalize(list(mean), list(std))])

@@ -92,6 +92,7 @@ class SwinTransformer(nn.Module):
         return x.mean(dim=(1, 2))
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, num_features) pooled features -> logits (B, num_classes); the identity without a head."""
         return self.head(features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,7 +101,8 @@ class SwinTransformer(nn.Module):
 
     def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int] | None = None,
                               norm: bool = False) -> list[torch.Tensor]:
-        """NCHW feature maps of the chosen stages (strides 4, 8, 16, 32; widths C, 2C, 4C, 8C).
+        """NCHW feature maps of the chosen stages (strides P, 2P, 4P, 8P for patch size P: 4, 8, 16, 32 for
+        the ImageNet models; widths C, 2C, 4C, 8C).
 
         Each is the output of a stage before the following patch merging. ``norm=True`` applies
         the final LayerNorm to the last stage's map (as the classifier sees it).

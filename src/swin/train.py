@@ -633,9 +633,17 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> Path:
+        """Called on every rank: each rank's random state goes in (its own drop-path draws)."""
         path = self.run_dir / f"ckpt-{self.step:07d}.pt"
+        ranks: list | None = None
+        if self.world > 1:
+            ranks = [None] * self.world
+            dist.all_gather_object(ranks, _rng_state())
         if self.is_main:
-            atomic_save(self.state_dict(), path)
+            state = self.state_dict()
+            if ranks is not None:
+                state["rng_ranks"] = ranks
+            atomic_save(state, path)
             for old in sorted(self.run_dir.glob("ckpt-*.pt"))[: -self.cfg.keep_last]:
                 old.unlink()
         return path
@@ -663,9 +671,12 @@ class Trainer:
         self.epoch, self.step, self.step_in_epoch = ckpt["epoch"], ckpt["step"], ckpt["step_in_epoch"]
         self.best_top1, self.skipped = ckpt["best_top1"], set(ckpt["skipped"])
         self.train_seconds = ckpt.get("train_seconds", 0.0)
-        if self.rank == 0:
+        ranks = ckpt.get("rng_ranks")
+        if ranks is not None and len(ranks) == self.world:
+            _set_rng_state(ranks[self.rank])
+        elif self.rank == 0:
             _set_rng_state(ckpt["rng"])
-        else:
+        else:  # a checkpoint of one process resumed by several (or of older code): a fresh seed per rank
             torch.manual_seed(self.cfg.seed + self.rank + 7919 * self.step)
         if self.is_main:  # forget what was logged after this checkpoint (a killed run got further)
             mpath = self.run_dir / "metrics.jsonl"
@@ -705,23 +716,27 @@ class Trainer:
         """One optimizer step over ``accum_steps`` micro-batches; returns the mean loss."""
         self.model.train()
         net = self.ddp or self.model
-        n = sum(len(y) for _, y in micro_batches)
+        # the mean over every readable image of the global batch: each rank weighs its micro-batch by its
+        # share of the images of all ranks (DDP then averages the ranks' gradients: hence x world)
+        n = self._reduce_sum(float(sum(len(y) for _, y in micro_batches)))
         total = 0.0
         for i, (x, y) in enumerate(micro_batches):
-            if len(y) == 0:
-                continue
+            weight = len(y) * self.world / n if n else 0.0
+            if len(y) == 0:  # every image unreadable: a zero-weighted stand-in, so that every rank still
+                x = torch.zeros(1, 3, self.img_size, self.img_size)  # takes part in DDP's all-reduce
+                y = torch.zeros(1, dtype=torch.int64)
             x, y = self.prepare_batch(x, y, i)
             last = i == len(micro_batches) - 1
             with net.no_sync() if (self.ddp is not None and not last) else nullcontext():
                 loss = self.forward_loss(x, y)
-                value = self._reduce_mean(loss.detach())
+                value = self._reduce_sum(loss.detach() * weight) / self.world
                 if not math.isfinite(value):
                     raise NonFiniteLossError(
                         f"The loss became {value} at step {self.step + 1} (epoch {self.epoch + 1}); the run "
                         f"stopped before updating the weights. Last good checkpoint: {self._last_ckpt_text()}. "
                         "Try a lower --lr or --amp bf16/off.")
-                self.scaler.scale(loss * (len(y) / n)).backward()
-            total += value * len(y) / n
+                self.scaler.scale(loss * weight).backward()
+            total += value
         if n:
             if self.cfg.clip_grad > 0:
                 self.scaler.unscale_(self.optimizer)
@@ -734,11 +749,13 @@ class Trainer:
             self.ema.update(self.model)
         return total
 
-    def _reduce_mean(self, t: torch.Tensor) -> float:
-        if self.world > 1:
-            t = t.clone() if dist.get_backend() == "nccl" else t.cpu().clone()
-            dist.all_reduce(t)
-            t = t / self.world
+    def _reduce_sum(self, t: torch.Tensor | float) -> float:
+        """The sum over ranks (the value itself in one process)."""
+        if self.world == 1:
+            return float(t)
+        t = torch.as_tensor(t, dtype=torch.float64 if not torch.is_tensor(t) else t.dtype)
+        t = t.to(self.device).clone() if dist.get_backend() == "nccl" else t.cpu().clone()
+        dist.all_reduce(t)
         return t.item()
 
     def _last_ckpt_text(self) -> str:
@@ -779,13 +796,13 @@ class Trainer:
                     x, y, skipped = next(batches)
                     self.note_skipped(skipped)
                     micro.append((x, y))
+                lr = max(g["lr"] for g in self.optimizer.param_groups)  # the lr this step trains at
                 loss = self.train_step(micro)
                 self.step += 1
                 self.step_in_epoch += 1
                 dt = time.perf_counter() - t0
                 self.train_seconds += dt
                 images += sum(len(y) for _, y in micro) * self.world
-                lr = max(g["lr"] for g in self.optimizer.param_groups)
                 speed = images / max(time.perf_counter() - t_log, 1e-9)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.0f}")
                 bar.update(1)

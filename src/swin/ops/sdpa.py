@@ -104,8 +104,9 @@ def split_qkv(attn, qkv: torch.Tensor):
         return qk[..., 0, :, :], qk[..., 1, :, :], v, 1.0
     # normalise and scale in fp32: in bf16 the product's rounding and a bf16 sum left logit_scale's
     # gradient 5x further from fp32 than the reference path's own bf16 error (H200, stop 9)
-    if torch.is_grad_enabled() and not q.is_cuda:
-        # CPU training: autograd's F.normalize backward on these strided views costs ~10% of a V2
+    if torch.is_grad_enabled() and not q.is_cuda and not (_is_exporting() or torch.jit.is_tracing()):
+        # CPU training (not a graph being recorded: its out= division has no autograd formula there):
+        # autograd's F.normalize backward on these strided views costs ~10% of a V2
         # step (unit_rows instead); q and k are written heads-major (the same (..., N, heads, d)
         # shape, transposed memory) so that the batched products read them without a copy
         q = unit_rows(q.float().transpose(-3, -2), logit.float().view(-1)).to(v.dtype)
