@@ -191,6 +191,20 @@ def test_torch_export_with_a_dynamic_batch(version):
     torch.testing.assert_close(program.module()(x).detach(), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_torch_jit_trace_of_a_fresh_model_takes_any_batch(version):
+    """torch.jit.trace passes its own check on a model never called before (the first call's caches
+    made the two recordings differ), and the trace runs other batch sizes (the per-image attention
+    loop had fixed the batch)."""
+    model = tiny(version).eval()
+    x = torch.randn(2, 3, 36, 52)  # padded maps
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x)  # check_trace on
+        for batch in (2, 3, 1):
+            xb = torch.randn(batch, 3, 36, 52)
+            torch.testing.assert_close(traced(xb), model(xb), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("bad,match", [
     (torch.randn(3, 64, 64), "4-D"),
     (torch.randn(1, 1, 64, 64), "3 input channels"),

@@ -14,6 +14,12 @@ import torch.nn.functional as F
 MASK_VALUE = -100.0  # what the official code adds to a masked logit before softmax
 
 
+def recording() -> bool:
+    """True while torch.compile or torch.jit.trace records a graph: build masks and indices in the graph
+    (from the cache they would be constants that differ between the first call and the next)."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 def window_and_shift(height: int, width: int, window: int, shift: int) -> tuple[int, int]:
     """The official rule: a map not larger than the window is one window of its size, unshifted."""
     if min(height, width) <= window:
@@ -99,7 +105,7 @@ def _cached_shift_mask(height, width, window, shift, mask_padding, device):
 
 def shift_mask(height: int, width: int, window: int, shift: int, mask_padding: bool,
                device: torch.device) -> torch.Tensor | None:
-    if torch.compiler.is_compiling():
+    if recording():
         return _build_shift_mask(height, width, window, shift, mask_padding, device)
     return _cached_shift_mask(height, width, window, shift, mask_padding, torch.device(device))
 
@@ -123,7 +129,7 @@ def relative_index(window: int, table_window: int, device: torch.device) -> torc
     ``window`` may be smaller than M (a map smaller than the window): the small window's offsets
     are then looked up around the centre of the big table.
     """
-    if torch.compiler.is_compiling():
+    if recording():
         rel = _build_relative_index(window, device)
     else:
         rel = _cached_relative_offsets(window, torch.device(device))
@@ -147,6 +153,6 @@ def _cached_log_coords(window, pretrained_window, device):
 
 
 def log_coords(window: int, pretrained_window: int, device: torch.device) -> torch.Tensor:
-    if torch.compiler.is_compiling():
+    if recording():
         return _build_log_coords(window, pretrained_window, device)
     return _cached_log_coords(window, pretrained_window, torch.device(device))

@@ -52,7 +52,7 @@ def _cached_indices(height, width, window, shift, device):
 
 def window_indices(height: int, width: int, window: int, shift: int, device: torch.device):
     """Cached (fwd, rev) gather indices; see :func:`_build_indices`."""
-    if torch.compiler.is_compiling():
+    if W.recording():
         return _build_indices(height, width, window, shift, device)
     return _cached_indices(height, width, window, shift, torch.device(device))
 
@@ -63,7 +63,7 @@ def bias_and_mask(attn, height: int, width: int, window: int, shift: int, mask_p
     is the number of windows if a mask is needed and 1 otherwise. Cached when no grad is needed."""
     params = bias_params(attn)
     build = lambda: _build_bias_and_mask(attn, height, width, window, shift, mask_padding, dtype, device)  # noqa: E731
-    if (torch.is_grad_enabled() and any(p.requires_grad for p in params)) or torch.compiler.is_compiling():
+    if (torch.is_grad_enabled() and any(p.requires_grad for p in params)) or W.recording():
         return build()
     from . import cached
 
@@ -195,7 +195,7 @@ def window_attention_sdpa(attn, x: torch.Tensor, window: int, shift: int, mask_p
             out = _CpuKernelAttention.apply(q, k, v, mask, scale)
         return attn.proj_drop(attn.project_out(_unpermute(out, rev, fwd, unpadded, B, H, Wd)))
     mask = mask.to(q.dtype)  # the plain paths below take it in q's dtype
-    if not x.is_cuda and (mask.requires_grad or _is_exporting()):
+    if not x.is_cuda and (mask.requires_grad or _is_exporting() or torch.jit.is_tracing()):
         # training the bias on CPU: SDPA's CPU kernel has no gradient for the mask and would fall
         # back to its generic math path; plain batched matmuls with the (nW, heads, N, N) bias
         # broadcast over the batch are faster, and flushing the masked (~1e-44, subnormal)
