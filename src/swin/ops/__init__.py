@@ -153,6 +153,18 @@ def has_hooks(module: torch.nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
+def exporting() -> bool:
+    """True while torch.export (torch.onnx's exporter too) or torch.jit.trace records a graph: one graph
+    that must serve any batch, of standard operators (on a torch too old to tell export from compile:
+    under either)."""
+    if torch.jit.is_tracing():
+        return True
+    if not torch.compiler.is_compiling():
+        return False
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return is_exporting is None or is_exporting()
+
+
 def dropout_active(*modules: torch.nn.Module) -> bool:
     """True if any of these dropout / drop-path modules would drop now: in training mode with p > 0.
     Each module's own mode counts (Monte-Carlo dropout puts dropouts alone back in training mode)."""

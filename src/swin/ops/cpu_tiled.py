@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import windows as W
-from . import _INTERPRET, autocast_dtype, block_dropout_active, cached, cpu_kernels, has_hooks, param_as
+from . import _INTERPRET, autocast_dtype, block_dropout_active, cached, cpu_kernels, exporting, has_hooks, param_as
 from .mlp import plain_mlp
 from .onednn import available as _onednn_ok
 from .sdpa import bias_and_mask, split_qkv, window_indices
@@ -63,7 +63,7 @@ def eligible(layer, x: torch.Tensor) -> bool:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.blocks.parameters())):
         return False  # autograd would need what the per-block path saves (a frozen model needs nothing)
-    if _exporting() or torch.jit.is_tracing():
+    if exporting():
         return False
     dtype = autocast_dtype("cpu")
     if dtype is not None and (x.dtype != dtype or torch.compiler.is_compiling()):
@@ -95,14 +95,6 @@ def chunk_windows(num_windows: int, tokens_per_window: int) -> int:
     if want >= num_windows:
         return (want // num_windows) * num_windows
     return max(d for d in range(1, want + 1) if num_windows % d == 0)
-
-
-def _exporting() -> bool:
-    """True under torch.export (and, on a torch too old to tell export from compile, under either)."""
-    if not torch.compiler.is_compiling():
-        return False
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return is_exporting is None or is_exporting()
 
 
 def run_blocks(blocks, x: torch.Tensor, consume: bool = False) -> torch.Tensor:

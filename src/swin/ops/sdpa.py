@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import windows as W
-from . import cpu_kernels
+from . import cpu_kernels, exporting
 
 
 def _build_indices(height: int, width: int, window: int, shift: int, device: torch.device):
@@ -104,7 +104,7 @@ def split_qkv(attn, qkv: torch.Tensor):
         return qk[..., 0, :, :], qk[..., 1, :, :], v, 1.0
     # normalise and scale in fp32: in bf16 the product's rounding and a bf16 sum left logit_scale's
     # gradient 5x further from fp32 than the reference path's own bf16 error (H200, stop 9)
-    if torch.is_grad_enabled() and not q.is_cuda and not (_is_exporting() or torch.jit.is_tracing()):
+    if torch.is_grad_enabled() and not q.is_cuda and not exporting():
         # CPU training (not a graph being recorded: its out= division has no autograd formula there):
         # autograd's F.normalize backward on these strided views costs ~10% of a V2
         # step (unit_rows instead); q and k are written heads-major (the same (..., N, heads, d)
@@ -160,9 +160,6 @@ def unit_rows(x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tenso
     return y if scale is None else y * scale.reshape(-1, 1, 1)
 
 
-_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.5
-
-
 def window_attention_sdpa(attn, x: torch.Tensor, window: int, shift: int, mask_padding: bool = False) -> torch.Tensor:
     """(B, H, W, C) -> (B, H, W, C); the same function as ``attn``'s reference path."""
     B, H, Wd, C = x.shape
@@ -195,7 +192,7 @@ def window_attention_sdpa(attn, x: torch.Tensor, window: int, shift: int, mask_p
             out = _CpuKernelAttention.apply(q, k, v, mask, scale)
         return attn.proj_drop(attn.project_out(_unpermute(out, rev, fwd, unpadded, B, H, Wd)))
     mask = mask.to(q.dtype)  # the plain paths below take it in q's dtype
-    if not x.is_cuda and (mask.requires_grad or _is_exporting() or torch.jit.is_tracing()):
+    if not x.is_cuda and (mask.requires_grad or exporting()):
         # training the bias on CPU: SDPA's CPU kernel has no gradient for the mask and would fall
         # back to its generic math path; plain batched matmuls with the (nW, heads, N, N) bias
         # broadcast over the batch are faster, and flushing the masked (~1e-44, subnormal)
