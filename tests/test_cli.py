@@ -261,6 +261,15 @@ def _bad_cases(tmp: Path, run_dir: Path) -> list[tuple[list, str]]:
         (["eval", "--checkpoint", run_dir, "--data", "digits", "--model", "swin_t"], "is a run of swin_micro_p4"),
         (["eval", "--checkpoint", run_dir, "--data", "digits", "--workers", "-1"], "--workers at least 0"),
         (["export", run_dir, tmp / "o.onnx", "--opset", "5"], "opset must be 18 or later"),
+        # values of the wrong type, as YAML hands them over
+        (["train", "--set", "crop_scale=0.5", *out], "crop_scale must be two numbers"),
+        (["train", "--set", "betas=[0.9]", *out], "betas must be two numbers"),
+        (["train", "--set", "lr=abc", *out], "lr must be a number, got 'abc'"),
+        (["train", "--set", "epochs=2.5", *out], "epochs must be a whole number, got 2.5"),
+        (["train", "--set", "ema=1", *out], "ema must be true or false"),
+        (["train", "--set", "model_overrides=3", *out], "model_overrides must be a mapping"),
+        (["train", "--set", "model_overrides={embed_dim:16}", *out], "Unknown config field(s) ['embed_dim:16']"),
+        (["train", "--set", "rand_augment=20", *out], "rand_augment must be in [0, 10]"),
     ]
 
 

@@ -79,6 +79,49 @@ def test_resume_is_exact(tmp_path):
         assert torch.equal(p, q)
 
 
+def test_pretrained_run_folder_is_read_and_a_resume_does_not_read_it_again(tmp_path):
+    """--pretrained RUN_DIR starts from the run's best.pt (here, stopped in epoch 1, its latest ckpt, as
+    `swin eval` reads it); a resumed run needs its own checkpoint only."""
+    from swin.train import run_weights
+
+    source = Trainer(tiny_cfg(tmp_path, name="source", max_steps=3))
+    source.fit()
+    assert run_weights(source.run_dir).name == "ckpt-0000003.pt"
+    from swin.cli import _run_data
+
+    assert _run_data(str(source.run_dir)) == "digits"  # `swin eval --checkpoint RUN_DIR` needs no --data
+    best = torch.load(run_weights(source.run_dir), map_location="cpu", weights_only=True)["model"]
+    assert not torch.equal(best["head.weight"], Trainer(tiny_cfg(tmp_path, name="x")).model.head.weight)
+    ft = Trainer(tiny_cfg(tmp_path, name="ft", pretrained=str(source.run_dir), max_steps=2))
+    for name, p in ft.model.state_dict().items():
+        assert torch.equal(p, best[name]), name
+    ft.fit()
+    for f in source.run_dir.iterdir():  # the pre-trained weights are gone: resuming must not need them
+        f.unlink()
+    resumed = Trainer(tiny_cfg(tmp_path, name="ft", pretrained=str(source.run_dir), max_steps=4), resume=ft.run_dir)
+    assert resumed.step == 2
+
+
+def test_eval_crop_follows_the_official_configs():
+    """0.875 below 384 px; none at 384 (the official 384 configs' TEST.CROP: False, timm's crop_pct 1.0)."""
+    from swin import data as D
+    from swin.train import finetune
+
+    assert [D.default_eval_crop(s) for s in (224, 256, 383, 384, 512)] == [0.875, 0.875, 0.875, 1.0, 1.0]
+    ft = finetune()
+    assert ft.drop_path == 0.5 and ft.eval_crop == 0  # swin_base_patch4_window12_384_finetune.yaml
+    assert TrainConfig().eval_crop == 0 and small().eval_crop == 1.0
+
+
+def test_foreign_checkpoint_eval_crop_by_size(tmp_path):
+    from swin.train import load_for_inference
+
+    path = tmp_path / "foreign.pth"
+    torch.save(swin.create_model("swin_micro_p4").state_dict(), path)
+    assert load_for_inference(path, model="swin_micro_p4", img_size=224).eval_crop == 0.875
+    assert load_for_inference(path, model="swin_micro_p4", img_size=384).eval_crop == 1.0
+
+
 def _train_cmd(tmp_path, name, *extra):
     return [sys.executable, "-m", "swin", "train", "--data", "digits", "--model", "swin_micro_p4",
             "--out-dir", str(tmp_path / "runs"), "--name", name, "--epochs", "20", "--batch-size", "64",

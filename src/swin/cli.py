@@ -283,11 +283,11 @@ def _device(name: str):
 def _run_data(checkpoint: str) -> str | None:
     import torch
 
-    from .train import RUN_FORMAT
+    from .train import RUN_FORMAT, run_weights
 
     p = Path(checkpoint)
     if p.is_dir():
-        p = p / "best.pt" if (p / "best.pt").is_file() else None
+        p = run_weights(p)  # the file load_for_inference reads
     if p is None or p.suffix not in (".pt", ".pth"):
         return None
     obj = torch.load(p, map_location="cpu", weights_only=True)

@@ -146,13 +146,13 @@ def get_config(name: str, **overrides: Any) -> SwinConfig:
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"Unknown model {name!r}.{hint} swin.list_models() lists all {len(MODELS)} names.")
     cfg = MODELS[name]
+    unknown = set(overrides) - set(SwinConfig.__dataclass_fields__)  # before dropping Nones: YAML's {a:1} is {"a:1": None}
+    if unknown:
+        raise ValueError(f"Unknown config field(s) {sorted(unknown)}; valid fields: {sorted(SwinConfig.__dataclass_fields__)}.")
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if "img_size" in overrides:
         s = overrides["img_size"]
         overrides["img_size"] = (int(s), int(s)) if isinstance(s, int) else tuple(int(v) for v in s)
-    unknown = set(overrides) - set(SwinConfig.__dataclass_fields__)
-    if unknown:
-        raise ValueError(f"Unknown config field(s) {sorted(unknown)}; valid fields: {sorted(SwinConfig.__dataclass_fields__)}.")
     for key in ("depths", "num_heads", "pretrained_window_sizes"):
         if key in overrides:
             overrides[key] = tuple(overrides[key])

@@ -202,6 +202,13 @@ def train_transform(img_size: int, mean: Sequence[float], std: Sequence[float], 
     return v2.Compose(t)
 
 
+def default_eval_crop(img_size: int) -> float:
+    """The official evaluation crop for a size: 0.875 (224 -> resize 256, 256 -> 292) below 384 px; at 384
+    and above none (1.0: resize to the size), as every official 384 config (``TEST.CROP: False``) and
+    timm's 384 models (``crop_pct=1.0``) evaluate."""
+    return 1.0 if img_size >= 384 else 0.875
+
+
 def eval_transform(img_size: int, mean: Sequence[float], std: Sequence[float], crop: float = 0.875) -> v2.Compose:
     """Resize the short side to floor(``img_size / crop``) (bicubic; 224 -> 256, 256 -> 292, 384 -> 438 at
     0.875, as timm and the official code), centre crop, normalise."""

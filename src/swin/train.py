@@ -88,7 +88,8 @@ class TrainConfig:
     mix_prob: float = 1.0          # probability that a batch is mixed
     switch_prob: float = 0.5       # probability of CutMix when both are on
     label_smoothing: float = 0.1
-    eval_crop: float = 0.875       # eval: resize to img_size / eval_crop, centre crop img_size
+    eval_crop: float = 0.0         # eval: resize to img_size / eval_crop, centre crop img_size; 0 = the
+                                   # official one for the size (0.875; 1.0 at 384 px and up: data.default_eval_crop)
     # model averaging
     ema: bool = False
     ema_decay: float = 0.9998
@@ -116,11 +117,9 @@ class TrainConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"Unknown training option(s) {unknown}; valid options: {sorted(names)}.")
-        d = dict(d)
-        for key in ("betas", "crop_scale"):
-            if key in d and d[key] is not None:
-                d[key] = tuple(float(v) for v in d[key])
-        return replace(base or cls(), **d)
+        defaults = cls()
+        d = {key: _typed(key, value, getattr(defaults, key)) for key, value in d.items()}
+        return replace(base or defaults, **d)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain Python types only (YAML and ``torch.load(weights_only=True)`` friendly)."""
@@ -130,13 +129,50 @@ class TrainConfig:
         return d
 
 
+def _typed(key: str, value: Any, default: Any) -> Any:
+    """``value`` as the type of the option's default (an int where a float is wanted is fine), or a
+    ValueError naming the option: YAML and ``--set`` hand over whatever was typed."""
+    def bad(kind: str) -> ValueError:
+        return ValueError(f"{key} must be {kind}, got {value!r}.")
+
+    def number(v: Any, kind: str = "a number") -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise bad(kind)
+        return float(v)
+
+    if key == "drop_path":  # None = the model table's rate
+        return None if value is None else number(value)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            raise bad("a whole number")
+        return int(value)
+    if isinstance(default, float):
+        return number(value)
+    if isinstance(default, tuple):  # betas, crop_scale: two numbers
+        kind = f"two numbers, e.g. {list(default)}"
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != len(default):
+            raise bad(kind)
+        return tuple(number(v, kind) for v in value)
+    if isinstance(default, dict):
+        if not isinstance(value, dict):
+            raise bad("a mapping, e.g. {embed_dim: 32}")
+        return dict(value)
+    if isinstance(default, str) and not isinstance(value, str):
+        raise bad("a string")
+    return value
+
+
 # option -> (lowest, highest, whether the highest is allowed); checked before any work
 _RANGES = {
     "warmup_epochs": (0, math.inf, True), "warmup_lr": (0, math.inf, True), "min_lr": (0, math.inf, True),
     "weight_decay": (0, math.inf, True), "eps": (0, math.inf, True), "clip_grad": (0, math.inf, True),
     "hflip": (0, 1, True), "reprob": (0, 1, True), "mix_prob": (0, 1, True), "switch_prob": (0, 1, True),
     "mixup": (0, math.inf, True), "cutmix": (0, math.inf, True), "label_smoothing": (0, 1, False),
-    "ema_decay": (0, 1, False), "rand_augment": (0, 30, True), "color_jitter": (0, math.inf, True),
+    "ema_decay": (0, 1, False), "rand_augment": (0, 10, True), "color_jitter": (0, math.inf, True),
     "workers": (0, math.inf, True), "threads": (0, math.inf, True), "save_every": (0, math.inf, True),
     "max_steps": (0, math.inf, True), "img_size": (0, math.inf, True), "num_classes": (0, math.inf, True),
     "log_every": (1, math.inf, True),
@@ -157,8 +193,8 @@ def check_ranges(cfg: TrainConfig) -> None:
     lo, hi = cfg.crop_scale
     if not 0 < lo <= hi <= 1:
         raise ValueError(f"crop_scale must be (low, high) with 0 < low <= high <= 1, got {cfg.crop_scale}.")
-    if not 0 < cfg.eval_crop <= 1:
-        raise ValueError(f"eval_crop must be in (0, 1], got {cfg.eval_crop}.")
+    if not 0 <= cfg.eval_crop <= 1:
+        raise ValueError(f"eval_crop must be in (0, 1], or 0 for the official one of the image size, got {cfg.eval_crop}.")
 
 
 def imagenet() -> TrainConfig:
@@ -172,14 +208,16 @@ def imagenet() -> TrainConfig:
 
 
 def finetune() -> TrainConfig:
-    """Fine-tune a pre-trained model, e.g. Swin-B 224 -> 384 (the official 30-epoch recipe).
+    """Fine-tune a pre-trained model, e.g. Swin-B 224 -> 384 (the official 30-epoch recipe,
+    ``swin_base_patch4_window12_384_finetune.yaml``: drop path 0.5, evaluated without a crop at 384).
 
     Run:    swin train --preset finetune --model swin_b_384 --pretrained swin_base_patch4_window7_224.pth \\
                 --data /data/imagenet --batch-size 512
-    Reaches: 84.5% top-1 (the released Swin-B 384). --layer-decay 0.9 turns on layer-wise lr decay.
+    Reaches: 84.5% top-1 (the released Swin-B 384). From ImageNet-22K weights the official configs use
+    --drop-path 0.2 instead. --layer-decay 0.9 turns on layer-wise lr decay.
     """
     return TrainConfig(epochs=30, warmup_epochs=5, lr=2e-5, warmup_lr=2e-8, min_lr=2e-7, weight_decay=1e-8,
-                       model="swin_b_384", batch_size=512)
+                       model="swin_b_384", batch_size=512, drop_path=0.5)
 
 
 def small() -> TrainConfig:
@@ -298,6 +336,12 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The resumable checkpoint with the highest step in ``run_dir`` (None when there is none)."""
     ckpts = sorted(Path(run_dir).glob("ckpt-*.pt"))
     return ckpts[-1] if ckpts else None
+
+
+def run_weights(run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint that stands for a run folder's model: best.pt, else the latest ckpt-*.pt (None: neither)."""
+    best = Path(run_dir) / "best.pt"
+    return best if best.is_file() else latest_checkpoint(run_dir)
 
 
 def resolve_resume(path: str | os.PathLike) -> Path:
@@ -540,10 +584,13 @@ class Trainer:
         np.random.seed(cfg.seed)
         self.model_config = replace(model_cfg, num_classes=num_classes)
         self.model = SwinTransformer(self.model_config).to(self.device)
-        if cfg.pretrained:
+        if cfg.pretrained and resume_path is None:  # a resumed run's own weights replace them: not read
             from . import load_checkpoint
 
-            load_checkpoint(self.model, cfg.pretrained, strict=True)
+            source = Path(cfg.pretrained)
+            if source.is_dir():  # a run folder stands for its best.pt (a transformers folder for itself)
+                source = run_weights(source) or source
+            load_checkpoint(self.model, source, strict=True)
         self.ddp, self.finished = None, False
         if self.world > 1:
             self.ddp = nn.parallel.DistributedDataParallel(
@@ -571,7 +618,8 @@ class Trainer:
         self.train_set = D.Transformed(self.splits.train, D.train_transform(
             self.img_size, mean, std, crop_scale=cfg.crop_scale, hflip=cfg.hflip, rand_augment=cfg.rand_augment,
             color_jitter=cfg.color_jitter, reprob=cfg.reprob), seed=cfg.seed)
-        self.val_set = D.Transformed(self.splits.val, D.eval_transform(self.img_size, mean, std, cfg.eval_crop))
+        self.eval_crop = cfg.eval_crop or D.default_eval_crop(self.img_size)
+        self.val_set = D.Transformed(self.splits.val, D.eval_transform(self.img_size, mean, std, self.eval_crop))
         self.workers = 0 if self.splits.in_memory else cfg.workers
 
         # -- position and bookkeeping --------------------------------------------------------------
@@ -973,8 +1021,7 @@ def load_for_inference(checkpoint: str | os.PathLike, *, model: str | None = Non
     or any checkpoint :func:`swin.load_checkpoint` reads (then ``model`` names the architecture)."""
     path = Path(checkpoint)
     if path.is_dir():
-        best = path / "best.pt"
-        path = best if best.is_file() else latest_checkpoint(path)
+        path = run_weights(path)
         if path is None:
             from .convert import HF_WEIGHT_FILES, folder_checkpoint
 
@@ -1006,7 +1053,8 @@ def load_for_inference(checkpoint: str | os.PathLike, *, model: str | None = Non
         mean, std = (D.DIGITS_MEAN, D.DIGITS_STD) if data == "digits" else (D.IMAGENET_MEAN, D.IMAGENET_STD)
         size = img_size or rc.get("img_size") or mcfg.img_size[0]
         check_img_size(size, mcfg, ours.get("model_name", "the model"))
-        return LoadedModel(net.eval(), list(ours["classes"]), size, rc.get("eval_crop", 0.875), mean, std, "run")
+        crop = rc.get("eval_crop") or D.default_eval_crop(size)
+        return LoadedModel(net.eval(), list(ours["classes"]), size, crop, mean, std, "run")
     if not model:
         raise ValueError(f"{path} is not a swin run checkpoint; pass --model NAME to say which architecture it holds "
                          "(see swin.list_models()).")
@@ -1023,7 +1071,8 @@ def load_for_inference(checkpoint: str | os.PathLike, *, model: str | None = Non
     size = img_size or mcfg.img_size[0]
     check_img_size(size, mcfg, model)
     classes = imagenet_classes() if mcfg.num_classes == 1000 else None
-    return LoadedModel(net.eval(), classes, size, 0.875, D.IMAGENET_MEAN, D.IMAGENET_STD, "foreign")
+    return LoadedModel(net.eval(), classes, size, D.default_eval_crop(size), D.IMAGENET_MEAN, D.IMAGENET_STD,
+                       "foreign")
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
