@@ -322,7 +322,8 @@ def test_bench_default_includes_the_fastest_compiled_peer():
     impls = bench.parse_args(["--device", "cpu", "--compile"]).impls.split(",")
     assert len(impls) == len(set(impls)) and {"ours+compile", "hf+compile", "timm-sdpa+compile"} <= set(impls)
     # on a CPU the deployment peer too: timm's model exported and run by onnxruntime (when installed)
-    assert ("timm+ort" in impls) == bench._has_onnx()
+    assert ("timm+ort" in impls) == ("tv+ort" in impls) == ("hf+ort" in impls) == bench._has_onnx()
+    assert "hf+compile" in bench.parse_args(["--device", "cpu"]).impls.split(",")
     assert not bench._applies("timm+ort", "train") and bench._applies("timm+ort", "infer")
 
 
@@ -393,14 +394,14 @@ def test_bench_isolated_rounds_run_in_fresh_processes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench, "to_png", broken_chart)
     out = tmp_path / "bench"
-    assert bench.main(["--device", "cpu", "--models", "swin_t", "--modes", "infer", "--impls", "ours,tv,ours-nope",
+    assert bench.main(["--device", "cpu", "--models", "swin_t", "--modes", "infer", "--impls", "ours,tv,ours+cast",
                        "--rounds", "2", "--iters", "1", "--warmup", "0", "--batch-infer", "1", "--isolate",
                        "--out", str(out)]) == 0
     entries = {e["impl"]: e for e in json.loads((out / "bench.json").read_text())["entries"]}
     for impl in ("ours", "tv"):
         assert len(entries[impl]["samples"]) == 2 and entries[impl]["median"] > 0 and entries[impl]["error"] is None
     assert entries["ours"]["parity_rel_err"] <= 1e-5 and entries["tv"]["vs_best_peer"] == 1.0
-    assert "nope" in entries["ours-nope"]["error"] and not entries["ours-nope"]["samples"]
+    assert "+cast needs" in entries["ours+cast"]["error"] and not entries["ours+cast"]["samples"]
     assert (out / "bench.log").read_text().count("(fresh process") == 4
     assert "each round in fresh processes" in (out / "bench.md").read_text()
     assert "bench.png skipped: AttributeError" in (out / "bench.log").read_text() and not (out / "bench.png").exists()
@@ -424,6 +425,24 @@ def test_bench_cast_times_a_16_bit_model(tmp_path):
                        "--rounds", "1", "--iters", "1", "--warmup", "0", "--batch-infer", "1", "--out", str(out)]) == 0
     err = json.loads((out / "bench.json").read_text())["entries"][0]["error"]
     assert "+cast needs --dtype bf16 or fp16" in err
+
+
+def test_bench_refuses_bad_arguments_in_one_line(capsys):
+    """Batch 0 ran batch 8, --iters 0 ran 2, an unknown mode or implementation gave a traceback or a
+    table row and exit 0: each is now one argparse error (exit 2) before any work."""
+    from swin import bench
+
+    cases = [(["--batch-infer", "0"], "--batch-infer must be at least 1, got 0"),
+             (["--batch-train", "-2"], "--batch-train must be at least 1"),
+             (["--iters", "0"], "--iters must be at least 1"), (["--threads", "0"], "--threads must be at least 1"),
+             (["--modes", "inference"], "--modes takes a comma list of infer, train, latency"),
+             (["--impls", "ours,foo"], "Unknown implementation 'foo'"),
+             (["--impls", "ours+bogus"], "Unknown flag(s) +bogus in 'ours+bogus'")]
+    for argv, msg in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            bench.parse_args(["--device", "cpu", *argv])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and msg in err, (argv, err)
 
 
 def test_bench_rejects_an_unknown_flag():

@@ -59,6 +59,16 @@ def test_onnx_fixed_batch_never_overwrites_and_writes_nothing_on_a_failed_check(
         X.export_onnx(model, path)
     with pytest.raises(ValueError, match="batch must be a positive number"):
         X.export_onnx(model, tmp_path / "zero.onnx", batch=0)
+    with pytest.raises(ValueError, match="is a folder"):  # not "already exists ... pass force=True"
+        X.export_onnx(model, tmp_path)
+    with pytest.raises(ValueError, match=r"export the fp32 model \(model.float\(\)\)"):
+        X.export_onnx(model.bfloat16(), tmp_path / "bf16.onnx")
+    model.float()
+    # past what torch.onnx converts to it kept opset 18 with newer ops inside, declared as 18 (a file
+    # onnxruntime refuses): refused in one sentence, nothing written
+    with pytest.raises(ValueError, match="could not write opset 99"):
+        X.export_onnx(model, tmp_path / "o99.onnx", opset=99, check=False)
+    assert not (tmp_path / "o99.onnx").exists()
 
     class WrongSession:  # a graph whose logits are off: the export must stop and keep the old file
         def run(self, names, feeds):

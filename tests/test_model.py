@@ -279,6 +279,52 @@ def test_weight_caches_follow_a_dtype_round_trip_and_assign_loads():
                 assert (model(x) - ref(x)).abs().max() <= 1e-5 * ref(x).abs().max(), (version, seed)
 
 
+def test_functional_call_vmap_ensembles_and_inference_mode_models_are_exact():
+    """torch.func.functional_call hands in new tensors on every call; one may sit at the last call's freed
+    address at version 0, and the caches took it for the old one (logits up to 0.85 of their scale off).
+    vmap ensembles and models built under inference_mode crashed; a float64 V2 was fp32-accurate only."""
+    from torch.func import functional_call, stack_module_state, vmap
+
+    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    for version in (1, 2):
+        model, ref = tiny(version).eval(), tiny(version).eval()
+        ref.set_backend("reference")
+        base = {k: t.detach().clone() for k, t in model.named_parameters()}
+        with torch.no_grad():
+            for scale in (1.0, 0.8, 1.2, 0.6):  # new tensors each call, freed when the call returns
+                a = functional_call(model, {k: t * scale for k, t in base.items()}, (x,))
+                b = functional_call(ref, {k: t * scale for k, t in base.items()}, (x,))
+                assert (a - b).abs().max() <= 1e-4 * b.abs().max(), (version, scale)  # stale caches: 4e-2
+        members = [tiny(version).eval() for _ in range(3)]
+        params, buffers = stack_module_state(members)
+        with torch.no_grad():
+            out = vmap(lambda p, b: functional_call(members[0], (p, b), (x,)))(params, buffers)
+            for i, m in enumerate(members):
+                assert (out[i] - m(x)).abs().max() <= 1e-5 * out[i].abs().max(), (version, i)
+        with torch.inference_mode():
+            built = tiny(version).eval()
+            built.load_state_dict(model.state_dict())
+            assert (built(x) - model(x)).abs().max() <= 1e-5 * model(x).abs().max()
+        wide, ref64 = tiny(version).double().eval(), tiny(version).double().eval()
+        ref64.load_state_dict(wide.state_dict())
+        ref64.set_backend("reference")
+        with torch.no_grad():
+            a, b = wide(x.double()), ref64(x.double())
+        assert (a - b).abs().max() <= 1e-12 * b.abs().max(), version  # fp64 throughout (V2 was 5e-8)
+
+
+def test_reference_backend_is_plain_pytorch_in_patch_merging_too():
+    from swin.ops import cpu_tiled
+
+    model = tiny().eval()
+    merging = model.layers[0].downsample
+    x = torch.randn(1, 16, 16, merging.reduction.in_features // 4)
+    with torch.no_grad():
+        assert cpu_tiled.merge_eligible(merging, x) == cpu_tiled.cpu_kernels.available()
+        model.set_backend("reference")
+        assert not cpu_tiled.merge_eligible(merging, x)
+
+
 def test_empty_batch_quantized_v2_and_biasless_linears_run():
     """Three things users do that crashed a fast path: an empty batch with autograd on, SwinV2 under
     torch.ao dynamic quantization, a block Linear without bias."""

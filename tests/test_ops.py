@@ -781,7 +781,7 @@ def test_cpu_patch_merging_kernel_equals_module(version, H, W, C, monkeypatch):
     g = torch.Generator().manual_seed(H * W + C)
     x = torch.randn(3, H, W, C, generator=g) * 2 + 0.5
     assert torch.equal(ck.merge_rows(x), ck.merge_rows_reference(x))
-    pm = PatchMerging(C, version).eval()
+    pm = PatchMerging(C, version, backend="auto").eval()
     with torch.no_grad():
         for p in pm.parameters():
             p.normal_(generator=g)

@@ -82,14 +82,26 @@ COMPILED = ("compile", "ro", "mat", "freeze")  # the flags that torch.compile th
 FLAGS = COMPILED + ("graph", "cast", "plainmlp", "dpskip", "ltgelu", "ort")
 
 
-def _build(impl: str, name: str, drop_path: float) -> tuple[nn.Module, Callable]:
-    """(module, forward fn x -> logits) for an implementation name like 'ours-sdpa' or 'timm'."""
-    spec = MODELS[name]
+BASES = ("ours", "ours-ref", "ours-sdpa", "ours-triton", "ours-fused", "timm", "timm-sdpa", "tv", "hf")
+
+
+def check_impl(impl: str) -> None:
+    """ValueError naming what is wrong with an implementation name like 'ours-sdpa+compile'."""
     base, flags = impl.split("+")[0], impl.split("+")[1:]
+    if base not in BASES:
+        raise ValueError(f"Unknown implementation {base!r} in {impl!r}; use one of {', '.join(BASES)}, each with "
+                         f"optional flags {', '.join('+' + f for f in FLAGS)} (see --help).")
     unknown = [f for f in flags if f not in FLAGS]
     if unknown:
         raise ValueError(f"Unknown flag(s) {', '.join('+' + f for f in unknown)} in {impl!r}; "
                          f"use {', '.join('+' + f for f in FLAGS)}.")
+
+
+def _build(impl: str, name: str, drop_path: float) -> tuple[nn.Module, Callable]:
+    """(module, forward fn x -> logits) for an implementation name like 'ours-sdpa' or 'timm'."""
+    spec = MODELS[name]
+    check_impl(impl)
+    base, flags = impl.split("+")[0], impl.split("+")[1:]
     if base.startswith("ours"):
         import swin
 
@@ -377,7 +389,7 @@ def run_mode(name: str, mode: str, impls: list[str], args, log) -> list[Entry]:
         if _over_budget(args) and r >= 2:
             log("  time budget reached: stopping rounds early")
             break
-        for e in entries:
+        for e in entries if r % 2 == 0 else entries[::-1]:  # no one always first (or last) in a round
             if e.impl not in steps:
                 continue
             try:
@@ -533,10 +545,10 @@ def to_markdown(entries: list[Entry], info: dict, args) -> str:
                       "| impl | median | spread | vs best peer | paired | peak GiB | mem vs timm | saved GiB | saved vs timm | parity rel err | host/device |",
                       "|---|---|---|---|---|---|---|---|---|---|---|"]
         if e.median is None:
-            lines.append(f"| {e.impl} | {e.error or 'n/a'} | | | | | | | | | |")
+            lines.append(f"| {e.impl} | {e.error or 'not run'} | | | | | | | | | |")
             continue
-        f = (lambda v, p=2: "" if v is None else f"{v:.{p}f}")
-        lines.append(f"| {e.impl} | {e.median:,.2f} | {e.spread:.0%} | {f(e.vs_best_peer)}x | {f(e.paired_vs_best_peer)}x | {f(e.peak_gib)} | "
+        f = (lambda v, p=2, unit="": "" if v is None else f"{v:.{p}f}{unit}")
+        lines.append(f"| {e.impl} | {e.median:,.2f} | {e.spread:.0%} | {f(e.vs_best_peer, unit='x')} | {f(e.paired_vs_best_peer, unit='x')} | {f(e.peak_gib)} | "
                      f"{f(e.mem_vs_timm)} | {f(e.saved_gib)} | {f(e.saved_vs_timm)} | {'' if e.parity_rel_err is None else f'{e.parity_rel_err:.1e}'} | {f(e.host_share)} |")
     return "\n".join(lines) + "\n"
 
@@ -631,6 +643,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cuda = a.device == "cuda"
     if cuda and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
+    for flag, value, low in (("--batch-infer", a.batch_infer, 1), ("--batch-train", a.batch_train, 1),
+                             ("--iters", a.iters, 1), ("--threads", a.threads, 1), ("--rounds", a.rounds, 1),
+                             ("--warmup", a.warmup, 0)):
+        if value is not None and value < low:
+            p.error(f"{flag} must be at least {low}, got {value}")
+    modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+    if not modes or any(m not in ("infer", "train", "latency") for m in modes):
+        p.error(f"--modes takes a comma list of infer, train, latency; got {a.modes!r}")
+    a.modes = ",".join(modes)
     a.dtype = a.dtype or ("bf16" if cuda else "fp32")
     a.batch_infer = a.batch_infer or (256 if cuda else 8)
     a.batch_train = a.batch_train or (128 if cuda else 8)
@@ -640,15 +661,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         # on CUDA each compiled mode ours is timed in, the peers are too (+ro: CUDA graphs, stop 15)
         a.impls = ("ours,ours+compile,ours+ro,ours+graph,timm,timm-sdpa,timm+compile,timm-sdpa+compile,timm-sdpa+ro,tv,hf"
                    if cuda
-                   else "ours,ours-ref,timm,timm-sdpa,timm-sdpa+compile,tv,hf")
-        if not cuda and _has_onnx():  # deployment on a CPU: the model in onnxruntime is a peer too
-            a.impls += ",timm+ort"
+                   else "ours,ours-ref,timm,timm-sdpa,timm-sdpa+compile,tv,hf,hf+compile")
+        if not cuda and _has_onnx():  # deployment on a CPU: the models in onnxruntime are peers too
+            a.impls += ",timm+ort,tv+ort,hf+ort"
         if a.compile:
             a.impls += ",ours+compile,timm+compile,timm-sdpa+compile,hf+compile"
         a.impls = ",".join(dict.fromkeys(a.impls.split(",")))  # once each, in order
     for m in a.models.split(","):
         if m not in MODELS:
             p.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
+    for impl in a.impls.split(","):
+        try:
+            check_impl(impl.strip())
+        except ValueError as e:
+            p.error(str(e))
     return a
 
 

@@ -83,8 +83,19 @@ def export_module(module: torch.nn.Module, example: torch.Tensor, path: str | os
                 raise
             torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=min(opset, 17), **names)
             return
+    written = program.model.opset_imports.get("")
+    if written != opset:  # torch.onnx leaves a graph it could not convert at its own opset, declared wrongly
+        raise ValueError(f"torch.onnx could not write opset {opset} (its graph stayed at opset {written}); ask for an "
+                         f"opset from 18 to {_max_opset()} (--opset).")
     program.model.metadata_props.update(metadata or {})
     program.save(str(path), external_data=False)
+
+
+def _max_opset() -> int:
+    """The newest opset this torch.onnx converts to."""
+    from torch.onnx import _constants
+
+    return getattr(_constants, "ONNX_MAX_OPSET", 18)
 
 
 def export_onnx(model: torch.nn.Module, path: str | os.PathLike, *, img_size: int | tuple[int, int] | None = None,
@@ -99,10 +110,14 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, *, img_size: in
     Returns {"path", "seconds", "max_rel_err" (None when not checked)}.
     """
     path = Path(path)
-    if path.exists() and not force:
-        raise ValueError(f"{path} already exists; choose another name or pass force=True (--force) to overwrite it.")
     if path.is_dir():
         raise ValueError(f"{path} is a folder; give the path of the .onnx file to write.")
+    if path.exists() and not force:
+        raise ValueError(f"{path} already exists; choose another name or pass force=True (--force) to overwrite it.")
+    weight = next(model.parameters())
+    if weight.dtype != torch.float32:
+        raise ValueError(f"The model is {weight.dtype}; export the fp32 model (model.float()): onnxruntime, TensorRT "
+                         "and OpenVINO choose their own 16-bit precision from an fp32 graph.")
     if batch is not None and batch < 1:
         raise ValueError(f"batch must be a positive number or None (dynamic), got {batch}.")
     if opset < 18:  # torch.onnx's exporter writes opset 18 or later, whatever it is asked
@@ -111,7 +126,7 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, *, img_size: in
     H, W = (size, size) if isinstance(size, int) else tuple(size)
     if H < 1 or W < 1:
         raise ValueError(f"img_size must be positive, got {H}x{W}.")
-    device = next(model.parameters()).device
+    device = weight.device
     gen = torch.Generator().manual_seed(0)
     example = torch.randn(batch or 2, 3, H, W, generator=gen).to(device)
     meta = {"swin.img_size": f"{H},{W}", "swin.num_classes": str(model.num_classes),

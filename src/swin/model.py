@@ -21,8 +21,8 @@ from torch.utils.checkpoint import checkpoint
 
 from . import windows as W
 from .config import SwinConfig
-from .ops import (autocast_dtype, cpu_tiled, fused_attention_half, fused_block_eligible, fused_mlp_half, has_hooks,
-                  invalidate_caches, is_plain)
+from .ops import (autocast_dtype, cpu_tiled, fast, fused_attention_half, fused_block_eligible, fused_mlp_half,
+                  has_hooks, invalidate_caches, is_plain, transforming)
 from .ops import mlp as mlp_ops
 from .ops import onednn
 
@@ -79,6 +79,8 @@ class SwinTransformer(nn.Module):
         check_backend(backend)
         self.patch_embed.backend = backend
         for layer in self.layers:
+            if layer.downsample is not None:
+                layer.downsample.backend = backend
             for blk in layer.blocks:
                 blk.attn.backend = blk.mlp.backend = backend
 
@@ -184,7 +186,7 @@ class BasicLayer(nn.Module):
             SwinTransformerBlock(config, dim, num_heads, shift=0 if j % 2 == 0 else config.window_size // 2,
                                  pretrained_window=pretrained_window, drop_path=drop_path[j])
             for j in range(depth)])
-        self.downsample = PatchMerging(dim, config.version) if downsample else None
+        self.downsample = PatchMerging(dim, config.version, config.backend) if downsample else None
 
     def forward(self, x: torch.Tensor, grad_checkpointing: bool = False, return_before_merge: bool = False,
                 consume_input: bool = False):
@@ -305,7 +307,7 @@ class WindowAttention(nn.Module):
 
     def _linear(self, x, weight, bias):
         # the fast backends train in fp32 on CPU with oneDNN's products (swin.ops.onednn); the reference is F.linear
-        return F.linear(x, weight, bias) if self.backend == "reference" else onednn.linear(x, weight, bias)
+        return onednn.linear(x, weight, bias) if fast(self.backend) else F.linear(x, weight, bias)
 
     def position_bias(self, window: int) -> torch.Tensor:
         """(heads, N, N) relative position bias for a window x window window."""
@@ -323,7 +325,7 @@ class WindowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, window: int, shift: int, mask_padding: bool = False) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C): pad, cyclic shift, attend per window, reverse, crop."""
-        if self.backend != "reference":
+        if fast(self.backend):
             from .ops import window_attention
 
             return window_attention(self, x, window, shift, mask_padding)
@@ -435,8 +437,9 @@ class PatchEmbed(nn.Module):
 class PatchMerging(nn.Module):
     """(B, H, W, C) -> (B, H/2, W/2, 2C). V1: LN(4C) then Linear; V2: Linear then LN(2C)."""
 
-    def __init__(self, dim: int, version: int):
+    def __init__(self, dim: int, version: int, backend: str = "reference"):
         super().__init__()
+        self.backend = backend  # any but "reference": CPU inference gathers (and V1 normalises) in one C pass
         self.post_norm = version == 2
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
         self.norm = nn.LayerNorm(2 * dim if self.post_norm else 4 * dim)
@@ -481,7 +484,7 @@ class DropPath(nn.Module):
         if self.p == 0.0 or not self.training:
             return x + branch(x)
         if (x.device.type not in self.SKIP_DEVICES or torch.compiler.is_compiling()
-                or torch.jit.is_tracing()):  # data-dependent shapes: the plain mask product
+                or torch.jit.is_tracing() or transforming()):  # data-dependent shapes: the plain mask product
             return x + self(branch(x))
         keep = 1.0 - self.p
         mask = x.new_empty(x.shape[0]).bernoulli_(keep)

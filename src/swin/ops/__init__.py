@@ -72,10 +72,27 @@ def resolve_backend(name: str, x: torch.Tensor, window: int) -> str:
     return name
 
 
-# Caches derived from parameters (the eval-time attention bias, CPU-prepacked weights) are keyed on
-# each parameter's (data_ptr, _version) and on a count of optimizer steps taken anywhere in the
-# process: fused optimizers (e.g. AdamW(fused=True)) update parameters in place without bumping
-# their version counters.
+_functorch_level = getattr(getattr(torch._C, "_functorch", None), "maybe_current_level", lambda: None)
+
+
+def transforming() -> bool:
+    """True inside a torch.func transform (vmap, grad, jacrev, ...): its wrapped tensors have no storage
+    for the C kernels, oneDNN or the caches to read, so every fast path steps aside for the plain modules."""
+    return _functorch_level() is not None
+
+
+def fast(backend: str) -> bool:
+    """True when a module set to ``backend`` takes its fast path: any backend but "reference", outside
+    torch.func transforms."""
+    return backend != "reference" and not transforming()
+
+
+# Caches derived from parameters (the eval-time attention bias, CPU-prepacked weights) hold the
+# parameter tensors they were built from (weakly) and are current while the module still has those
+# very tensors, at the same (data_ptr, _version, dtype), and no optimizer step was taken anywhere in
+# the process since: fused optimizers (e.g. AdamW(fused=True)) update parameters in place without
+# bumping their version counters. The identity matters: torch.func.functional_call hands in new
+# tensors on every call, and one may sit at a freed one's address with version 0.
 _OPTIMIZER_STEPS = [0]
 
 
@@ -87,8 +104,11 @@ register_optimizer_step_post_hook(_count_step)
 
 
 def params_key(params) -> tuple:
-    """What a cache derived from ``params`` must match to be current."""
-    return (_OPTIMIZER_STEPS[0],) + tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+    """What a cache derived from ``params`` must match to be current, besides the tensors' identity. An
+    inference tensor (a model built under torch.inference_mode) keeps no version counter: in-place
+    changes to one are seen only through load_state_dict or :func:`invalidate_caches`."""
+    return (_OPTIMIZER_STEPS[0],) + tuple((p.data_ptr(), None if p.is_inference() else p._version, p.dtype)
+                                          for p in params)
 
 
 # module -> {slot: (params_key, value)}. Outside the modules, so that copying, pickling or saving a
@@ -102,13 +122,13 @@ def cached(module: torch.nn.Module, slot, params, build):
     key = params_key(params)
     store = _CACHES.setdefault(module, {})
     hit = store.get(slot)
-    if hit is not None and hit[0] == key:
-        return hit[1]
+    if hit is not None and hit[0] == key and all(ref() is p for ref, p in zip(hit[1], params)):
+        return hit[2]
     with torch.inference_mode(False), torch.no_grad():  # not inference tensors: autograd may save them
         value = build()
     if len(store) >= 32:
         store.clear()
-    store[slot] = (key, value)
+    store[slot] = (key, tuple(weakref.ref(p) for p in params), value)
     return value
 
 
@@ -125,8 +145,10 @@ def param_as(module: torch.nn.Module, name: str, dtype: torch.dtype) -> torch.Te
 
 def invalidate_caches() -> None:
     """Drop every parameter-derived cache; needed only after changing weights in a way PyTorch does
-    not record (writing through ``param.data`` or raw storage). Optimizer steps and in-place
-    tensor ops (``load_state_dict``, ``copy_`` under no_grad) are seen without it."""
+    not record (writing through ``param.data`` or raw storage, or in place into the inference tensors
+    of a model built under torch.inference_mode). Optimizer steps, in-place tensor ops (``copy_``
+    under no_grad), ``load_state_dict`` and new tensors put in (torch.func.functional_call) are seen
+    without it."""
     _OPTIMIZER_STEPS[0] += 1
 
 
@@ -201,7 +223,7 @@ def window_attention(attn, x: torch.Tensor, window: int, shift: int, mask_paddin
 
 def fused_block_eligible(blk, x: torch.Tensor) -> bool:
     """True when backend "fused" runs ``blk`` as two kernels, one per half (:mod:`.triton_block`)."""
-    if not triton_available():
+    if not triton_available() or transforming():
         return False
     from .triton_block import mlp_eligible
 
@@ -224,5 +246,5 @@ from .latency import compile_for_inference, CudaGraphRunner  # noqa: E402
 
 __all__ = ["BACKENDS", "check_backend", "resolve_backend", "window_attention", "triton_available", "has_hooks",
            "is_plain",
-           "params_key", "cached", "invalidate_caches",
+           "params_key", "cached", "invalidate_caches", "fast", "transforming",
            "compile_for_inference", "CudaGraphRunner"]

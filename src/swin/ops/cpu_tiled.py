@@ -49,7 +49,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import windows as W
-from . import _INTERPRET, autocast_dtype, block_dropout_active, cached, cpu_kernels, exporting, has_hooks, param_as
+from . import (_INTERPRET, autocast_dtype, block_dropout_active, cached, cpu_kernels, exporting, fast, has_hooks,
+               param_as, transforming)
 from .mlp import plain_mlp
 from .onednn import available as _onednn_ok
 from .sdpa import bias_and_mask, split_qkv, window_indices
@@ -59,7 +60,7 @@ CHUNK_TOKENS = 2048  # tokens per chunk: fc1's (tokens x 4C) output then fits th
 
 def eligible(layer, x: torch.Tensor) -> bool:
     """True when :func:`run_blocks` computes exactly what ``layer``'s blocks compute, faster."""
-    if x.device.type != "cpu" or layer.training or block_dropout_active(layer.blocks):
+    if x.device.type != "cpu" or layer.training or block_dropout_active(layer.blocks) or transforming():
         return False
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.blocks.parameters())):
         return False  # autograd would need what the per-block path saves (a frozen model needs nothing)
@@ -241,10 +242,12 @@ def _run_block(blk, tokens: torch.Tensor, B: int, H: int, Wd: int, Hp: int, Wp: 
 
 # -- patch merging -------------------------------------------------------------------------------
 def merge_eligible(merging, x: torch.Tensor) -> bool:
-    """True when :func:`patch_merging` computes what ``merging`` (a PatchMerging) computes: fp32 CPU
-    inference (nothing to differentiate), outside torch.compile / export / tracing, the plain
-    LayerNorm and Linear without hooks, and the C kernels built."""
+    """True when :func:`patch_merging` computes what ``merging`` (a PatchMerging) computes: a fast
+    backend, fp32 CPU inference (nothing to differentiate), outside torch.compile / export / tracing and
+    torch.func transforms, the plain LayerNorm and Linear without hooks, and the C kernels built."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or autocast_dtype("cpu") is not None:
+        return False
+    if not fast(getattr(merging, "backend", "auto")):  # (a model pickled before PatchMerging had one)
         return False
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in merging.parameters())):
         return False

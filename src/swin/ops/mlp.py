@@ -22,13 +22,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import autocast_dtype, cpu_kernels, dropout_active, has_hooks, onednn
+from . import autocast_dtype, cpu_kernels, dropout_active, fast, has_hooks, onednn
 
 CPU_CHUNK_TOKENS = 2048
 
 
 def eligible(mlp, x: torch.Tensor) -> bool:
-    return (torch.is_grad_enabled() and mlp.backend != "reference" and not torch.compiler.is_compiling()
+    return (torch.is_grad_enabled() and fast(mlp.backend) and not torch.compiler.is_compiling()
             and not dropout_active(mlp.drop1, mlp.drop2) and plain_mlp(mlp) and not has_hooks(mlp)
             and x.numel() > 0)
 
@@ -124,7 +124,7 @@ def gelu_epilogue_eligible(mlp, x: torch.Tensor) -> bool:
     fc1/fc2/GELU and no hooks. Opt-in: on an H200 it was not yet faster than cuBLAS + inductor's GELU."""
     from . import _INTERPRET, triton_available
 
-    if mlp.backend != "fused" or not (x.is_cuda or _INTERPRET) or torch.is_grad_enabled():
+    if mlp.backend != "fused" or not fast(mlp.backend) or not (x.is_cuda or _INTERPRET) or torch.is_grad_enabled():
         return False
     if dropout_active(mlp.drop1, mlp.drop2):
         return False
@@ -158,7 +158,7 @@ def mlp_gelu_epilogue(mlp, x: torch.Tensor) -> torch.Tensor:
 def lt_gelu_eligible(mlp, x: torch.Tensor) -> bool:
     """Inference with 16-bit products on a device type in ``mlp.LT_GELU_DEVICES``: nothing to
     differentiate, no active dropout, a fast backend, plain fc1/fc2/GELU with biases and no hooks."""
-    if x.device.type not in mlp.LT_GELU_DEVICES or torch.is_grad_enabled() or mlp.backend == "reference":
+    if x.device.type not in mlp.LT_GELU_DEVICES or torch.is_grad_enabled() or not fast(mlp.backend):
         return False
     if dropout_active(mlp.drop1, mlp.drop2):
         return False

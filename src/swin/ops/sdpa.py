@@ -94,12 +94,13 @@ def split_qkv(attn, qkv: torch.Tensor):
     if attn.version == 1:
         return q, k, v, attn.scale
     logit = torch.clamp(attn.logit_scale, max=math.log(100.0)).exp().view(attn.num_heads, 1)  # (heads, 1)
+    wide = torch.promote_types(v.dtype, torch.float32)  # fp32, or fp64 for a float64 model (as the reference)
     if FUSED_NORMALIZE and not torch.is_grad_enabled():
         # inference: q and k normalised together, exp(logit_scale) folded into q's (heads,) factors:
         # one norm and one multiply over both instead of a norm, a divide (and q's multiply) each
-        qk = qkv[..., :2, :, :].float()  # (..., 2, heads, d), a view
+        qk = qkv[..., :2, :, :].to(wide)  # (..., 2, heads, d), a view
         r = torch.linalg.vector_norm(qk, dim=-1, keepdim=True).clamp_min_(1e-12).reciprocal_()
-        r[..., 0, :, :] *= logit.float()
+        r[..., 0, :, :] *= logit.to(wide)
         qk = (qk * r).to(v.dtype)
         return qk[..., 0, :, :], qk[..., 1, :, :], v, 1.0
     # normalise and scale in fp32: in bf16 the product's rounding and a bf16 sum left logit_scale's
@@ -109,10 +110,10 @@ def split_qkv(attn, qkv: torch.Tensor):
         # autograd's F.normalize backward on these strided views costs ~10% of a V2
         # step (unit_rows instead); q and k are written heads-major (the same (..., N, heads, d)
         # shape, transposed memory) so that the batched products read them without a copy
-        q = unit_rows(q.float().transpose(-3, -2), logit.float().view(-1)).to(v.dtype)
-        return q.transpose(-3, -2), unit_rows(k.float().transpose(-3, -2)).to(v.dtype).transpose(-3, -2), v, 1.0
-    q = (F.normalize(q.float(), dim=-1) * logit.float()).to(v.dtype)  # SDPA wants one dtype
-    return q, F.normalize(k.float(), dim=-1).to(v.dtype), v, 1.0
+        q = unit_rows(q.to(wide).transpose(-3, -2), logit.to(wide).view(-1)).to(v.dtype)
+        return q.transpose(-3, -2), unit_rows(k.to(wide).transpose(-3, -2)).to(v.dtype).transpose(-3, -2), v, 1.0
+    q = (F.normalize(q.to(wide), dim=-1) * logit.to(wide)).to(v.dtype)  # SDPA wants one dtype
+    return q, F.normalize(k.to(wide), dim=-1).to(v.dtype), v, 1.0
 
 
 class _UnitRows(torch.autograd.Function):
