@@ -352,7 +352,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
     n = swin.flops(model, img_size=(size[0], size[1]))
     params = sum(p.numel() for p in model.parameters())
     print(f"{args.name} at {size[0]}x{size[1]}: {params:,} params ({params / 1e6:.2f}M), "
-          f"{n:,} FLOPs ({n / 1e9:.2f} G multiply-adds)")
+          f"{n:,} FLOPs ({f'{n / 1e9:.2f} G' if n >= 1e8 else f'{n / 1e6:.2f} M'} multiply-adds)")
     return 0
 
 
