@@ -267,6 +267,7 @@ def _bad_cases(tmp: Path, run_dir: Path) -> list[tuple[list, str]]:
         (["train", "--set", "lr=abc", *out], "lr must be a number, got 'abc'"),
         (["train", "--set", "epochs=2.5", *out], "epochs must be a whole number, got 2.5"),
         (["train", "--set", "ema=1", *out], "ema must be true or false"),
+        (["train", "--set", "compile=on", *out], "compile must be one of off, default, reduce-overhead, max-autotune; got 'on'"),
         (["train", "--set", "model_overrides=3", *out], "model_overrides must be a mapping"),
         (["train", "--set", "model_overrides={embed_dim:16}", *out], "Unknown config field(s) ['embed_dim:16']"),
         (["train", "--set", "rand_augment=20", *out], "rand_augment must be in [0, 10]"),
