@@ -161,12 +161,13 @@ def _typed(key: str, value: Any, default: Any) -> Any:
         if not isinstance(value, dict):
             raise bad("a mapping, e.g. {embed_dim: 32}")
         return dict(value)
-    if isinstance(default, str) and isinstance(value, bool):  # YAML 1.1 reads `amp: off` as False
-        return "off" if value is False else "on"
-    if isinstance(default, str) and isinstance(value, (int, float)):  # `name: 2024`, a folder named 10
-        return str(value)
-    if isinstance(default, str) and not isinstance(value, str):
-        raise bad("a string")
+    if isinstance(default, str):
+        if isinstance(value, bool):  # YAML 1.1 reads `amp: off` as False
+            return "off" if value is False else "on"
+        if isinstance(value, (int, float)):  # `name: 2024`, a folder named 10
+            return str(value)
+        if not isinstance(value, str):
+            raise bad("a string")
     return value
 
 

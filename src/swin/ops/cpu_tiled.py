@@ -251,7 +251,7 @@ def merge_eligible(merging, x: torch.Tensor) -> bool:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in merging.parameters())):
         return False
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if W.recording():
         return False
     return (type(merging.norm) is torch.nn.LayerNorm and type(merging.reduction) is torch.nn.Linear
             and not has_hooks(merging) and cpu_kernels.available())

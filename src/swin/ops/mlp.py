@@ -122,9 +122,9 @@ def gelu_epilogue_eligible(mlp, x: torch.Tensor) -> bool:
     GELU run as one Triton product (:mod:`.triton_linear`), fc2 as usual (the blocks whose MLP half
     is not one kernel already: C > 128). Nothing to differentiate, no active dropout, plain
     fc1/fc2/GELU and no hooks. Opt-in: on an H200 it was not yet faster than cuBLAS + inductor's GELU."""
-    from . import _INTERPRET, triton_available
+    from . import _INTERPRET, transforming, triton_available
 
-    if mlp.backend != "fused" or not fast(mlp.backend) or not (x.is_cuda or _INTERPRET) or torch.is_grad_enabled():
+    if mlp.backend != "fused" or transforming() or not (x.is_cuda or _INTERPRET) or torch.is_grad_enabled():
         return False
     if dropout_active(mlp.drop1, mlp.drop2):
         return False
