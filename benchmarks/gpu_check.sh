@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # One command for a CUDA machine (H100/H200; torch, triton, timm, transformers, torchvision installed):
 #   bash benchmarks/gpu_check.sh            # results under $OUT (default /tmp/swin_gpu_check)
-# 1. Swin-T 224 bf16 inference b256 vs timm + compile, with autocast and as 16-bit models, each with and
-# without fc1 + GELU as one cuBLASLt call (+ltgelu), 2. the Swin-T training step b128 with peak memory:
-# ours with reduce-overhead vs timm-sdpa with reduce-overhead and with compile, timm eager for memory,
-# 3. latency b1, 3b. `swin train --compile reduce-overhead`
-# on CUDA, 4. profiles of ours' and timm-sdpa's compiled training steps, then if time is left the ops
-# parity tests on the GPU (every Triton launch configuration). By name only (ONLY=...): parity_new (the
+# 1. the Swin-T training step b128 with peak memory: ours with reduce-overhead vs timm-sdpa with
+# reduce-overhead and with compile, timm eager for memory, 2. profiles of ours' and timm-sdpa's compiled
+# training steps, 3. Swin-B and SwinV2-T bf16 inference b256 vs timm + compile, then if time is left the
+# ops parity tests on the GPU (every Triton launch configuration). By name only (ONLY=...): t_infer (Swin-T inference,
+# with and without fc1 + GELU as one cuBLASLt call), t_latency (b1), t_cli (`swin train --compile
+# reduce-overhead` on CUDA), parity_new (the
 # newest kernels' parity), fused_probe (backend "fused"'s launches one process each; pinned stop 13's
 # crash), profile_infer, k_linear (the fc1 + GELU product alone; stop 15: still slower than cuBLAS +
 # GELU; stop 19 added a TMA kernel, untimed: ONLY="parity_new k_linear" times it), t_fused (backend
@@ -53,40 +53,45 @@ tail -n 1 "$OUT/env.txt"
   -rfE -k "linear_gelu_matches_reference_cuda or fused_block_matches_reference_cuda"
 
 B="$PY benchmarks/bench.py --device cuda --dtype bf16 --rounds 5 --iters 8 --warmup 3"
-# 1. Swin-T 224 inference b256 (stop 15: ours+compile 21,751 img/s = 1.75x timm+compile; as 16-bit models
-#    (+cast: weights and input in bf16, no autocast) 23,148 = 1.86x), now also with fc1 + GELU as one cuBLASLt
-#    call (+ltgelu, swin.ops.mlp.addmm_gelu; stop 23, untimed). Prediction: the GELU passes were 2.06 ms
-#    (18%) of the 11.4 ms compiled step (stop 13); if cuBLASLt's epilogue costs little, ~9.6-10 ms per
-#    step: +ltgelu 1.1-1.15x ours+cast+compile, ~2.0-2.1x timm+cast+compile. If it wins by >= 3%,
-#    Mlp.LT_GELU_DEVICES becomes ("cuda",) by default (swin/model.py).
-section t_infer 200 $B --models swin_t --modes infer --budget-s 175 --out "$OUT/t_infer" \
-  --impls timm+compile,ours+compile,ours+ltgelu+compile,timm+cast+compile,ours+cast+compile,ours+cast+ltgelu+compile
-
-# 2. the training step b128 (fwd + bwd + AdamW). Stop 15: plain compile is host-bound for ours (host/device
-#    1.00, rounds 4,585-6,354 img/s); reduce-overhead (CUDA graphs) 6,944 = 1.40x timm-sdpa+compile. timm
-#    with reduce-overhead has not been timed: it is the fair peer for ours+ro. Peak memory now counts the
-#    graphs' pools. timm eager gives the memory ratio's denominator (8.81 GiB in stop 15).
+# Order (stop 25): what is still open first. Stop 25 (H200) measured Swin-T inference 2.13x timm+cast+compile
+# as a 16-bit model with fc1 + GELU as one cuBLASLt call (now the default), latency 0.82 ms, the Trainer with
+# reduce-overhead on CUDA (same losses as eager), Swin-B inference 1.96x; training stayed at 1.37x
+# timm-sdpa+ro, and its peak memory under CUDA graphs read 0.32 GiB (the pools were not counted; fixed in
+# swin.bench._train_peak_bytes, not yet run on a GPU).
+# 1. the training step b128 (fwd + bwd + AdamW): ours+ro 6,957 img/s = 1.37x timm-sdpa+ro 5,095 (stop 25,
+#    H200). Peak memory now counts the graphs' pools; timm eager (8.82 GiB) is the memory ratio's denominator.
 section t_train 200 $B --models swin_t --modes train --budget-s 175 --out "$OUT/t_train" \
   --impls ours+ro,timm-sdpa+ro,timm-sdpa+compile,timm
 
-# 3. latency b1 (stop 15: ours+graph 0.81 ms)
-section t_latency 40 $B --models swin_t --modes latency --iters 20 --out "$OUT/t_latency" \
+# 2. where a compiled training step's time goes (torch.profiler, kernels by group), ours and timm-sdpa
+#    (stop 15: ours 18.18 ms of kernels per step): the training gap (1.37x of 1.5x) is what is left
+section profile 130 "$PY" benchmarks/gpu_profile.py --device cuda --impls ours+compile,timm-sdpa+compile --modes train \
+  --steps 3 --out "$OUT/profile"
+
+# 3. Swin-B and SwinV2-T inference, 16-bit models compiled (stop 25: Swin-B 1.96x in 3 rounds, spread 3%;
+#    SwinV2-T ran out of time)
+section t_models_infer 220 $B --models swin_b,swinv2_t_w8 --modes infer --budget-s 200 --out "$OUT/t_models_infer" \
+  --impls timm+cast+compile,ours+cast+compile
+
+# by name only: Swin-T 224 inference b256 with and without fc1 + GELU as one cuBLASLt call (stop 25, H200:
+#    ours+cast+ltgelu+compile 26,797 img/s = 2.13x timm+cast+compile, 1.18x without the call; autocast
+#    23,652 = 1.98x timm+compile, 1.11x without). The call is now the default; +noltgelu is the A/B.
+[[ " ${ONLY:-} " == *" t_infer "* ]] && section t_infer 200 $B --models swin_t --modes infer --budget-s 175 --out "$OUT/t_infer" \
+  --impls timm+compile,ours+compile,ours+noltgelu+compile,timm+cast+compile,ours+cast+compile,ours+cast+noltgelu+compile
+
+# by name only: latency b1 (stop 25: ours+graph 0.82 ms, H200)
+[[ " ${ONLY:-} " == *" t_latency "* ]] && section t_latency 40 $B --models swin_t --modes latency --iters 20 --out "$OUT/t_latency" \
   --impls ours+graph,ours,timm-sdpa
 
-# 3b. `swin train --compile reduce-overhead` (the Trainer with CUDA graphs; tested on CPU only so far): the
-#     digits demo for 40 steps, eager then compiled, the two loss curves side by side in the logs
-section t_cli 90 bash -c "$PY -m swin train --device cuda --max-steps 40 --no-progress --name eager \
+# by name only: `swin train --compile reduce-overhead` on CUDA, the digits demo for 40 steps, eager then
+#    compiled (stop 25: losses 1.4217 / 1.4218 at step 40, 1.8x the steps per second)
+[[ " ${ONLY:-} " == *" t_cli "* ]] && section t_cli 90 bash -c "$PY -m swin train --device cuda --max-steps 40 --no-progress --name eager \
   --out-dir $OUT/runs && $PY -m swin train --device cuda --max-steps 40 --no-progress --name ro \
   --compile reduce-overhead --out-dir $OUT/runs && tail -n 2 $OUT/runs/*/metrics.jsonl"
 
 # by name only: which fused launch crashes, each case in its own process, compute-sanitizer on the first crash
 [[ " ${ONLY:-} " == *" fused_probe "* ]] && section fused_probe 100 "$PY" benchmarks/fused_probe.py \
   --out "$OUT/fused_probe" --timeout 45 --budget-s 75
-
-# 4. where a compiled training step's time goes (torch.profiler, kernels by group)
-#    and timm-sdpa's (stop 15: ours 18.18 ms of kernels per step; timm's device time says whether timm+ro can gain)
-section profile 130 "$PY" benchmarks/gpu_profile.py --device cuda --impls ours+compile,timm-sdpa+compile --modes train \
-  --steps 3 --out "$OUT/profile"
 
 # by name only: fc1 + GELU as one product alone, each configuration, vs cuBLAS + GELU and cuBLAS alone (stop 13:
 # 4.0 ms for the twelve in a model where cuBLAS + GELU took 3.8)

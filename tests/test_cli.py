@@ -452,3 +452,28 @@ def test_bench_rejects_an_unknown_flag():
 
     with pytest.raises(ValueError, match=r"Unknown flag\(s\) \+compil in 'ours\+compil'"):
         bench._build("ours+compil", "swin_t", 0.1)
+
+
+def test_bench_train_peak_counts_a_cuda_graph_pool(monkeypatch):
+    """A graph's replays allocate nothing, so their allocated peak misses the pool the recording filled
+    (stop 25, H200: 0.32 GiB for Swin-T b128 under reduce-overhead); the pool stays reserved after
+    empty_cache(), and the larger reading counts. Eager steps: the allocated peak counts."""
+    from swin import bench
+
+    state = {}
+
+    def fake(allocated_peak, reserved_after):
+        state.update(peak=allocated_peak, reserved=reserved_after, steps=0)
+        for name, fn in (("reset_peak_memory_stats", lambda: None), ("synchronize", lambda: None),
+                         ("empty_cache", lambda: None), ("max_memory_allocated", lambda: state["peak"]),
+                         ("memory_reserved", lambda: state["reserved"])):
+            monkeypatch.setattr(torch.cuda, name, fn)
+
+    def step(i):
+        state["steps"] += 1
+
+    GiB = 2**30
+    fake(allocated_peak=int(1.32 * GiB), reserved_after=int(9.0 * GiB))  # graph: weights + pool reserved
+    assert bench._train_peak_bytes(step, base=GiB, base_reserved=2 * GiB) == 7 * GiB and state["steps"] == 2
+    fake(allocated_peak=9 * GiB, reserved_after=4 * GiB)  # eager: activations freed after the step
+    assert bench._train_peak_bytes(step, base=GiB, base_reserved=2 * GiB) == 8 * GiB

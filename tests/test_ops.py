@@ -405,6 +405,8 @@ def test_lt_gelu_mlp_is_the_plain_mlp_and_stays_whole_under_compile(monkeypatch)
         plain = low(x.bfloat16())
         with torch.autocast("cpu", torch.bfloat16):
             plain_autocast = model(x)
+        assert Mlp.LT_GELU_DEVICES == ("cuda",)  # the default (stop 25, H200: 1.11-1.18x): not the CPU
+        assert _count_ops(lambda: low(x.bfloat16()), "addmm_gelu") == 0
         monkeypatch.setattr(Mlp, "LT_GELU_DEVICES", ("cpu",))
         assert _count_ops(lambda: low(x.bfloat16()), "addmm_gelu") == blocks
         assert torch.equal(low(x.bfloat16()), plain)
