@@ -460,3 +460,21 @@ def test_public_names_are_exposed_lazily():
     assert swin.load_checkpoint is load_checkpoint
     assert swin.convert_state_dict is convert_state_dict
     assert swin.detect_format is detect_format
+
+
+def test_official_v2_buffers_where_a_map_is_smaller_than_the_window():
+    """SwinV2-T window 16 at 256: stage 4's map is 8 x 8, and the official block (like timm's port) runs one
+    8 x 8 window there, with a (64, 64) index and a (1, 15, 15, 2) coordinate table normalised by 8 - 1.
+    Every written buffer equals timm's."""
+    timm = pytest.importorskip("timm")
+    config = swin.get_config("swinv2_t_w16")
+    off = convert_state_dict(swin.create_model("swinv2_t_w16").state_dict(), dst="official", config=config)
+    assert off["layers.3.blocks.0.attn.relative_position_index"].shape == (64, 64)
+    ref = dict(timm.create_model("swinv2_tiny_window16_256", pretrained=False).named_buffers())
+    checked = 0
+    for k, v in off.items():
+        if k.endswith(("relative_position_index", "relative_coords_table")):
+            assert ref[k].shape[-2:] == v.shape[-2:] or ref[k].numel() == v.numel(), k
+            assert torch.allclose(v.float(), ref[k].float().reshape(v.shape), atol=1e-6), k
+            checked += 1
+    assert checked == 2 * sum(config.depths)

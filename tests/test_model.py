@@ -205,6 +205,21 @@ def test_torch_jit_trace_of_a_fresh_model_takes_any_batch(version):
             torch.testing.assert_close(traced(xb), model(xb), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_torch_jit_trace_with_autograd_on_saves_and_reloads(version, tmp_path):
+    """Traced as most do (autograd on), the check passes (the recording took Python autograd Functions
+    where the check's no-grad one took plain operators), and the trace saves and reloads (it could not
+    serialise the softmax's Function)."""
+    model = tiny(version).eval()
+    x = torch.randn(2, 3, 36, 52)
+    traced = torch.jit.trace(model, x)
+    torch.jit.save(traced, str(tmp_path / "m.pt"))
+    loaded = torch.jit.load(str(tmp_path / "m.pt"))
+    with torch.no_grad():
+        xb = torch.randn(3, 3, 36, 52)
+        torch.testing.assert_close(loaded(xb), model(xb), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("bad,match", [
     (torch.randn(3, 64, 64), "4-D"),
     (torch.randn(1, 1, 64, 64), "3 input channels"),

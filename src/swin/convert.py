@@ -490,8 +490,10 @@ def _write_official(sd, version, opts):
     sd = _shrink_tables(sd, config)
     out = dict(sd)
     for i, j in _blocks(sd):
-        M = _window_of(sd, i, j, version, opts["window_size"], "official")
         p = f"layers.{i}.blocks.{j}.attn."
+        # a map smaller than the window is one window of the map's size (the official rule; V1's table
+        # already says so after _shrink_tables, V2's MLP does not)
+        M = _stage_window(config, p) or _window_of(sd, i, j, version, opts["window_size"], "official")
         out[p + "relative_position_index"] = _index_buffer(M)
         if version == 2:
             pre = config.pretrained_window_sizes[i] if config is not None else 0

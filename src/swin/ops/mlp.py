@@ -29,7 +29,7 @@ CPU_CHUNK_TOKENS = 2048
 
 def eligible(mlp, x: torch.Tensor) -> bool:
     return (torch.is_grad_enabled() and fast(mlp.backend) and not torch.compiler.is_compiling()
-            and not dropout_active(mlp.drop1, mlp.drop2) and plain_mlp(mlp) and not has_hooks(mlp)
+            and not torch.jit.is_tracing() and not dropout_active(mlp.drop1, mlp.drop2) and plain_mlp(mlp) and not has_hooks(mlp)
             and x.numel() > 0)
 
 

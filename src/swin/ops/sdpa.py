@@ -95,7 +95,7 @@ def split_qkv(attn, qkv: torch.Tensor):
         return q, k, v, attn.scale
     logit = torch.clamp(attn.logit_scale, max=math.log(100.0)).exp().view(attn.num_heads, 1)  # (heads, 1)
     wide = torch.promote_types(v.dtype, torch.float32)  # fp32, or fp64 for a float64 model (as the reference)
-    if FUSED_NORMALIZE and not torch.is_grad_enabled():
+    if FUSED_NORMALIZE and not torch.is_grad_enabled() and not torch.jit.is_tracing():  # (a trace: one path)
         # inference: q and k normalised together, exp(logit_scale) folded into q's (heads,) factors:
         # one norm and one multiply over both instead of a norm, a divide (and q's multiply) each
         qk = qkv[..., :2, :, :].to(wide)  # (..., 2, heads, d), a view
@@ -309,7 +309,7 @@ class _PermuteTokens(torch.autograd.Function):
 
 def permute_tokens(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     """(B, L, C) -> (B, L, C): rows in the order ``perm``; ``inverse`` is its inverse permutation."""
-    if x.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+    if x.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
         return _PermuteTokens.apply(x, perm, inverse)
     return x.index_select(1, perm)
 
@@ -340,4 +340,9 @@ class _SoftmaxFlushTiny(torch.autograd.Function):
 def softmax_flush_tiny(logits: torch.Tensor) -> torch.Tensor:
     if torch.onnx.is_in_onnx_export():  # a plain Softmax node: the flush would be two more nodes per
         return torch.softmax(logits, -1)  # block (7% of Swin-T's time in onnxruntime); see swin.export
+    if torch.jit.is_tracing():  # standard operators, the same with autograd on or off (the trace's check
+        # records both): a trace saves them, where it cannot save a Python autograd Function
+        return F.threshold(torch.softmax(logits, -1), TINY, 0.0)
+    if not (logits.requires_grad and torch.is_grad_enabled()):  # nothing to save for a backward
+        return F.threshold(torch.softmax(logits, -1), TINY, 0.0, inplace=True)
     return _SoftmaxFlushTiny.apply(logits)
