@@ -8,6 +8,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -240,7 +241,7 @@ def _bad_cases(tmp: Path, run_dir: Path) -> list[tuple[list, str]]:
         (["predict", tmp / "nope.png", "--checkpoint", run_dir], "Image"),
         (["eval", "--checkpoint", tmp / "backbone.pth", "--model", "swin_micro_p4", "--data", "digits"],
          "has no classifier head"),
-        (["predict", tmp / "nope.png", "--checkpoint", tmp / "backbone.pth", "--model", "swin_micro_p4"],
+        (["predict", tmp / "afile", "--checkpoint", tmp / "backbone.pth", "--model", "swin_micro_p4"],
          "has no classifier head"),
         (["eval", "--checkpoint", tmp / "adir", "--model", "swin_micro_p4", "--data", "digits"], "no best.pt"),
         (["convert", tmp / "nope.pth", tmp / "o.pth", "--to", "timm"], "does not exist"),
@@ -271,6 +272,11 @@ def _bad_cases(tmp: Path, run_dir: Path) -> list[tuple[list, str]]:
         (["train", "--set", "model_overrides=3", *out], "model_overrides must be a mapping"),
         (["train", "--set", "model_overrides={embed_dim:16}", *out], "Unknown config field(s) ['embed_dim:16']"),
         (["train", "--set", "rand_augment=20", *out], "rand_augment must be in [0, 10]"),
+        (["train", "--out-dir", tmp / "afile" / "sub"], "afile is a file"),
+        (["predict", tmp / "nope.png", "--checkpoint", run_dir, "--batch-size", "0"], "--batch-size must be at least 1"),
+        (["predict", tmp / "afile", "--checkpoint", run_dir, "--device", "gpu"], "Unknown device 'gpu'"),
+        (["eval", "--checkpoint", run_dir, "--data", "digits", "--device", "mps"], "Unknown device 'mps'"),
+        (["eval", "--checkpoint", run_dir, "--data", "digits", "--img-size", "0"], "Image size 0 is too small"),
     ]
 
 
@@ -477,3 +483,126 @@ def test_bench_train_peak_counts_a_cuda_graph_pool(monkeypatch):
     assert bench._train_peak_bytes(step, base=GiB, base_reserved=2 * GiB) == 7 * GiB and state["steps"] == 2
     fake(allocated_peak=9 * GiB, reserved_after=4 * GiB)  # eager: activations freed after the step
     assert bench._train_peak_bytes(step, base=GiB, base_reserved=2 * GiB) == 8 * GiB
+
+
+def _digit_in_modes(folder: Path) -> tuple[list[Path], np.ndarray]:
+    """One digit saved as 8-bit grayscale, 16-bit grayscale (I;16) and float (F, in 0..1) files."""
+    _, val, _ = D.load_digits(32)
+    gray = val.images[0, 0].numpy()  # uint8 (32, 32)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / "gray8.png", folder / "gray16.png", folder / "float.tif"]
+    Image.fromarray(gray, "L").save(paths[0])
+    Image.fromarray(gray.astype(np.uint16) * 257).save(paths[1])
+    Image.fromarray(gray.astype(np.float32) / 255.0, "F").save(paths[2])
+    return paths, gray
+
+
+def test_16bit_and_float_images_read_as_the_same_picture(run_dir, tmp_path, capsys):
+    """Pillow's convert("RGB") clips 16-bit pixels at 255 (a mask) and float ones at their raw values
+    (near black); the loader rescales them, so the three files give one picture and one prediction."""
+    paths, gray = _digit_in_modes(tmp_path / "modes")
+    with Image.open(paths[1]) as im:
+        assert im.mode.startswith("I")
+    for p in paths:
+        rgb = np.asarray(D.open_rgb(p))
+        assert rgb.shape == (32, 32, 3) and np.abs(rgb[..., 1].astype(int) - gray).max() <= 1, p
+    rc, out, _ = run_cli(capsys, "predict", *paths, "--checkpoint", run_dir, "--top-k", "1")
+    tops = [ln for ln in out.splitlines() if ln.startswith(" ")]
+    assert rc == 0 and len(tops) == 3 and len(set(tops)) == 1, tops
+
+
+def test_folder_scans_leave_out_hidden_files(run_dir, tmp_path, capsys):
+    """macOS ._ files (not images) and .ipynb_checkpoints copies are not data: predict and eval skip them."""
+    paths, labels = digit_pngs(tmp_path / "src", 2)
+    for p, y in zip(paths, labels):
+        (tmp_path / "val" / str(y)).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "val" / str(y) / p.name).write_bytes(p.read_bytes())
+    first = tmp_path / "val" / str(labels[0])
+    (first / "._digit0.png").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    (first / ".ipynb_checkpoints").mkdir()
+    (first / ".ipynb_checkpoints" / "digit0-checkpoint.png").write_bytes(paths[0].read_bytes())
+    assert [f.name for f in D.image_files(first)] == ["digit0.png"]
+    rc, out, err = run_cli(capsys, "predict", tmp_path / "val", "--checkpoint", run_dir, "--top-k", "1")
+    assert rc == 0 and sorted(ln for ln in out.splitlines() if not ln.startswith(" ")) == \
+        sorted(str(tmp_path / "val" / str(y) / p.name) for p, y in zip(paths, labels)), (out, err)
+    rc, out, _ = run_cli(capsys, "eval", "--checkpoint", run_dir, "--data", tmp_path, "--json", "--workers", "0")
+    assert rc == 0 and json.loads(out)["images"] == 2
+
+
+def test_predict_runs_in_batches_and_skips_unreadable_files_found_in_a_folder(run_dir, tmp_path, capsys):
+    """--batch-size 2 over 5 images prints what one batch prints; a broken file found in a folder is a
+    warning, the same file named on the command line an error."""
+    paths, _ = digit_pngs(tmp_path / "imgs", 5)
+    rc, whole, _ = run_cli(capsys, "predict", tmp_path / "imgs", "--checkpoint", run_dir, "--batch-size", "64")
+    rc2, chunked, _ = run_cli(capsys, "predict", tmp_path / "imgs", "--checkpoint", run_dir, "--batch-size", "2")
+    assert rc == rc2 == 0 and whole == chunked and whole.count("\n") == 5 * 6
+    (tmp_path / "imgs" / "broken.png").write_bytes(b"not a png")
+    rc, out, err = run_cli(capsys, "predict", tmp_path / "imgs", "--checkpoint", run_dir, "--batch-size", "2")
+    assert rc == 0 and out == whole and "skipped unreadable image" in err and "broken.png" in err
+    rc, _, err = run_cli(capsys, "predict", tmp_path / "imgs" / "broken.png", "--checkpoint", run_dir)
+    assert rc == 2 and "Could not read image" in err
+
+
+def test_eval_refuses_unreadable_data_and_folders_not_named_as_the_runs_classes(run_dir, tmp_path, capsys):
+    """A folder where no image can be read is an error, not 0.00%; folders named otherwise ("zero",
+    "one", ...) than a run's classes ("0", "1", ...) would be labelled by their sorted order (eight = 0,
+    five = 1, ...): refused for a run."""
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    paths, labels = digit_pngs(tmp_path / "src", 10)
+    for p, y in zip(paths, labels):
+        (tmp_path / "named" / words[y]).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "named" / words[y] / p.name).write_bytes(p.read_bytes())
+        (tmp_path / "bad" / str(y)).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "bad" / str(y) / p.name).write_bytes(b"garbage")
+    for name in words:  # every class present
+        (tmp_path / "named" / name).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "named" / name / "x.png").write_bytes(paths[0].read_bytes())
+    rc, _, err = run_cli(capsys, "eval", "--checkpoint", run_dir, "--data", tmp_path / "named", "--workers", "0")
+    assert rc == 2 and "No class folder" in err and "named as one of the checkpoint's classes" in err
+    rc, out, err = run_cli(capsys, "eval", "--checkpoint", run_dir, "--data", tmp_path / "bad", "--workers", "0")
+    assert rc == 2 and out == "" and "None of the" in err and "could be read" in err
+
+
+def test_eval_reads_the_runs_data_root_from_any_folder(run_dir, tmp_path, monkeypatch):
+    """The run records absolute data paths; `swin eval RUN` elsewhere uses them and makes no ./data."""
+    from swin.cli import _run_data
+
+    data, root = _run_data(str(run_dir))
+    assert data == "digits" and Path(root).is_absolute()
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["eval", "--checkpoint", str(run_dir), "--json"]) == 0
+    assert not (tmp_path / "data").exists()
+    assert D.absolute_data("cifar10") == "cifar10" and D.absolute_data("imgs") == str(tmp_path / "imgs")
+
+
+def test_bench_refuses_a_cuda_graph_without_cuda():
+    from swin import bench
+
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(["--device", "cpu", "--impls", "ours,ours+graph"])
+    assert e.value.code == 2
+
+
+def test_convert_of_a_run_uses_its_architecture(tmp_path, capsys):
+    """The demo model's last stage is 2 x 2 under a window of 4: timm sizes that block's bias table for a
+    2 x 2 window. `swin convert RUN --to timm` reads the run's architecture (no --model), and the file
+    loads into timm's model strictly with the same logits."""
+    timm = pytest.importorskip("timm")
+    assert cli.main(["train", "--max-steps", "1", "--threads", "1", "--no-progress", "--device", "cpu",
+                     "--out-dir", str(tmp_path / "runs"), "--name", "demo"]) == 0
+    rc, out, err = run_cli(capsys, "convert", tmp_path / "runs" / "demo", tmp_path / "t.safetensors", "--to", "timm")
+    assert rc == 0, err
+    from safetensors.torch import load_file
+
+    from swin.train import load_for_inference
+
+    c = swin.get_config("swin_micro_p4")
+    ref = timm.models.swin_transformer.SwinTransformer(
+        img_size=c.img_size, patch_size=c.patch_size, embed_dim=c.embed_dim, depths=c.depths,
+        num_heads=c.num_heads, window_size=c.window_size, num_classes=c.num_classes).eval()
+    ref.load_state_dict(load_file(str(tmp_path / "t.safetensors")), strict=True)
+    assert ref.layers[2].blocks[0].attn.relative_position_bias_table.shape[0] == 9  # a 2 x 2 window
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ours, theirs = load_for_inference(tmp_path / "runs" / "demo").model(x), ref(x)
+    assert (ours - theirs).abs().max() <= 1e-4 * ours.abs().max()

@@ -89,7 +89,9 @@ def test_pretrained_run_folder_is_read_and_a_resume_does_not_read_it_again(tmp_p
     assert run_weights(source.run_dir).name == "ckpt-0000003.pt"
     from swin.cli import _run_data
 
-    assert _run_data(str(source.run_dir)) == "digits"  # `swin eval --checkpoint RUN_DIR` needs no --data
+    # `swin eval --checkpoint RUN_DIR` needs no --data, from any folder (the run keeps data_root absolute)
+    assert _run_data(str(source.run_dir)) == ("digits", str(Path(source.cfg.data_root).absolute()))
+    assert Path(source.cfg.data_root).is_absolute()
     best = torch.load(run_weights(source.run_dir), map_location="cpu", weights_only=True)["model"]
     assert not torch.equal(best["head.weight"], Trainer(tiny_cfg(tmp_path, name="x")).model.head.weight)
     ft = Trainer(tiny_cfg(tmp_path, name="ft", pretrained=str(source.run_dir), max_steps=2))
@@ -362,3 +364,48 @@ def test_compiled_training_follows_the_eager_run(tmp_path):
     assert eager[4] != eager[1]  # the weights moved: later steps compare trained weights
     state = torch.load(next(runs["default"].glob("ckpt-*.pt")), weights_only=True)["model"]
     assert not any("_orig_mod" in k for k in state)
+
+
+def test_resume_at_max_steps_trains_nothing_and_summary_keeps_the_last_validation(tmp_path):
+    """A run stopped by max_steps, resumed with the same limit, takes no step (it took one more);
+    resumed further, its summary still has the last epoch's validation (it had None)."""
+    first = Trainer(tiny_cfg(tmp_path, name="r", epochs=3, max_steps=23))  # 22 steps per epoch: one val
+    first.fit()
+    val = first.last_val
+    assert first.step == 23 and val and (first.run_dir / "ckpt-0000023.pt").is_file()
+    again = Trainer(tiny_cfg(tmp_path, name="r", epochs=3, max_steps=23), resume=first.run_dir)
+    again.fit()
+    assert again.step == 23 and not (first.run_dir / "ckpt-0000024.pt").exists()
+    more = Trainer(tiny_cfg(tmp_path, name="r", epochs=3, max_steps=25), resume=first.run_dir)
+    summary = more.fit()
+    assert more.step == 25 and summary["status"] == "max_steps"
+    assert summary["val_top1"] == val["top1"] and summary["val_loss"] == val["loss"]
+
+
+def test_pick_device_refuses_unknown_and_absent_devices():
+    from swin.train import pick_device
+
+    assert pick_device("cpu").type == "cpu"
+    for bad in ("gpu", "CPU", "mps", "meta", "tpu", "cuda:x"):
+        with pytest.raises(ValueError, match="Unknown device"):
+            pick_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU is available"):
+            pick_device("cuda:0")
+    else:
+        with pytest.raises(ValueError, match="does not exist"):
+            pick_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_compile_for_inference_checks_its_arguments_before_touching_the_model():
+    import swin
+    from swin.ops import compile_for_inference
+
+    model = swin.create_model("swin_micro_p4", num_classes=10).train()
+    with pytest.raises(ValueError, match="Unknown mode 'turbo'"):
+        compile_for_inference(model, torch.randn(1, 3, 32, 32), mode="turbo")
+    for example, got in ((None, "NoneType"), (torch.randn(3, 32, 32), "3-D tensor")):
+        with pytest.raises(ValueError, match=got):
+            compile_for_inference(model, example)
+    assert model.training  # untouched by the refused calls
+    assert compile_for_inference(model, torch.randn(1, 3, 32, 32), mode="eager") is model and not model.training

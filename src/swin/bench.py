@@ -687,6 +687,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             check_impl(impl.strip())
         except ValueError as e:
             p.error(str(e))
+        if "graph" in impl.strip().split("+")[1:] and not cuda:
+            p.error(f"{impl.strip()}: +graph (a CUDA graph) needs --device cuda")
     return a
 
 

@@ -77,13 +77,13 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="top-1, top-5, loss and img/s of a checkpoint on a dataset")
     e.add_argument("--checkpoint", required=True, help="a run folder, a run checkpoint, or a foreign checkpoint")
     e.add_argument("--data", help="digits, cifar10, cifar100, or a folder (its val/); default: the run's data")
-    e.add_argument("--data-root", default="data")
+    e.add_argument("--data-root", help="where CIFAR is stored (default: the run's, else ./data)")
     e.add_argument("--model", help="architecture of a foreign checkpoint (e.g. swin_t)")
-    e.add_argument("--img-size", type=int)
+    e.add_argument("--img-size", type=int, help="input size (default: the run's, else the model's)")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--workers", type=int, default=4)
-    e.add_argument("--device", default="auto")
-    e.add_argument("--amp", default="auto")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    e.add_argument("--amp", default="auto", help="auto, off, bf16, fp16")
     e.add_argument("--ema", action="store_true", help="evaluate the run's EMA weights")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
@@ -91,10 +91,11 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders (every image inside)")
     pr.add_argument("--checkpoint", required=True)
     pr.add_argument("--model", help="architecture of a foreign checkpoint (e.g. swin_t)")
-    pr.add_argument("--img-size", type=int)
-    pr.add_argument("--top-k", type=int, default=5)
-    pr.add_argument("--device", default="auto")
-    pr.add_argument("--ema", action="store_true")
+    pr.add_argument("--img-size", type=int, help="input size (default: the run's, else the model's)")
+    pr.add_argument("--top-k", type=int, default=5, help="labels shown per image")
+    pr.add_argument("--batch-size", type=int, default=32, help="images decoded and run at once")
+    pr.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    pr.add_argument("--ema", action="store_true", help="use the run's EMA weights")
 
     f = sub.add_parser("flops", help="parameters and FLOPs (official count) of a model")
     f.add_argument("name")
@@ -202,7 +203,11 @@ def build_train_config(args: argparse.Namespace):
     cfg = TrainConfig.from_dict(sets, base=cfg)
     cfg = TrainConfig.from_dict(flags, base=cfg)
     if resume is not None:
-        changed = [k for k in RESUME_LOCKED if getattr(cfg, k) != getattr(base, k)]
+        from .data import absolute_data
+
+        norm = {"data": absolute_data}  # a folder given relative to here is the run's absolute one
+        changed = [k for k in RESUME_LOCKED
+                   if norm.get(k, lambda v: v)(getattr(cfg, k)) != norm.get(k, lambda v: v)(getattr(base, k))]
         if changed:
             k = changed[0]
             raise ValueError(f"--resume continues a run exactly, and {k} differs from the run's ({getattr(base, k)!r} "
@@ -242,14 +247,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be at least 1 and --workers at least 0, got {args.batch_size} and "
                          f"{args.workers}.")
     loaded = load_for_inference(args.checkpoint, model=args.model, img_size=args.img_size, use_ema=args.ema)
-    data = args.data
-    if data is None:
-        data = _run_data(args.checkpoint)
+    data, root = args.data, args.data_root
+    if data is None or root is None:
+        run_data, run_root = _run_data(args.checkpoint)
+        data = data or run_data
+        root = root or run_root or "data"
         if data is None:
             raise ValueError("Give --data (digits, cifar10, cifar100 or a folder): "
                              "the checkpoint does not name its data.")
     # normalise as the model was trained (the run's statistics; ImageNet's for foreign weights)
-    dataset, classes, _, _ = D.eval_split(data, loaded.img_size, args.data_root, loaded.classes)
+    dataset, classes, _, _ = D.eval_split(data, loaded.img_size, root, loaded.classes,
+                                          by_order=loaded.source != "run")
     mean, std = loaded.mean, loaded.std
     check_labels(len(classes), loaded.model.num_classes, "the checkpoint's model")
     device = _device(args.device)
@@ -261,6 +269,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     m["skipped_images"] = len(skipped)
     for p in skipped:
         print(f"warning: skipped unreadable image {p}", file=sys.stderr)
+    if m["images"] == 0:
+        raise ValueError(f"None of the {len(skipped)} images of {data} could be read (see the warnings above); "
+                         "check that the files are images.")
     if args.json:
         print(json.dumps(m))
     else:
@@ -280,7 +291,8 @@ def _device(name: str):
     return device
 
 
-def _run_data(checkpoint: str) -> str | None:
+def _run_data(checkpoint: str) -> tuple[str | None, str | None]:
+    """The data and data_root a run checkpoint was trained on ((None, None) for foreign weights)."""
     import torch
 
     from .train import RUN_FORMAT, run_weights
@@ -289,52 +301,65 @@ def _run_data(checkpoint: str) -> str | None:
     if p.is_dir():
         p = run_weights(p)  # the file load_for_inference reads
     if p is None or p.suffix not in (".pt", ".pth"):
-        return None
+        return None, None
     obj = torch.load(p, map_location="cpu", weights_only=True)
-    return obj.get("config", {}).get("data") if isinstance(obj, dict) and obj.get("format") == RUN_FORMAT else None
+    if not (isinstance(obj, dict) and obj.get("format") == RUN_FORMAT):
+        return None, None
+    config = obj.get("config", {})
+    return config.get("data"), config.get("data_root")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     import torch
-    from PIL import Image
 
     from . import data as D
     from .train import load_for_inference
 
-    if args.top_k < 1:
-        raise ValueError(f"--top-k must be at least 1, got {args.top_k}.")
-    paths = []
-    for path in args.images:  # a folder stands for the images in it
+    for flag, value in (("--top-k", args.top_k), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}.")
+    paths: list[tuple[str, bool]] = []  # (path, named by the user)
+    for path in args.images:  # a folder stands for the images in it (hidden files left out)
         p = Path(path)
         if p.is_dir():
-            found = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in D.IMG_EXTENSIONS and f.is_file())
+            found = D.image_files(p)
             if not found:
                 raise ValueError(f"Folder {path} has no images ({', '.join(D.IMG_EXTENSIONS)}).")
-            paths += found
+            paths += [(str(f), False) for f in found]
+        elif not p.is_file():
+            raise FileNotFoundError(f"Image {path} does not exist.")
         else:
-            paths.append(path)
+            paths.append((path, True))
     loaded = load_for_inference(args.checkpoint, model=args.model, img_size=args.img_size, use_ema=args.ema)
     device = _device(args.device)
     model = loaded.model.to(device)
     tf = D.eval_transform(loaded.img_size, loaded.mean, loaded.std, loaded.eval_crop)
-    images = []
-    for path in paths:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"Image {path} does not exist.")
-        try:
-            with Image.open(path) as im:
-                images.append(tf(im.convert("RGB")))
-        except Exception as e:
-            raise ValueError(f"Could not read image {path} ({type(e).__name__}).") from None
-    with torch.inference_mode():
-        probs = model(torch.stack(images).to(device)).float().softmax(dim=-1).cpu()
-    k = min(args.top_k, probs.shape[1])
-    names = loaded.classes or [f"class {i}" for i in range(probs.shape[1])]
-    for path, p in zip(paths, probs):
-        top = p.topk(k)
-        print(path)
-        for prob, idx in zip(top.values.tolist(), top.indices.tolist()):
-            print(f"  {prob:7.2%}  {names[idx] if idx < len(names) else f'class {idx}'}")
+    names = loaded.classes or []
+    shown = 0
+    for start in range(0, len(paths), args.batch_size):  # decode, run and print one batch at a time
+        batch, images = [], []
+        for path, named in paths[start:start + args.batch_size]:
+            try:
+                images.append(tf(D.open_rgb(path)))
+                batch.append(path)
+            except Exception as e:
+                if named:  # a file the user named must be an image; one found in a folder is skipped
+                    raise ValueError(f"Could not read image {path} ({type(e).__name__}).") from None
+                print(f"warning: skipped unreadable image {path} ({type(e).__name__})", file=sys.stderr)
+        if not images:
+            continue
+        with torch.inference_mode():
+            probs = model(torch.stack(images).to(device)).float().softmax(dim=-1).cpu()
+        k = min(args.top_k, probs.shape[1])
+        for path, p in zip(batch, probs):
+            top = p.topk(k)
+            print(path)
+            for prob, idx in zip(top.values.tolist(), top.indices.tolist()):
+                print(f"  {prob:7.2%}  {names[idx] if idx < len(names) else f'class {idx}'}")
+        sys.stdout.flush()
+        shown += len(batch)
+    if shown == 0:
+        raise ValueError(f"None of the {len(paths)} images could be read (see the warnings above).")
     return 0
 
 
@@ -360,20 +385,22 @@ def cmd_convert(args: argparse.Namespace) -> int:
     import swin
     from swin.convert import save_state_dict
 
-    from .train import read_state_dict
+    from .train import read_state_dict, run_config, run_weights
 
     src, out = Path(args.input), Path(args.output)
-    if src.is_dir():  # a transformers save_pretrained folder
+    if src.is_dir():  # a run folder (its best.pt, else the latest ckpt), or a transformers save_pretrained folder
         from swin.convert import folder_checkpoint
 
-        src = folder_checkpoint(src)
+        src = run_weights(src) or folder_checkpoint(src)
     if not src.is_file():
         raise FileNotFoundError(f"Checkpoint {src} does not exist.")
     if out.resolve() == src.resolve():
         raise ValueError("OUTPUT must differ from INPUT.")
     _check_output(out, args.force)
     sd = read_state_dict(src)
-    config = swin.get_config(args.model) if args.model else None
+    # a run checkpoint names its architecture: the layouts that size buffers by stage need it (a stage map
+    # smaller than the window, V2's windows)
+    config = swin.get_config(args.model) if args.model else run_config(src)
     converted = swin.convert_state_dict(sd, src=args.src, dst=args.to, config=config, hf_version=args.hf_version)
     try:
         save_state_dict(converted, out)
@@ -516,7 +543,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         if os.environ.get("SWIN_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process finds the same error: say it once
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # also while torch is still being imported
         print("interrupted", file=sys.stderr)

@@ -58,6 +58,35 @@ class TensorImages(Dataset):
         return self.images[i], int(self.labels[i])
 
 
+def open_rgb(path: str | os.PathLike):
+    """The image at ``path`` as an 8-bit RGB PIL image, whatever its mode. Pillow's own conversion clips
+    16-bit and 32-bit integer pixels ("I;16", "I") at 255 and float pixels ("F") at their raw values, which
+    turns a 16-bit scan into a black-and-white mask; those are rescaled first: integers from 0..65535,
+    floats from 0..1 (or 0..255 where a value exceeds 1). EXIF orientation is not applied (as torchvision
+    and timm load images, for training and inference alike)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if im.mode.startswith("I") or im.mode == "F":
+            a = np.asarray(im, dtype=np.float64)
+            if im.mode.startswith("I"):
+                a = a / 257.0
+            elif a.size and np.nanmax(a) <= 1.0:
+                a = a * 255.0
+            a = np.nan_to_num(a, nan=0.0)
+            return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+        return im.convert("RGB")
+
+
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """The image files under ``folder`` (any depth), sorted; hidden files and folders (a name starting
+    with ".": macOS's ``._*`` resource forks, ``.ipynb_checkpoints`` copies) are left out."""
+    folder = Path(folder)
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts) and p.is_file())
+
+
 class ImageFiles(Dataset):
     """Images on disk as a list of (path, label); an unreadable file raises from :meth:`load`."""
 
@@ -68,11 +97,8 @@ class ImageFiles(Dataset):
         return len(self.samples)
 
     def load(self, i: int) -> tuple[Any, int]:
-        from PIL import Image
-
         path, label = self.samples[i]
-        with Image.open(path) as im:
-            return im.convert("RGB"), label
+        return open_rgb(path), label
 
     def path(self, i: int) -> str:
         return self.samples[i][0]
@@ -132,6 +158,11 @@ def _not_a_folder(path: Path) -> str:
     return "is a file, not a folder" if path.exists() else "does not exist"
 
 
+def absolute_data(data: str) -> str:
+    """``data`` as a run records it: a built-in name as is, a folder as an absolute path."""
+    return data if data in BUILTIN else str(Path(data).expanduser().absolute())
+
+
 def scan_image_folder(root: str | os.PathLike,
                       classes: list[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
     """(path, label) pairs of ``root/<class>/*.<image ext>``; labels index ``classes`` (default: sorted folders)."""
@@ -149,7 +180,7 @@ def scan_image_folder(root: str | os.PathLike,
     index = {c: i for i, c in enumerate(classes)}
     samples = []
     for name in found:
-        files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+        files = image_files(root / name)
         if not files:
             raise ValueError(f"Class folder {root / name} has no images ({', '.join(IMG_EXTENSIONS)}); "
                              "add images or remove the folder.")
@@ -317,10 +348,12 @@ def worker_init(_: int) -> None:
 
 
 def eval_split(data: str, img_size: int, root: str | os.PathLike = "data",
-               classes: list[str] | None = None) -> tuple[Dataset, list[str], tuple, tuple]:
+               classes: list[str] | None = None, by_order: bool = False) -> tuple[Dataset, list[str], tuple, tuple]:
     """The split ``swin eval`` measures: digits val, CIFAR test, ``DIR/val`` (or ``DIR`` itself when it
-    holds class folders). With ``classes`` (a run's), folder names map to those indices when they match.
-    Returns (dataset, classes, mean, std)."""
+    holds class folders). With ``classes`` (a run's), folder names map to those indices and must all be
+    among them. ``by_order`` (foreign weights, whose class names are descriptions such as ImageNet's
+    "tench", while the folders are ids such as n01440764): folders none of which is named as a class
+    label in their sorted order, when there are as many as classes. Returns (dataset, classes, mean, std)."""
     if data in BUILTIN:
         s = build_splits(data, img_size, root)
         return s.val, s.classes, s.mean, s.std
@@ -337,6 +370,9 @@ def eval_split(data: str, img_size: int, root: str | os.PathLike = "data",
         if len(unknown) < len(found):  # some folders are the checkpoint's classes, some are not
             raise ValueError(f"Folder(s) {unknown[:5]} in {path} are not classes of the checkpoint; name every "
                              f"class folder as one of its classes (e.g. {classes[:3]}) or remove the others.")
+        if not by_order:
+            raise ValueError(f"No class folder in {path} is named as one of the checkpoint's classes (e.g. "
+                             f"{classes[:3]}, found {found[:3]}); name each folder as the class of its images.")
         if len(found) != len(classes):  # none matches: labels would be the folders' sorted order
             raise ValueError(f"No class folder in {path} is named as one of the checkpoint's {len(classes)} classes, "
                              f"so labels would follow the folders' sorted order, which needs all {len(classes)} "

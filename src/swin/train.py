@@ -443,11 +443,25 @@ def auto_threads() -> int:
 def pick_device(device: str, local_rank: int = 0) -> torch.device:
     if device == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if device == "cuda" and dist.is_initialized():
-        return torch.device(f"cuda:{local_rank}")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"Unknown device {device!r}; use auto, cpu, cuda or cuda:N.")
+    if dev.type == "cpu":
+        return dev
+    if not torch.cuda.is_available():
         raise ValueError(f"Device {device} was asked for but no CUDA GPU is available; use --device cpu.")
+    if dist.is_initialized():  # torchrun: each process takes the GPU of its local rank
+        if dev.index is not None:
+            raise ValueError(f"Under torchrun each process uses the GPU of its local rank, so --device {device} "
+                             "would put them all on one; use --device cuda.")
+        return torch.device(f"cuda:{local_rank}")
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise ValueError(f"Device {device} does not exist: this machine has {count} CUDA GPU(s), cuda:0 to "
+                         f"cuda:{count - 1}.")
     return dev
 
 
@@ -539,11 +553,13 @@ class Trainer:
     ``Trainer(cfg, resume=run_dir_or_ckpt).fit()`` continues a run exactly where it stopped."""
 
     def __init__(self, cfg: TrainConfig, *, resume: str | os.PathLike | None = None):
-        self.cfg = cfg
         resume_path = resolve_resume(resume) if resume else None
         # -- everything a user can get wrong is checked before any work --------------------------
         if not cfg.data:
             raise ValueError("No data given: use --data digits|cifar10|cifar100|DIR (DIR with train/ and val/).")
+        if resume_path is None:  # the run records absolute paths: `swin eval RUN` works from any folder
+            cfg = replace(cfg, data=D.absolute_data(cfg.data), data_root=str(Path(cfg.data_root).expanduser().absolute()))
+        self.cfg = cfg
         for key in ("epochs", "batch_size", "accum_steps", "lr_batch", "keep_last"):
             if getattr(cfg, key) < 1:
                 raise ValueError(f"{key} must be at least 1, got {getattr(cfg, key)}.")
@@ -552,8 +568,12 @@ class Trainer:
         if not 0 < cfg.layer_decay <= 1:
             raise ValueError(f"layer_decay must be in (0, 1], got {cfg.layer_decay}.")
         check_ranges(cfg)
-        if resume_path is None and Path(cfg.out_dir).exists() and not Path(cfg.out_dir).is_dir():
-            raise ValueError(f"out_dir {cfg.out_dir} is a file; give a folder for the runs.")
+        if resume_path is None:
+            out = Path(cfg.out_dir).expanduser().absolute()
+            blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+            if blocking is not None:
+                raise ValueError(f"out_dir {cfg.out_dir} cannot be a folder: {blocking} is a file; give a folder "
+                                 "for the runs.")
         model_cfg = get_config(cfg.model, img_size=cfg.img_size or None, drop_path_rate=cfg.drop_path,
                                **cfg.model_overrides)
         self.img_size = cfg.img_size or model_cfg.img_size[0]
@@ -680,8 +700,8 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "ema": self.ema.module.state_dict() if self.ema else None, "rng": _rng_state(),
             "epoch": self.epoch, "step": self.step, "step_in_epoch": self.step_in_epoch,
-            "best_top1": self.best_top1, "skipped": sorted(self.skipped), "train_seconds": self.train_seconds,
-            "config": self.cfg.to_dict(), "model_name": self.cfg.model,
+            "best_top1": self.best_top1, "val": dict(self.last_val), "skipped": sorted(self.skipped),
+            "train_seconds": self.train_seconds, "config": self.cfg.to_dict(), "model_name": self.cfg.model,
             "model_config": _plain(asdict(self.model_config)), "classes": list(self.classes),
         }
 
@@ -704,7 +724,6 @@ class Trainer:
     def save_best(self) -> None:
         if self.is_main:
             state = {k: v for k, v in self.state_dict().items() if k not in ("optimizer", "scheduler", "scaler", "rng")}
-            state["val"] = self.last_val
             atomic_save(state, self.run_dir / "best.pt")
 
     def load_state(self, path: Path) -> None:
@@ -723,6 +742,7 @@ class Trainer:
             self.ema.module.load_state_dict(ckpt["ema"])
         self.epoch, self.step, self.step_in_epoch = ckpt["epoch"], ckpt["step"], ckpt["step_in_epoch"]
         self.best_top1, self.skipped = ckpt["best_top1"], set(ckpt["skipped"])
+        self.last_val = dict(ckpt.get("val") or {})  # the last epoch's metrics, for summary.json
         self.train_seconds = ckpt.get("train_seconds", 0.0)
         ranks = ckpt.get("rng_ranks")
         if ranks is not None and len(ranks) == self.world:
@@ -903,6 +923,12 @@ class Trainer:
             path = self.run_dir / "summary.json"
             self.finished = True
             return json.loads(path.read_text()) if path.is_file() else {"status": "finished", "epochs_done": self.epoch}
+        if cfg.max_steps and self.step >= cfg.max_steps:  # a resumed run already at its --max-steps
+            self.log(f"{self.run_dir} is at step {self.step}, already at --max-steps {cfg.max_steps}; nothing to do "
+                     f"(--resume {self.run_dir} --max-steps 0, or a larger number, trains on).")
+            path = self.run_dir / "summary.json"
+            self.finished = True
+            return json.loads(path.read_text()) if path.is_file() else {"status": "max_steps", "step": self.step}
         threads = f" ({self.threads} threads)" if self.device.type == "cpu" else ""
         self.log(f"Training {cfg.model} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params) on "
                  f"{self.splits.name}: {len(self.splits.train)} train / {len(self.splits.val)} val images, "
@@ -1056,7 +1082,7 @@ def load_for_inference(checkpoint: str | os.PathLike, *, model: str | None = Non
         rc = ours.get("config", {})
         data = rc.get("data", "")
         mean, std = (D.DIGITS_MEAN, D.DIGITS_STD) if data == "digits" else (D.IMAGENET_MEAN, D.IMAGENET_STD)
-        size = img_size or rc.get("img_size") or mcfg.img_size[0]
+        size = img_size if img_size is not None else rc.get("img_size") or mcfg.img_size[0]
         check_img_size(size, mcfg, ours.get("model_name", "the model"))
         crop = rc.get("eval_crop") or D.default_eval_crop(size)
         return LoadedModel(net.eval(), list(ours["classes"]), size, crop, mean, std, "run")
@@ -1073,11 +1099,24 @@ def load_for_inference(checkpoint: str | os.PathLike, *, model: str | None = Non
     mcfg = get_config(model, num_classes=classes)
     net = SwinTransformer(mcfg)
     load_checkpoint(net, sd, strict=True)
-    size = img_size or mcfg.img_size[0]
+    size = img_size if img_size is not None else mcfg.img_size[0]
     check_img_size(size, mcfg, model)
     classes = imagenet_classes() if mcfg.num_classes == 1000 else None
     return LoadedModel(net.eval(), classes, size, D.default_eval_crop(size), D.IMAGENET_MEAN, D.IMAGENET_STD,
                        "foreign")
+
+
+def run_config(path: str | os.PathLike) -> SwinConfig | None:
+    """The model config a swin run checkpoint records (None for any other file)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return None
+    from .convert import read_file
+
+    obj = read_file(path)
+    if isinstance(obj, dict) and obj.get("format") == RUN_FORMAT and "model_config" in obj:
+        return model_config_from_dict(obj["model_config"])
+    return None
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -41,13 +41,24 @@ class CudaGraphRunner:
         return self.static_out
 
 
+INFERENCE_MODES = ("cuda-graph", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "default",
+                   "eager")
+
+
 def compile_for_inference(model: nn.Module, example: torch.Tensor, mode: str = "cuda-graph"):
-    """A callable for fast inference on inputs shaped like ``example`` (model in eval mode).
+    """A callable for fast inference on inputs shaped like ``example``, a (B, 3, H, W) tensor. The model is
+    put in eval mode in place (``model.train()`` undoes it); its weights are not touched.
 
     ``mode``: "cuda-graph" (capture the eager forward; CUDA only, falls back to "eager" on CPU),
-    "reduce-overhead" or "max-autotune" (``torch.compile`` modes, which use CUDA graphs on GPU),
-    "default" (``torch.compile``) or "eager".
+    "reduce-overhead", "max-autotune" or "max-autotune-no-cudagraphs" (``torch.compile`` modes; the
+    first two use CUDA graphs on GPU), "default" (``torch.compile``) or "eager" (the model itself).
     """
+    if mode not in INFERENCE_MODES:
+        raise ValueError(f"Unknown mode {mode!r}; use {', '.join(INFERENCE_MODES)}.")
+    if not isinstance(example, torch.Tensor) or example.dim() != 4:
+        got = f"a {example.dim()}-D tensor" if isinstance(example, torch.Tensor) else type(example).__name__
+        raise ValueError(f"example must be a (B, C, H, W) batch of images, got {got}; add a batch dimension "
+                         "with example.unsqueeze(0).")
     model.eval()
     if mode == "cuda-graph":
         if example.is_cuda:
@@ -55,6 +66,4 @@ def compile_for_inference(model: nn.Module, example: torch.Tensor, mode: str = "
         mode = "eager"
     if mode == "eager":
         return model
-    if mode not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
-        raise ValueError(f"Unknown mode {mode!r}; use cuda-graph, reduce-overhead, max-autotune, default or eager.")
     return torch.compile(model, mode=mode)
