@@ -218,3 +218,14 @@ def test_train_transform_runs_rand_augment_on_images_and_tensors():
         assert out.shape == (3, 32, 32) and out.dtype == torch.float32
     with pytest.raises(ValueError, match="magnitude"):
         RandAugment(magnitude=12)
+
+
+def test_eval_at_384_resizes_the_whole_image_as_the_official_code():
+    """crop 1.0 (the official 384 configs, TEST.CROP: False): Resize((384, 384)) of the whole image, its
+    sides kept (a left-to-right ramp still starts near 0), equal to PIL's bicubic resize within rounding."""
+    ramp = np.tile(np.linspace(0, 255, 500).round().astype(np.uint8), (300, 1))
+    im = Image.fromarray(np.stack([ramp] * 3, -1))
+    ours = D.eval_transform(384, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), D.default_eval_crop(384))(im)
+    official = np.asarray(im.resize((384, 384), Image.BICUBIC), dtype=np.float32) / 255
+    assert ours.shape == (3, 384, 384) and ours[0, :, 0].max() < 0.01 and ours[0, :, -1].min() > 0.99
+    assert np.abs(ours.permute(1, 2, 0).numpy() - official).max() <= 2.5 / 255

@@ -409,3 +409,10 @@ def test_compile_for_inference_checks_its_arguments_before_touching_the_model():
             compile_for_inference(model, example)
     assert model.training  # untouched by the refused calls
     assert compile_for_inference(model, torch.randn(1, 3, 32, 32), mode="eager") is model and not model.training
+
+
+def test_a_warmup_longer_than_the_run_is_refused(tmp_path):
+    """The imagenet preset (20 warm-up epochs) run for 10: the lr would rise for the whole run."""
+    with pytest.raises(ValueError, match="warmup_epochs 20 is more than epochs 10"):
+        Trainer(tiny_cfg(tmp_path, epochs=10, warmup_epochs=20))
+    Trainer(tiny_cfg(tmp_path, epochs=2, warmup_epochs=2))  # a run of warm-up alone is asked for plainly

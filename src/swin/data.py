@@ -235,20 +235,21 @@ def train_transform(img_size: int, mean: Sequence[float], std: Sequence[float], 
 
 def default_eval_crop(img_size: int) -> float:
     """The official evaluation crop for a size: 0.875 (224 -> resize 256, 256 -> 292) below 384 px; at 384
-    and above none (1.0: resize to the size), as every official 384 config (``TEST.CROP: False``) and
-    timm's 384 models (``crop_pct=1.0``) evaluate."""
+    and above none (1.0: the whole image resized to the size), as every official 384 config evaluates
+    (``TEST.CROP: False``)."""
     return 1.0 if img_size >= 384 else 0.875
 
 
 def eval_transform(img_size: int, mean: Sequence[float], std: Sequence[float], crop: float = 0.875) -> v2.Compose:
-    """Resize the short side to floor(``img_size / crop``) (bicubic; 224 -> 256, 256 -> 292, 384 -> 438 at
-    0.875, as timm and the official code), centre crop, normalise."""
+    """``crop`` < 1: resize the short side to floor(``img_size / crop``) (bicubic; 224 -> 256, 256 -> 292 at
+    0.875, as timm and the official code), centre crop. ``crop`` = 1: resize the whole image to
+    ``img_size`` x ``img_size`` (the official ``TEST.CROP: False``, used at 384: the aspect ratio is not
+    kept and nothing is cut off; timm's ``crop_pct=1.0`` instead crops the long side). Then normalise."""
     if not 0 < crop <= 1:
         raise ValueError(f"eval_crop must be in (0, 1], got {crop}.")
-    return v2.Compose([v2.ToImage(),
-                       v2.Resize(math.floor(img_size / crop), interpolation=v2.InterpolationMode.BICUBIC,
-                                 antialias=True),
-                       v2.CenterCrop(img_size), v2.ToDtype(torch.float32, scale=True),
+    size = (img_size, img_size) if crop == 1 else math.floor(img_size / crop)
+    resize = v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+    return v2.Compose([v2.ToImage(), resize, v2.CenterCrop(img_size), v2.ToDtype(torch.float32, scale=True),
                        v2.Normalize(list(mean), list(std))])
 
 

@@ -567,6 +567,9 @@ class Trainer:
             raise ValueError(f"lr must be positive, got {cfg.lr}.")
         if not 0 < cfg.layer_decay <= 1:
             raise ValueError(f"layer_decay must be in (0, 1], got {cfg.layer_decay}.")
+        if cfg.warmup_epochs > cfg.epochs:
+            raise ValueError(f"warmup_epochs {cfg.warmup_epochs:g} is more than epochs {cfg.epochs}: the lr would never "
+                             "reach its peak nor decay; pass --warmup-epochs (e.g. a tenth of the epochs).")
         check_ranges(cfg)
         if resume_path is None:
             out = Path(cfg.out_dir).expanduser().absolute()
