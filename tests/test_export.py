@@ -99,3 +99,19 @@ def test_cli_export_stores_the_normalisation_and_refuses_to_overwrite(tmp_path, 
     assert err.startswith("error: ") and "already exists" in err and err.count("\n") == 1
     assert cli.main(["export", str(tmp_path / "nope.pth"), str(tmp_path / "n.onnx"), "--model", "swin_micro"]) == 2
     assert "does not exist" in capsys.readouterr().err and not (tmp_path / "n.onnx").exists()
+
+
+def test_default_opset_writes_gelu_as_one_node_and_18_still_exports(tmp_path):
+    """Opset 20 (the default where torch.onnx writes it): one standard Gelu node per block, which
+    onnxruntime runs as one kernel; at opset 18 GELU is Div/Erf/Add/Mul/Mul, which it does not fuse.
+    Both give the model's logits."""
+    model = _perturbed("swin_micro")
+    blocks = sum(model.config.depths)
+    for opset, gelus in ((None, blocks), (18, 0)):
+        path = tmp_path / f"o{opset}.onnx"
+        r = X.export_onnx(model, path, img_size=32, opset=opset)
+        graph = onnx.load(str(path))
+        ops = [n.op_type for n in graph.graph.node]
+        assert r["max_rel_err"] <= 1e-5 and ops.count("Gelu") == gelus, (opset, ops.count("Gelu"))
+        assert graph.opset_import[0].version == (opset or X.default_opset())
+    assert X.default_opset() == (20 if X._max_opset() >= 20 else 18)

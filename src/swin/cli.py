@@ -123,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--img-size", type=int, nargs="+", metavar=("H", "W"),
                    help="input size, H or H W (default: the run's or the model's)")
     x.add_argument("--batch", type=int, help="a fixed batch size (default: dynamic)")
-    x.add_argument("--opset", type=int, default=18)
+    x.add_argument("--opset", type=int, help="ONNX opset (default 20: GELU as one node; 18 for older runtimes)")
     x.add_argument("--ema", action="store_true", help="export the run's EMA weights")
     x.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
     x.add_argument("--no-check", dest="check", action="store_false", help="skip the onnxruntime comparison")
