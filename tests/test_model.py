@@ -515,3 +515,37 @@ def test_drop_path_training_step_equals_mask_product(monkeypatch):
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
     for a, b in zip(g, ref_g):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_second_order_gradients_are_right_or_refused():
+    """create_graph=True through the fast backend's Functions (oneDNN products, the MLP recompute, the
+    attention and V2 normalisation kernels) had given wrong second derivatives silently (0.7-1.4 of
+    their size off: the residual path carried on without the Functions' share); now they raise. The
+    reference backend gives them, equal to a finite difference."""
+    import copy
+
+    torch.manual_seed(0)
+    fast = swin.create_model("swin_micro", depths=(1, 1), num_heads=(2, 4), drop_path_rate=0.0).eval()
+    ref = copy.deepcopy(fast).double()
+    ref.set_backend("reference")
+    x = torch.randn(1, 3, 16, 16, dtype=torch.float64)
+    v = torch.randn_like(x)
+
+    def second(model, x):
+        x = x.clone().requires_grad_()
+        gx, = torch.autograd.grad((model(x) ** 2).sum(), x, create_graph=True)
+        return torch.autograd.grad((gx ** 2).sum(), x)[0]
+
+    def first(x):  # d/dx of (gx ** 2).sum(), by central differences along v
+        xs = [(x + s * 1e-5 * v).requires_grad_() for s in (1, -1)]
+        vals = [(torch.autograd.grad((ref(t) ** 2).sum(), t)[0] ** 2).sum() for t in xs]
+        return (vals[0] - vals[1]) / 2e-5
+
+    g = second(ref, x)
+    assert torch.isclose((g * v).sum(), first(x), rtol=1e-4)
+    with pytest.raises(RuntimeError, match=r"Second derivatives .*set_backend\('reference'\)"):
+        second(fast, x.float())
+    x1 = torch.randn(1, 3, 16, 16, requires_grad=True)  # first derivatives with create_graph=False: unchanged
+    gx, = torch.autograd.grad(fast(x1).sum(), x1)
+    gr, = torch.autograd.grad(ref.float()(x1).sum(), x1)
+    torch.testing.assert_close(gx, gr, rtol=1e-4, atol=1e-6)

@@ -175,6 +175,16 @@ def has_hooks(module: torch.nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
+def refuse_second_derivative() -> None:
+    """Called first in the backward of each autograd Function of the fast paths. Those backwards are not
+    differentiable themselves (oneDNN, C kernels, out= products), and a second derivative through them
+    would miss their part silently where the residual connections give it another path; autograd runs a
+    backward with grad mode on exactly when asked for one (``create_graph=True``)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("Second derivatives (create_graph=True) do not pass through swin's fast CPU kernels; "
+                           "call model.set_backend('reference') for them.")
+
+
 def exporting() -> bool:
     """True while torch.export (torch.onnx's exporter too) or torch.jit.trace records a graph: one graph
     that must serve any batch, of standard operators (on a torch too old to tell export from compile:

@@ -19,7 +19,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from . import autocast_dtype
+from . import autocast_dtype, refuse_second_derivative
 
 
 @functools.lru_cache(maxsize=None)
@@ -66,6 +66,7 @@ class _Linear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        refuse_second_derivative()
         x, weight = ctx.saved_tensors
         grad = grad.contiguous()
         dx = mm_t(grad, weight.t()) if ctx.needs_input_grad[0] else None  # grad @ W
