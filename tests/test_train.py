@@ -271,8 +271,9 @@ def test_ddp_resume_is_exact_with_drop_path_and_survives_an_unreadable_micro_bat
     root = write_folder(tmp_path / "ds", per_class=2, size=36)
     (root / "train" / "cat" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00")  # truncated
     r = _torchrun(["--data", root, "--model", "swin_micro_p4", "--img-size", "32", "--batch-size", "2",
-                   "--epochs", "1", "--workers", "0", "--no-progress", "--device", "cpu", "--drop-path", "0",
-                   "--mixup", "0", "--cutmix", "0", "--out-dir", tmp_path / "runs", "--name", "skip"], timeout=150)
+                   "--epochs", "1", "--warmup-epochs", "0", "--workers", "0", "--no-progress", "--device", "cpu",
+                   "--drop-path", "0", "--mixup", "0", "--cutmix", "0", "--out-dir", tmp_path / "runs", "--name", "skip"],
+                  timeout=150)
     summary = json.loads((tmp_path / "runs/skip/summary.json").read_text())
     assert summary["status"] == "finished" and summary["skipped_images"] == 1 and "Done:" in r.stdout
 
