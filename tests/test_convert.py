@@ -478,3 +478,32 @@ def test_official_v2_buffers_where_a_map_is_smaller_than_the_window():
             assert torch.allclose(v.float(), ref[k].float().reshape(v.shape), atol=1e-6), k
             checked += 1
     assert checked == 2 * sum(config.depths)
+
+
+def test_a_shrunk_table_is_resized_for_the_window_the_block_runs():
+    """Swin-T window 12 saved at 224 (stage 4's 7 x 7 map: a window-7 table of 169 rows, the rest 529).
+    Loaded at 224 the block runs window 7: the table goes in the centre, exactly. Loaded at 384 the
+    block runs window 12: the official rule resizes 13 x 13 -> 23 x 23 bicubically (it had been put in
+    the centre of zeros: 37% of that block's bias 0). Loaded into window 12 at 192 (a 6 x 6 map, window
+    6): resized 13 -> 11, then in the centre."""
+    from swin.convert import _embed_bias_table, _resize_bias_table
+
+    torch.manual_seed(0)
+    src = swin.create_model("swin_t", window_size=12)
+    with torch.no_grad():
+        for n, p in src.named_parameters():
+            if n.endswith("relative_position_bias_table"):
+                p.normal_()
+    off = convert_state_dict(src.state_dict(), dst="official", config=src.config)
+    key = "layers.3.blocks.0.attn.relative_position_bias_table"
+    saved = off[key]
+    assert saved.shape[0] == 169 and off["layers.0.blocks.0.attn.relative_position_bias_table"].shape[0] == 529
+    for img, runs in ((224, 7), (384, 12), (192, 6)):
+        model = swin.create_model("swin_t", window_size=12, img_size=img)
+        load_checkpoint(model, off)
+        got = model.state_dict()[key]
+        want = saved if runs == 7 else _resize_bias_table(saved, runs)
+        want = want if runs == 12 else _embed_bias_table(want, 12)
+        assert torch.equal(got, want), img
+        if runs == 12:
+            assert (got == 0).float().mean() < 0.01

@@ -807,11 +807,12 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
 
     Accepts a ``.pth``/``.pt``/``.bin``/``.safetensors`` path, a transformers ``save_pretrained``
     folder, or an in-memory (possibly nested) checkpoint. Pickled files are read with
-    ``weights_only=True``. Bias tables are resized bicubically to the model's window, except a table
-    saved for a block whose map is smaller than the window (timm and the official code shrink such a
-    block's window and table): it goes in the centre of the model's table, which is what that block
-    reads. A head of another class count (or none at all) is left as initialised, with a warning, and
-    its keys are reported missing. With ``strict=True`` any other missing, unexpected or mis-shaped
+    ``weights_only=True``. Bias tables are resized bicubically (the official fine-tuning rule) to the
+    window each block runs at the model's own image size: the model's window, or a window of the map's
+    size where the map is smaller (timm and the official code shrink such a block's window and table);
+    such a table goes in the centre of the model's, which is what that block reads. A head of another
+    class count (or none at all) is left as it is in the model, with a warning, and its keys are
+    reported missing. With ``strict=True`` any other missing, unexpected or mis-shaped
     key raises ValueError.
     """
     raw = path_or_state_dict
@@ -826,17 +827,22 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
     target = model.state_dict()
 
     tables = {k: v for k, v in ours.items() if k.endswith("relative_position_bias_table") and k in target}
-    same_window = any(v.shape == target[k].shape for k, v in tables.items())
     for k, v in tables.items():
         if v.shape != target[k].shape:
             window = (round(target[k].shape[0] ** 0.5) + 1) // 2
-            shrunk = v.shape[0] == (2 * (_stage_window(getattr(model, "config", None), k) or 0) - 1) ** 2
-            if v.shape[0] < target[k].shape[0] and (same_window or shrunk):
-                # the checkpoint's window is the model's, shrunk at this block because its map was smaller
-                # (or the model's own map is that small here): this block only ever read the centre rows
-                ours[k] = _embed_bias_table(v, window)
-            else:  # another window: fine-tuning at a new size, as the official code does
-                ours[k] = _resize_bias_table(v, window)
+            # the window this block runs at the model's own size: smaller than ``window`` where its map is
+            # (the official model's table there has that size, and ours reads only its centre rows)
+            runs = _stage_window(getattr(model, "config", None), k) or window
+            if v.shape[0] != (2 * runs - 1) ** 2:  # another window: resized, as the official fine-tuning does
+                if v.shape[0] < target[k].shape[0] and any(t.shape == target[n].shape for n, t in tables.items()):
+                    side = (round(v.shape[0] ** 0.5) + 1) // 2
+                    warnings.warn(f"{k} was saved for a {side} x {side} window (a stage map smaller than the window at "
+                                  f"the checkpoint's image size); it was resized to the {runs} x {runs} window this "
+                                  f"block runs at the model's {model.config.img_size[0]} px. To run the model at the "
+                                  "checkpoint's size with its exact weights, create it with that img_size.",
+                                  stacklevel=2)
+                v = _resize_bias_table(v, runs)
+            ours[k] = v if runs == window else _embed_bias_table(v, window)
 
     head_keys = [k for k in ("head.weight", "head.bias") if k in target]
     ckpt_head = [k for k in ("head.weight", "head.bias") if k in ours]
@@ -844,14 +850,14 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
     got = ours["head.weight"].shape[0] if "head.weight" in ours else None
     want = target["head.weight"].shape[0] if "head.weight" in target else 0
     if ckpt_head and got != want:  # another class count (a head of another width is a plain mismatch)
-        warnings.warn(f"Checkpoint head has {got} classes and the model {want}; the head was not loaded and keeps "
-                      f"its initial weights.", stacklevel=2)
+        warnings.warn(f"Checkpoint head has {got} classes and the model {want}; the head was not loaded and is left "
+                      f"as it is in the model (freshly initialised in a new one).", stacklevel=2)
         for k in ckpt_head:
             del ours[k]
         head_missing = head_keys
     elif not ckpt_head and head_keys:
-        warnings.warn("The checkpoint has no classifier head (a backbone checkpoint); the model's head keeps its "
-                      "initial weights.", stacklevel=2)
+        warnings.warn("The checkpoint has no classifier head (a backbone checkpoint); the model's head is left as "
+                      "it is in the model (freshly initialised in a new one).", stacklevel=2)
         head_missing = head_keys
 
     missing = [k for k in target if k not in ours and k not in head_missing]
