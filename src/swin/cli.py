@@ -397,10 +397,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if out.resolve() == src.resolve():
         raise ValueError("OUTPUT must differ from INPUT.")
     _check_output(out, args.force)
-    sd = read_state_dict(src)
+    from swin.convert import read_file
+
+    obj = read_file(src)  # once: the tensors, and a run's architecture
+    sd = read_state_dict(src, obj)
     # a run checkpoint names its architecture: the layouts that size buffers by stage need it (a stage map
     # smaller than the window, V2's windows)
-    config = swin.get_config(args.model) if args.model else run_config(src)
+    config = swin.get_config(args.model) if args.model else run_config(obj)
     converted = swin.convert_state_dict(sd, src=args.src, dst=args.to, config=config, hf_version=args.hf_version)
     try:
         save_state_dict(converted, out)
@@ -413,11 +416,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def _check_output(out: Path, force: bool) -> None:
     """Refuse, before any work, an output that exists (unless ``force``), is a folder, or cannot be
     created; creates its missing parent folders."""
+    from .train import file_on_path
+
     if out.is_dir():
         raise ValueError(f"{out} is a folder; give a file name for the output.")
     if out.exists() and not force:
         raise ValueError(f"{out} already exists; choose another name or pass --force to overwrite it.")
-    blocking = next((p for p in out.parents if p.is_file()), None)
+    blocking = file_on_path(out)
     if blocking is not None:
         raise ValueError(f"Cannot write {out}: {blocking} is a file, not a folder.")
     try:

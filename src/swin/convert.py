@@ -827,18 +827,21 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
     target = model.state_dict()
 
     tables = {k: v for k, v in ours.items() if k.endswith("relative_position_bias_table") and k in target}
+    config = getattr(model, "config", None)
+    # some tables already fit: the checkpoint has the model's window, so a smaller one was shrunk for its map
+    same_window = any(v.shape == target[k].shape for k, v in tables.items())
     for k, v in tables.items():
         if v.shape != target[k].shape:
             window = (round(target[k].shape[0] ** 0.5) + 1) // 2
             # the window this block runs at the model's own size: smaller than ``window`` where its map is
             # (the official model's table there has that size, and ours reads only its centre rows)
-            runs = _stage_window(getattr(model, "config", None), k) or window
+            runs = _stage_window(config, k) or window
             if v.shape[0] != (2 * runs - 1) ** 2:  # another window: resized, as the official fine-tuning does
-                if v.shape[0] < target[k].shape[0] and any(t.shape == target[n].shape for n, t in tables.items()):
+                if same_window and config is not None and v.shape[0] < target[k].shape[0]:
                     side = (round(v.shape[0] ** 0.5) + 1) // 2
                     warnings.warn(f"{k} was saved for a {side} x {side} window (a stage map smaller than the window at "
                                   f"the checkpoint's image size); it was resized to the {runs} x {runs} window this "
-                                  f"block runs at the model's {model.config.img_size[0]} px. To run the model at the "
+                                  f"block runs at the model's {config.img_size[0]} px. To run the model at the "
                                   "checkpoint's size with its exact weights, create it with that img_size.",
                                   stacklevel=2)
                 v = _resize_bias_table(v, runs)

@@ -440,6 +440,12 @@ def auto_threads() -> int:
     return max(1, min(torch.get_num_threads(), int(idle + 0.5)))
 
 
+def file_on_path(path: Path, itself: bool = False) -> Path | None:
+    """The first of ``path``'s parent folders (and ``path`` itself with ``itself``) that is a file, which
+    would stop a folder from being made there; None if there is none."""
+    return next((p for p in ((path,) if itself else ()) + tuple(path.parents) if p.exists() and not p.is_dir()), None)
+
+
 def pick_device(device: str, local_rank: int = 0) -> torch.device:
     if device == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
@@ -572,8 +578,7 @@ class Trainer:
                              "reach its peak nor decay; pass --warmup-epochs (e.g. a tenth of the epochs).")
         check_ranges(cfg)
         if resume_path is None:
-            out = Path(cfg.out_dir).expanduser().absolute()
-            blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+            blocking = file_on_path(Path(cfg.out_dir).expanduser().absolute(), itself=True)
             if blocking is not None:
                 raise ValueError(f"out_dir {cfg.out_dir} cannot be a folder: {blocking} is a file; give a folder "
                                  "for the runs.")
@@ -920,18 +925,13 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to the end (or until stopped); returns the summary also written to summary.json."""
         cfg = self.cfg
-        if self.epoch >= cfg.epochs:  # a resumed run that had already finished: leave its results as they are
-            self.log(f"{self.run_dir} has already trained its {cfg.epochs} epochs; nothing to do "
-                     f"(--resume {self.run_dir} --epochs N with a larger N trains on).")
-            path = self.run_dir / "summary.json"
-            self.finished = True
-            return json.loads(path.read_text()) if path.is_file() else {"status": "finished", "epochs_done": self.epoch}
-        if cfg.max_steps and self.step >= cfg.max_steps:  # a resumed run already at its --max-steps
-            self.log(f"{self.run_dir} is at step {self.step}, already at --max-steps {cfg.max_steps}; nothing to do "
-                     f"(--resume {self.run_dir} --max-steps 0, or a larger number, trains on).")
-            path = self.run_dir / "summary.json"
-            self.finished = True
-            return json.loads(path.read_text()) if path.is_file() else {"status": "max_steps", "step": self.step}
+        # a resumed run that had already finished, or reached its --max-steps: its results stay as they are
+        if self.epoch >= cfg.epochs:
+            return self._nothing_to_do(f"has already trained its {cfg.epochs} epochs", "--epochs N with a larger N",
+                                       {"status": "finished", "epochs_done": self.epoch})
+        if cfg.max_steps and self.step >= cfg.max_steps:
+            return self._nothing_to_do(f"is at step {self.step}, already at --max-steps {cfg.max_steps}",
+                                       "--max-steps 0, or a larger number,", {"status": "max_steps", "step": self.step})
         threads = f" ({self.threads} threads)" if self.device.type == "cpu" else ""
         self.log(f"Training {cfg.model} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params) on "
                  f"{self.splits.name}: {len(self.splits.train)} train / {len(self.splits.val)} val images, "
@@ -965,6 +965,12 @@ class Trainer:
         finally:
             self._restore_signal_handlers(old)
         return self.finish(status)
+
+    def _nothing_to_do(self, why: str, flags: str, fallback: dict) -> dict[str, Any]:
+        self.log(f"{self.run_dir} {why}; nothing to do (--resume {self.run_dir} {flags} trains on).")
+        self.finished = True
+        path = self.run_dir / "summary.json"
+        return json.loads(path.read_text()) if path.is_file() else fallback
 
     def finish(self, status: str) -> dict[str, Any]:
         self.finished = True  # every rank gets here (stops are agreed on): close() may wait for the others
@@ -1109,24 +1115,20 @@ def load_for_inference(checkpoint: str | os.PathLike, *, model: str | None = Non
                        "foreign")
 
 
-def run_config(path: str | os.PathLike) -> SwinConfig | None:
-    """The model config a swin run checkpoint records (None for any other file)."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        return None
-    from .convert import read_file
-
-    obj = read_file(path)
+def run_config(obj: Any) -> SwinConfig | None:
+    """The model config a swin run checkpoint (as read, :func:`swin.convert.read_file`) records; None
+    for any other checkpoint."""
     if isinstance(obj, dict) and obj.get("format") == RUN_FORMAT and "model_config" in obj:
         return model_config_from_dict(obj["model_config"])
     return None
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of a .safetensors file or a torch checkpoint (unwrapped from "model"/"state_dict")."""
-    from .convert import read_checkpoint
+def read_state_dict(path: str | os.PathLike, obj: Any = None) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file or a torch checkpoint (unwrapped from "model"/"state_dict");
+    ``obj``: the file's content when already read."""
+    from .convert import _unwrap, read_checkpoint
 
-    sd = read_checkpoint(path)
+    sd = read_checkpoint(path) if obj is None else _unwrap(obj)
     if not isinstance(sd, dict) or not any(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"{path} holds no state dict (a mapping of parameter names to tensors).")
     return sd

@@ -22,14 +22,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import windows as W
 from . import autocast_dtype, cpu_kernels, dropout_active, fast, has_hooks, onednn, refuse_second_derivative
 
 CPU_CHUNK_TOKENS = 2048
 
 
 def eligible(mlp, x: torch.Tensor) -> bool:
-    return (torch.is_grad_enabled() and fast(mlp.backend) and not torch.compiler.is_compiling()
-            and not torch.jit.is_tracing() and not dropout_active(mlp.drop1, mlp.drop2) and plain_mlp(mlp) and not has_hooks(mlp)
+    return (torch.is_grad_enabled() and fast(mlp.backend) and not W.recording()
+            and not dropout_active(mlp.drop1, mlp.drop2) and plain_mlp(mlp) and not has_hooks(mlp)
             and x.numel() > 0)
 
 

@@ -19,6 +19,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from .. import windows as W
 from . import autocast_dtype, refuse_second_derivative
 
 
@@ -41,7 +42,7 @@ def training_eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """fp32 CPU tensors with autograd recording, outside autocast, torch.compile and tracing."""
     return (USE_TRAINING and torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
             and weight.dtype == torch.float32 and autocast_dtype("cpu") is None
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and available(torch.float32))
+            and not W.recording() and available(torch.float32))
 
 
 def mm_t(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

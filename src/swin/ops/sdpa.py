@@ -184,7 +184,7 @@ def window_attention_sdpa(attn, x: torch.Tensor, window: int, shift: int, mask_p
     kernel_train = (not x.is_cuda and p == 0.0 and torch.is_grad_enabled()
                     and (q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and N <= cpu_kernels.MAX_BACKWARD_TOKENS))
                     and any(t.requires_grad for t in bias_params(attn))
-                    and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
+                    and not W.recording())
     mask = bias_and_mask(attn, H, Wd, window, shift, mask_padding, torch.float32 if kernel_train else q.dtype,
                          x.device)  # (nW or 1, heads, N, N)
     if kernel_train and cpu_kernels.eligible(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), mask):
@@ -312,7 +312,7 @@ class _PermuteTokens(torch.autograd.Function):
 
 def permute_tokens(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     """(B, L, C) -> (B, L, C): rows in the order ``perm``; ``inverse`` is its inverse permutation."""
-    if x.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+    if x.requires_grad and torch.is_grad_enabled() and not W.recording():
         return _PermuteTokens.apply(x, perm, inverse)
     return x.index_select(1, perm)
 
