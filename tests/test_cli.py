@@ -273,6 +273,8 @@ def _bad_cases(tmp: Path, run_dir: Path) -> list[tuple[list, str]]:
         (["train", "--set", "model_overrides={embed_dim:16}", *out], "Unknown config field(s) ['embed_dim:16']"),
         (["train", "--set", "rand_augment=20", *out], "rand_augment must be in [0, 10]"),
         (["train", "--out-dir", tmp / "afile" / "sub"], "afile is a file"),
+        (["train", "--out-dir", "/proc/swin-runs", "--max-steps", "1"], "cannot be created"),
+        (["train", "--set", "model_overrides={drop_path_rate: 0.3}", *out], "use --drop-path"),
         (["predict", tmp / "nope.png", "--checkpoint", run_dir, "--batch-size", "0"], "--batch-size must be at least 1"),
         (["predict", tmp / "afile", "--checkpoint", run_dir, "--device", "gpu"], "Unknown device 'gpu'"),
         (["eval", "--checkpoint", run_dir, "--data", "digits", "--device", "mps"], "Unknown device 'mps'"),

@@ -229,3 +229,17 @@ def test_eval_at_384_resizes_the_whole_image_as_the_official_code():
     official = np.asarray(im.resize((384, 384), Image.BICUBIC), dtype=np.float32) / 255
     assert ours.shape == (3, 384, 384) and ours[0, :, 0].max() < 0.01 and ours[0, :, -1].min() > 0.99
     assert np.abs(ours.permute(1, 2, 0).numpy() - official).max() <= 2.5 / 255
+
+
+def test_image_files_follow_linked_folders_once(tmp_path):
+    """A class folder's linked subfolder is read (torchvision's ImageFolder follows links too); a link
+    back up the tree is walked once, not forever; hidden entries stay out."""
+    root = write_folder(tmp_path / "d", classes=("a",), per_class=2, splits=("train",))
+    shared = write_folder(tmp_path / "s", classes=("more",), per_class=3, splits=("train",)) / "train" / "more"
+    cls = root / "train" / "a"
+    (cls / "linked").symlink_to(shared, target_is_directory=True)
+    (cls / "loop").symlink_to(cls, target_is_directory=True)
+    (cls / ".hidden").mkdir()
+    Image.new("RGB", (8, 8)).save(cls / ".hidden" / "x.png")
+    files = D.image_files(cls)
+    assert len(files) == 5 and sum(f.parent.name == "linked" for f in files) == 3

@@ -417,3 +417,57 @@ def test_a_warmup_longer_than_the_run_is_refused(tmp_path):
     with pytest.raises(ValueError, match="warmup_epochs 20 is more than epochs 10"):
         Trainer(tiny_cfg(tmp_path, epochs=10, warmup_epochs=20))
     Trainer(tiny_cfg(tmp_path, epochs=2, warmup_epochs=2))  # a run of warm-up alone is asked for plainly
+
+
+def test_resuming_an_older_checkpoint_sets_the_later_files_aside(tmp_path, recwarn):
+    """--resume RUN/ckpt-5 of a run that got to step 15: ckpt-10/15 and the metrics of steps 6-15 move
+    to after-step-0000005/ (nothing deleted), so that the next --resume RUN continues the new branch;
+    a metrics line cut off by a kill is dropped, not a crash; `swin plot` before any validation is quiet."""
+    from swin.cli import main as cli_main
+    from swin.train import latest_checkpoint
+
+    first = Trainer(tiny_cfg(tmp_path, name="b", save_every=5, keep_last=10, max_steps=15))
+    first.fit()
+    run = first.run_dir
+    assert sorted(p.name for p in run.glob("ckpt-*.pt")) == ["ckpt-0000005.pt", "ckpt-0000010.pt", "ckpt-0000015.pt"]
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 16, "epoch": 0.72, "lo')  # killed mid-line
+    assert cli_main(["plot", str(run)]) == 0
+    assert not [w for w in recwarn if "legend" in str(w.message)]
+    branch = Trainer(tiny_cfg(tmp_path, name="b", save_every=5, keep_last=10, max_steps=7), resume=run / "ckpt-0000005.pt")
+    aside = run / "after-step-0000005"
+    assert sorted(p.name for p in aside.iterdir()) == ["ckpt-0000010.pt", "ckpt-0000015.pt", "metrics.jsonl"]
+    assert [json.loads(ln)["step"] for ln in (aside / "metrics.jsonl").read_text().splitlines()] == list(range(6, 16))
+    assert max(losses(run)) == 5
+    branch.fit()
+    assert latest_checkpoint(run).name == "ckpt-0000007.pt" and max(losses(run)) == 7
+    assert Trainer(tiny_cfg(tmp_path, name="b", save_every=5, keep_last=10, max_steps=9), resume=run).step == 7
+
+
+def test_max_steps_at_an_epochs_end_still_evaluates_it(tmp_path):
+    """22 steps per epoch; --max-steps 22 ends the epoch first: validated, best.pt written."""
+    summary = Trainer(tiny_cfg(tmp_path, name="m", max_steps=22)).fit()
+    run = Path(summary["run_dir"])
+    assert summary["status"] == "max_steps" and summary["epochs_done"] == 1 and summary["val_top1"] is not None
+    assert (run / "best.pt").is_file() and any("val_top1" in ln for ln in (run / "metrics.jsonl").read_text().splitlines())
+
+
+def test_config_values_a_user_types(tmp_path, monkeypatch):
+    """A fractional warm-up; paths recorded absolute and normalised (a config.yaml reused from anywhere);
+    model_overrides cannot set what training options set; `--set name=` clears a text option."""
+    from swin import data as D
+
+    cfg = TrainConfig.from_dict({"warmup_epochs": 0.5})
+    assert cfg.warmup_epochs == 0.5
+    assert TrainConfig.from_dict({"pretrained": None}).pretrained == ""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    assert D.absolute_data("sub/../sub") == str(tmp_path / "sub") and D.absolute_data("digits") == "digits"
+    source = Trainer(tiny_cfg(tmp_path, name="src", max_steps=1))
+    source.fit()
+    ft = Trainer(tiny_cfg(tmp_path, name="ft", pretrained=os.path.relpath(source.run_dir), warmup_epochs=0.5))
+    assert ft.cfg.pretrained == str(source.run_dir)
+    assert ft.scheduler.lr_lambdas[0](11) == pytest.approx(1.0)  # 0.5 x 22 steps of warm-up, then the peak
+    for key, flag in (("drop_path_rate", "--drop-path"), ("img_size", "--img-size"), ("num_classes", "--num-classes")):
+        with pytest.raises(ValueError, match=f"model_overrides cannot set {key}: use {flag}"):
+            Trainer(tiny_cfg(tmp_path, model_overrides={**TINY, key: 1}))

@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train or fine-tune (no arguments: the digits demo)",
                        description="Train a Swin model. With no arguments: swin_micro_p4 on the bundled digits. "
-                                   "Precedence: preset < --config file < flags. "
+                                   "Precedence: preset < --config file < --set < flags. "
                                    "Multi-GPU: torchrun --nproc_per_node=N -m swin train ...")
     t.add_argument("--config", help="a YAML file of TrainConfig fields (e.g. a run's config.yaml)")
     t.add_argument("--preset", choices=["small", "imagenet", "finetune"],
@@ -71,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
                    help="no progress bar")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any TrainConfig field, e.g. --set hflip=0.5 --set model_overrides={embed_dim: 32}")
+                   help="any TrainConfig field as YAML, e.g. --set hflip=0.5 --set 'model_overrides={embed_dim: 32}' "
+                        "(quote a value with spaces); --set pretrained= clears a text option")
     t.add_argument("--resume", metavar="RUN", help="continue a run (its folder or a ckpt-*.pt)")
 
     e = sub.add_parser("eval", help="top-1, top-5, loss and img/s of a checkpoint on a dataset")
@@ -469,20 +470,13 @@ def cmd_plot(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .train import atomic_savefig
+    from .train import atomic_savefig, read_metrics
 
     run = Path(args.run_dir)
     path = run / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{run} has no metrics.jsonl (is it a run folder of swin train?).")
-    rows = []
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    for i, ln in enumerate(lines):
-        try:
-            rows.append(json.loads(ln))
-        except json.JSONDecodeError:
-            if i < len(lines) - 1:  # only the last line may be cut off (a run still writing, or killed)
-                raise ValueError(f"{path} line {i + 1} is not valid JSON; the file is damaged.") from None
+    rows = read_metrics(path)
     train = [r for r in rows if "loss" in r]
     val = [r for r in rows if "val_top1" in r]
     if not train:
@@ -501,7 +495,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
         a.set_xlabel(xl)
         a.grid(alpha=0.3)
     ax[0].legend()
-    ax[1].legend()
+    if val:  # no curves (and no legend) before the first evaluation
+        ax[1].legend()
     fig.suptitle(run.name)
     fig.tight_layout()
     out = Path(args.out) if args.out else run / "metrics.png"

@@ -148,7 +148,10 @@ def get_config(name: str, **overrides: Any) -> SwinConfig:
     cfg = MODELS[name]
     unknown = set(overrides) - set(SwinConfig.__dataclass_fields__)  # before dropping Nones: YAML's {a:1} is {"a:1": None}
     if unknown:
-        raise ValueError(f"Unknown config field(s) {sorted(unknown)}; valid fields: {sorted(SwinConfig.__dataclass_fields__)}.")
+        colon = [k for k in unknown if isinstance(k, str) and ":" in k]
+        hint = f" (YAML needs a space after the colon: {{{colon[0].replace(':', ': ', 1)}}})" if colon else ""
+        raise ValueError(f"Unknown config field(s) {sorted(unknown, key=str)}{hint}; valid fields: "
+                         f"{sorted(SwinConfig.__dataclass_fields__)}.")
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if "img_size" in overrides:
         s = overrides["img_size"]

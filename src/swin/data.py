@@ -82,9 +82,16 @@ def open_rgb(path: str | os.PathLike):
 def image_files(folder: str | os.PathLike) -> list[Path]:
     """The image files under ``folder`` (any depth), sorted; hidden files and folders (a name starting
     with ".": macOS's ``._*`` resource forks, ``.ipynb_checkpoints`` copies) are left out."""
-    folder = Path(folder)
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts) and p.is_file())
+    found, seen = [], set()
+    for top, dirs, files in os.walk(folder, followlinks=True):  # into linked folders too, as ImageFolder does
+        real = os.path.realpath(top)
+        if real in seen:  # a link back up the tree (or a second link to one folder): walked once
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(top, f) for f in files if not f.startswith(".") and Path(f).suffix.lower() in IMG_EXTENSIONS]
+    return sorted(p for p in found if p.is_file())
 
 
 class ImageFiles(Dataset):
@@ -158,9 +165,14 @@ def _not_a_folder(path: Path) -> str:
     return "is a file, not a folder" if path.exists() else "does not exist"
 
 
+def absolute_path(path: str | os.PathLike) -> str:
+    """``path`` absolute and normalised (``~`` expanded, ``..`` and ``.`` folded away; links kept as given)."""
+    return os.path.normpath(Path(path).expanduser().absolute())
+
+
 def absolute_data(data: str) -> str:
     """``data`` as a run records it: a built-in name as is, a folder as an absolute path."""
-    return data if data in BUILTIN else str(Path(data).expanduser().absolute())
+    return data if data in BUILTIN else absolute_path(data)
 
 
 def scan_image_folder(root: str | os.PathLike,

@@ -65,7 +65,7 @@ class TrainConfig:
     pretrained: str = ""           # start from these weights (any format swin.load_checkpoint reads)
     # optimisation
     epochs: int = 300
-    warmup_epochs: float = 20
+    warmup_epochs: float = 20.0    # may be a fraction (the warm-up is per step)
     batch_size: int = 1024         # global images per optimizer step, over all processes and accumulation
     lr: float = 5e-4               # per lr_batch images; the peak lr is lr * batch_size / lr_batch
     lr_batch: int = 512
@@ -162,6 +162,8 @@ def _typed(key: str, value: Any, default: Any) -> Any:
             raise bad("a mapping, e.g. {embed_dim: 32}")
         return dict(value)
     if isinstance(default, str):
+        if value is None:  # `--set pretrained=` (YAML's empty value): clear the option
+            return ""
         if isinstance(value, bool):  # YAML 1.1 reads `amp: off` as False
             return "off" if value is False else "on"
         if isinstance(value, (int, float)):  # `name: 2024`, a folder named 10
@@ -341,6 +343,26 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The resumable checkpoint with the highest step in ``run_dir`` (None when there is none)."""
     ckpts = sorted(Path(run_dir).glob("ckpt-*.pt"))
     return ckpts[-1] if ckpts else None
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step in a ``ckpt-<step>.pt`` name."""
+    return int(path.stem.split("-")[-1])
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl. Only its last line may be cut off (a run still writing, or
+    killed mid-line): it is left out; a damaged line before it is a ValueError."""
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    rows = []
+    for i, ln in enumerate(lines):
+        try:
+            rows.append(json.loads(ln))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path} line {i + 1} is not valid JSON; the file is damaged (remove that line "
+                                 "to go on).") from None
+    return rows
 
 
 def run_weights(run_dir: str | os.PathLike) -> Path | None:
@@ -563,8 +585,9 @@ class Trainer:
         # -- everything a user can get wrong is checked before any work --------------------------
         if not cfg.data:
             raise ValueError("No data given: use --data digits|cifar10|cifar100|DIR (DIR with train/ and val/).")
-        if resume_path is None:  # the run records absolute paths: `swin eval RUN` works from any folder
-            cfg = replace(cfg, data=D.absolute_data(cfg.data), data_root=str(Path(cfg.data_root).expanduser().absolute()))
+        if resume_path is None:  # the run records absolute paths: its config.yaml and `swin eval RUN` work from any folder
+            cfg = replace(cfg, data=D.absolute_data(cfg.data), data_root=D.absolute_path(cfg.data_root),
+                          pretrained=cfg.pretrained and D.absolute_path(cfg.pretrained))
         self.cfg = cfg
         for key in ("epochs", "batch_size", "accum_steps", "lr_batch", "keep_last"):
             if getattr(cfg, key) < 1:
@@ -577,11 +600,21 @@ class Trainer:
             raise ValueError(f"warmup_epochs {cfg.warmup_epochs:g} is more than epochs {cfg.epochs}: the lr would never "
                              "reach its peak nor decay; pass --warmup-epochs (e.g. a tenth of the epochs).")
         check_ranges(cfg)
+        for key, flag in (("drop_path_rate", "--drop-path"), ("img_size", "--img-size"), ("num_classes", "--num-classes")):
+            if key in cfg.model_overrides:  # training options of their own: the data pipeline reads them too
+                raise ValueError(f"model_overrides cannot set {key}: use {flag} (the training option {flag[2:].replace('-', '_')}).")
         if resume_path is None:
-            blocking = file_on_path(Path(cfg.out_dir).expanduser().absolute(), itself=True)
+            out_dir = Path(cfg.out_dir).expanduser().absolute()
+            blocking = file_on_path(out_dir, itself=True)
             if blocking is not None:
                 raise ValueError(f"out_dir {cfg.out_dir} cannot be a folder: {blocking} is a file; give a folder "
                                  "for the runs.")
+            if int(os.environ.get("RANK", "0")) == 0:  # made now, so that a folder nobody may write is said before any work
+                try:
+                    out_dir.mkdir(parents=True, exist_ok=True)
+                except OSError as e:
+                    raise ValueError(f"out_dir {cfg.out_dir} cannot be created ({e.strerror}); give a folder you can "
+                                     "write to.") from None
         model_cfg = get_config(cfg.model, img_size=cfg.img_size or None, drop_path_rate=cfg.drop_path,
                                **cfg.model_overrides)
         self.img_size = cfg.img_size or model_cfg.img_size[0]
@@ -681,15 +714,19 @@ class Trainer:
         name = [None]
         if self.is_main:
             base = Path(self.cfg.out_dir) / (self.cfg.name or f"{self.splits.name}-{self.cfg.model}")
-            base.parent.mkdir(parents=True, exist_ok=True)
             path, n = base, 1
-            while True:  # never reuse a folder: a second run gets "<name>-2", ...
-                try:
-                    path.mkdir()
-                    break
-                except FileExistsError:
-                    n += 1
-                    path = base.with_name(f"{base.name}-{n}")
+            try:
+                base.parent.mkdir(parents=True, exist_ok=True)
+                while True:  # never reuse a folder: a second run gets "<name>-2", ...
+                    try:
+                        path.mkdir()
+                        break
+                    except FileExistsError:
+                        n += 1
+                        path = base.with_name(f"{base.name}-{n}")
+            except OSError as e:
+                raise ValueError(f"The run folder {path} cannot be created ({e.strerror}); give --out-dir a folder "
+                                 "you can write to.") from None
             name[0] = str(path)
         if self.world > 1:
             dist.broadcast_object_list(name, src=0)
@@ -759,13 +796,38 @@ class Trainer:
             _set_rng_state(ckpt["rng"])
         else:  # a checkpoint of one process resumed by several (or of older code): a fresh seed per rank
             torch.manual_seed(self.cfg.seed + self.rank + 7919 * self.step)
-        if self.is_main:  # forget what was logged after this checkpoint (a killed run got further)
-            mpath = self.run_dir / "metrics.jsonl"
-            if mpath.exists():
-                keep = [ln for ln in mpath.read_text().splitlines()
-                        if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
-                atomic_write_text(mpath, "".join(ln + "\n" for ln in keep))
+        if self.is_main:
+            self._set_aside_later()
         self.log(f"Resumed {self.run_dir} from {path.name}: epoch {self.epoch}, step {self.step}.")
+
+    def _set_aside_later(self) -> None:
+        """What the run wrote after the step it resumes from (a killed run got further; or an older
+        ckpt-*.pt was named, abandoning a branch) would mix with what it writes now: those metrics lines,
+        checkpoints and a later best.pt move to ``after-step-<step>/`` in the run folder. Nothing is deleted."""
+        moved: list[Path] = [p for p in self.run_dir.glob("ckpt-*.pt") if checkpoint_step(p) > self.step]
+        best = self.run_dir / "best.pt"
+        if best.is_file() and torch.load(best, map_location="cpu", weights_only=True, mmap=True).get("step", 0) > self.step:
+            moved.append(best)
+        mpath = self.run_dir / "metrics.jsonl"
+        rows = read_metrics(mpath) if mpath.is_file() else []
+        later = [r for r in rows if r.get("step", 0) > self.step]
+        if not moved and not later:
+            if mpath.is_file():  # rewritten all the same: a line cut off by a kill goes
+                atomic_write_text(mpath, "".join(json.dumps(r) + "\n" for r in rows))
+            return
+        aside = self.run_dir / f"after-step-{self.step:07d}"
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = self.run_dir / f"after-step-{self.step:07d}-{n}"
+        aside.mkdir()
+        for p in moved:
+            os.replace(p, aside / p.name)
+        if later:
+            atomic_write_text(aside / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in later))
+        atomic_write_text(mpath, "".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= self.step))
+        what = [f"{len(later)} metrics line(s)"] * bool(later) + [p.name for p in moved]
+        self.log(f"The run had gone past step {self.step}: {', '.join(what)} moved to {aside}.")
 
     # -- one step -------------------------------------------------------------------------------
     def autocast(self):
@@ -896,9 +958,9 @@ class Trainer:
                 if self._should_stop():
                     self.save_checkpoint()
                     return "interrupted"
-                if cfg.max_steps and self.step >= cfg.max_steps:
+                if cfg.max_steps and self.step >= cfg.max_steps and self.step_in_epoch < self.steps_per_epoch:
                     self.save_checkpoint()
-                    return "max_steps"
+                    return "max_steps"  # (at the epoch's last step the epoch ends first: evaluated, saved)
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step_in_epoch < self.steps_per_epoch:
                     self.save_checkpoint()
         finally:
@@ -961,6 +1023,9 @@ class Trainer:
                 self.save_checkpoint()
                 if self._should_stop():
                     status = "interrupted"
+                    break
+                if cfg.max_steps and self.step >= cfg.max_steps and self.epoch < cfg.epochs:
+                    status = "max_steps"
                     break
         finally:
             self._restore_signal_handlers(old)
