@@ -1777,3 +1777,121 @@ def test_fused_probe_resumes_after_a_process_that_dies(tmp_path):
     assert rows[1]["kernel"] == "attention" and rows[1]["shift"] == 3
     assert all(r["err"] <= 1e-2 for r in rows if r["status"] == "ok"), rows
     assert "| attention | fp32 | 56x56 | 0 | 3 | CRASH |" in (tmp_path / "fused_probe.md").read_text()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_position_tables_built_under_inference_mode_still_train():
+    """A V2 model run under torch.inference_mode (validation) builds the shared position tables; a
+    training step of another V2 model must be able to save them for backward."""
+    for f in (W._cached_log_coords, W._cached_shift_mask, W._cached_relative_offsets):
+        f.cache_clear()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        swin.create_model("swinv2_micro", backend="reference").eval()(x)
+    for backend in ("reference", "auto"):
+        swin.create_model("swinv2_micro", backend=backend).train()(x).sum().backward()
+
+
+@pytest.mark.parametrize("name", ["swin_micro", "swinv2_micro"])
+def test_strided_weights_and_biases_give_the_reference_logits(name):
+    """Parameters that are views with strides (made by slicing, or put in by load_state_dict(assign=True)):
+    the oneDNN products read a bias as contiguous memory, so the fast path copies them first."""
+    torch.manual_seed(0)
+    model = swin.create_model(name, drop_path_rate=0.0).eval()
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.Linear):
+                mod.weight = torch.nn.Parameter(torch.randn(*mod.weight.shape, 2)[..., 1] * 0.05)
+                if mod.bias is not None:
+                    mod.bias = torch.nn.Parameter(torch.randn(mod.bias.shape[0], 3)[:, 2])
+    ref = copy.deepcopy(model)
+    ref.set_backend("reference")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert _rel(model(x), ref(x)) < 1e-5
+
+
+def test_backward_hooks_fire_on_every_backend():
+    """Grad-CAM / K-FAC style backward hooks on qkv, proj, fc1, fc2: the fast paths step aside for them
+    (in training), and qkv is called as a module on the reference path too."""
+    for backend in ("auto", "reference"):
+        model = swin.create_model("swin_micro", drop_path_rate=0.0, backend=backend).train()
+        blk, calls = model.layers[0].blocks[0], []
+        for mod in (blk.attn.qkv, blk.attn.proj, blk.mlp.fc1, blk.mlp.fc2):
+            mod.register_full_backward_hook(lambda m, gi, go, calls=calls: calls.append(m))
+        blk.mlp.fc2.register_full_backward_pre_hook(lambda m, go, calls=calls: calls.append("pre"))
+        model(torch.randn(2, 3, 32, 32)).sum().backward()
+        assert len(calls) == 5 and {id(c) for c in calls if c != "pre"} == {id(m) for m in (
+            blk.attn.qkv, blk.attn.proj, blk.mlp.fc1, blk.mlp.fc2)}, (backend, calls)
+        with torch.no_grad():  # nothing to differentiate: the hooks cannot fire, the fast paths run
+            model.eval()(torch.randn(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_per_sample_gradients_with_vmap(backend):
+    """torch.func's per-sample-gradient recipe (vmap over grad) equals a loop of single-image gradients."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    model = swin.create_model("swin_micro", drop_path_rate=0.0, backend=backend).eval()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, xi, yi):
+        return F.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
+
+    x, y = torch.randn(3, 3, 32, 32), torch.randint(0, 10, (3,))
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    for i in range(3):
+        one = grad(loss)(params, x[i], y[i])
+        for k in ("layers.0.blocks.1.attn.qkv.weight", "head.weight", "patch_embed.proj.weight"):
+            assert _rel(per_sample[k][i], one[k]) < 1e-5, k
+
+
+def test_a_submodules_dtype_round_trip_is_seen_by_the_weight_caches():
+    """fc1.bfloat16(); fc1.float() keeps the Parameter objects and their versions (param.data is set);
+    the caches hold the old storage, so the new one cannot take its address and pass for it."""
+    torch.manual_seed(0)
+    model = swin.create_model("swin_micro", drop_path_rate=0.0).eval()
+    x = torch.randn(2, 3, 32, 32)
+    fc1 = model.layers[0].blocks[0].mlp.fc1
+    for _ in range(6):
+        with torch.no_grad():
+            model(x)  # the caches of this weight are built
+        fc1.bfloat16()
+        fc1.float()  # new values (rounded to bf16), same Parameter, same version
+        ref = copy.deepcopy(model)
+        ref.set_backend("reference")
+        with torch.no_grad():
+            assert _rel(model(x), ref(x)) < 1e-5
+
+
+def test_kernel_cache_without_a_home_and_with_a_damaged_library(tmp_path, monkeypatch):
+    """No $HOME and no passwd entry: the kernels are built in a folder of the temporary directory. A
+    library cut short (a half-copied cache, which would kill the process with SIGBUS when loaded) is
+    built again."""
+    import shutil
+    from pathlib import Path as P
+
+    from swin.ops import cpu_kernels as K
+
+    monkeypatch.delenv("SWIN_CACHE_DIR", raising=False)
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(P, "home", staticmethod(no_home))
+    assert K._cache_dir().parent == P(K.tempfile.gettempdir())
+    if not K.available():
+        pytest.skip("the C kernels are not built here")
+    good = P(K._lib._name)
+    monkeypatch.setenv("SWIN_CACHE_DIR", str(tmp_path))
+    built = []
+    monkeypatch.setattr(K, "compile_source", lambda source, so: (built.append(so), shutil.copy(good, so)))
+    path = tmp_path / good.name
+    path.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    assert not K.intact(path)
+    assert K._build() is not None and len(built) == 1 and K.intact(path)
+    assert K._build() is not None and len(built) == 1  # whole now: loaded as it is

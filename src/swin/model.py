@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from . import windows as W
 from .config import SwinConfig
 from .ops import (autocast_dtype, cpu_tiled, fast, fused_attention_half, fused_block_eligible, fused_mlp_half,
-                  has_hooks, invalidate_caches, is_plain, transforming)
+                  drop_caches, has_hooks, is_plain, transforming)
 from .ops import mlp as mlp_ops
 from .ops import onednn
 
@@ -64,7 +64,7 @@ class SwinTransformer(nn.Module):
         before = [(p.data_ptr(), p.dtype, p.device) for p in self.parameters()]
         out = super()._apply(fn, *args, **kwargs)
         if before != [(p.data_ptr(), p.dtype, p.device) for p in self.parameters()]:
-            invalidate_caches()
+            drop_caches(self)
         return out
 
     # -- public API ------------------------------------------------------------------------
@@ -154,7 +154,7 @@ class SwinTransformer(nn.Module):
 
 
 def _weights_loaded(module: nn.Module, incompatible_keys) -> None:  # a function, so that models still pickle
-    invalidate_caches()
+    drop_caches(module)
 
 
 def _bad_index(i: int, n: int) -> int:
@@ -426,8 +426,9 @@ class PatchEmbed(nn.Module):
         # channels-last input: the convolution writes (B, H/P, W/P, C) memory, so the permute below
         # is free and LayerNorm reads it in place (same values; CPU Swin-T b8 stem 10.8 -> 7.2 ms;
         # on this CPU the product form above ran 2.35 ms against the convolution's 1.6-2.0)
-        x = self.proj(x.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)  # (B, H/P, W/P, C)
-        return self.norm(x)
+        # (vmap has no channels-last copy: inside torch.func transforms the input goes as it is)
+        x = self.proj(x if transforming() else x.contiguous(memory_format=torch.channels_last))
+        return self.norm(x.permute(0, 2, 3, 1))  # (B, H/P, W/P, C)
 
     def _patchwise(self) -> bool:
         """proj is still a plain, hook-free k = s = P convolution without padding or dilation."""

@@ -6,12 +6,26 @@ Masks and indices depend only on (map size, window, shift, device); they are bui
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import lru_cache, wraps
 
 import torch
 import torch.nn.functional as F
 
 MASK_VALUE = -100.0  # what the official code adds to a masked logit before softmax
+
+
+def kept(maxsize: int):
+    """``lru_cache`` for tensors built once and used by every later call: built outside inference mode
+    (an inference tensor made under one caller's torch.inference_mode could not be saved for backward
+    by a later training step) and outside autograd."""
+    def wrap(build):
+        @lru_cache(maxsize=maxsize)
+        @wraps(build)
+        def cached(*args):
+            with torch.inference_mode(False), torch.no_grad():
+                return build(*args)
+        return cached
+    return wrap
 
 
 def recording() -> bool:
@@ -98,7 +112,7 @@ def _build_shift_mask(height: int, width: int, window: int, shift: int, mask_pad
     return torch.where(diff != 0, MASK_VALUE, 0.0)
 
 
-@lru_cache(maxsize=128)
+@kept(128)
 def _cached_shift_mask(height, width, window, shift, mask_padding, device):
     return _build_shift_mask(height, width, window, shift, mask_padding, device)
 
@@ -118,7 +132,7 @@ def _build_relative_index(window: int, device: torch.device) -> torch.Tensor:
     return rel  # offsets in [-(window-1), window-1]
 
 
-@lru_cache(maxsize=64)
+@kept(64)
 def _cached_relative_offsets(window, device):
     return _build_relative_index(window, device)
 
@@ -147,7 +161,7 @@ def _build_log_coords(window: int, pretrained_window: int, device: torch.device)
     return table.view(-1, 2)
 
 
-@lru_cache(maxsize=64)
+@kept(64)
 def _cached_log_coords(window, pretrained_window, device):
     return _build_log_coords(window, pretrained_window, device)
 

@@ -128,7 +128,10 @@ def cached(module: torch.nn.Module, slot, params, build):
         value = build()
     if len(store) >= 32:
         store.clear()
-    store[slot] = (key, tuple(weakref.ref(p) for p in params), value)
+    # the entry also holds the parameters' storage as it was: `param.data = ...` (a submodule's .half() then
+    # .float()) keeps the Parameter object and its version, and the new storage could otherwise land at the
+    # old one's address
+    store[slot] = (key, tuple(weakref.ref(p) for p in params), value, tuple(p.untyped_storage() for p in params))
     return value
 
 
@@ -152,6 +155,13 @@ def invalidate_caches() -> None:
     _OPTIMIZER_STEPS[0] += 1
 
 
+def drop_caches(module: torch.nn.Module) -> None:
+    """Forget the caches of ``module`` and everything in it (its weights were replaced: the entries would
+    only hold the old weights' memory until rebuilt)."""
+    for m in module.modules():
+        _CACHES.pop(m, None)
+
+
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype autocast runs at on ``device_type`` right now, or None when it is off."""
     if device_type not in ("cpu", "cuda"):
@@ -166,13 +176,17 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
 
 
 def has_hooks(module: torch.nn.Module) -> bool:
-    """True if ``module`` or anything inside it has forward (pre-)hooks, or global module hooks
-    are registered: fast paths that skip submodule calls then step aside, so hooks still fire."""
+    """True if ``module`` or anything inside it has forward (pre-)hooks, or backward (pre-)hooks while
+    autograd records (Grad-CAM, K-FAC), or global module hooks are registered: fast paths that skip
+    submodule calls then step aside, so hooks still fire."""
     from torch.nn.modules import module as _m
 
-    if _m._global_forward_hooks or _m._global_forward_pre_hooks:
+    backward = torch.is_grad_enabled()  # under no_grad / inference_mode no backward hook can fire
+    if _m._global_forward_hooks or _m._global_forward_pre_hooks or (backward and (
+            getattr(_m, "_global_backward_hooks", None) or getattr(_m, "_global_backward_pre_hooks", None))):
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+    return any(m._forward_hooks or m._forward_pre_hooks or (backward and (m._backward_hooks or m._backward_pre_hooks))
+               for m in module.modules())
 
 
 def refuse_second_derivative() -> None:
@@ -256,5 +270,5 @@ from .latency import compile_for_inference, CudaGraphRunner  # noqa: E402
 
 __all__ = ["BACKENDS", "check_backend", "resolve_backend", "window_attention", "triton_available", "has_hooks",
            "is_plain",
-           "params_key", "cached", "invalidate_caches", "fast", "transforming",
+           "params_key", "cached", "invalidate_caches", "drop_caches", "fast", "transforming",
            "compile_for_inference", "CudaGraphRunner"]

@@ -916,7 +916,30 @@ _lib = None  # the loaded library, False once building or loading failed
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("SWIN_CACHE_DIR") or Path.home() / ".cache" / "swin")
+    """$SWIN_CACHE_DIR, else ~/.cache/swin; without a home (a container's user with no passwd entry and
+    no $HOME) a folder of this user's in the temporary directory."""
+    if os.environ.get("SWIN_CACHE_DIR"):
+        return Path(os.environ["SWIN_CACHE_DIR"])
+    try:
+        return Path.home() / ".cache" / "swin"
+    except RuntimeError:
+        return Path(tempfile.gettempdir()) / f"swin-cache-{os.getuid()}"
+
+
+def intact(path: Path) -> bool:
+    """True if the ELF file at ``path`` is whole: a linker writes the section header table last, so a
+    file cut short (a half-copied cache) ends before it. Loading such a file kills the process (SIGBUS)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+        size = path.stat().st_size
+    except OSError:
+        return False
+    if len(head) < 64 or head[:5] != b"\x7fELF\x02" or head[5] != 1:  # 64-bit little-endian ELF
+        return False
+    shoff = int.from_bytes(head[0x28:0x30], "little")
+    shentsize, shnum = int.from_bytes(head[0x3A:0x3C], "little"), int.from_bytes(head[0x3C:0x3E], "little")
+    return size >= shoff + shentsize * shnum
 
 
 CFLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp")
@@ -936,7 +959,7 @@ def compile_source(source: str, so: Path) -> None:
 def _build() -> ctypes.CDLL | None:
     tag = hashlib.sha256((_SOURCE + _compiler() + " ".join(CFLAGS)).encode()).hexdigest()[:16]
     path = _cache_dir() / f"cpu_kernels_{tag}.so"
-    if not path.exists():
+    if not intact(path):  # absent, or damaged: built (again)
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             so = Path(tmp) / path.name
@@ -999,8 +1022,8 @@ def available() -> bool:
                 ok = os.environ.get("SWIN_CPU_KERNELS", "1") != "0" and platform.machine() in ("x86_64", "AMD64")
                 try:
                     _lib = (_build() if ok else None) or False
-                except (OSError, subprocess.SubprocessError):  # no compiler, a failed build, a read-only home
-                    _lib = False
+                except (OSError, RuntimeError, subprocess.SubprocessError):  # no compiler, a failed build,
+                    _lib = False                                                # a read-only home
     return _lib is not False
 
 

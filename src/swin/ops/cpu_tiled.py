@@ -174,7 +174,7 @@ def _run_block(blk, tokens: torch.Tensor, B: int, H: int, Wd: int, Hp: int, Wp: 
     if attn.version == 2 and cpu_kernels.cosine_eligible(dtype, d):
         cosine = torch.clamp(attn.logit_scale, max=math.log(100.0)).exp().reshape(heads).float()
     qkv_b = attn.qkv_bias()
-    qkv_b = None if qkv_b is None else qkv_b.to(dtype)
+    qkv_b = None if qkv_b is None else qkv_b.to(dtype).contiguous()  # oneDNN reads biases as contiguous memory
     qkv_packed = _packed_weight(attn.qkv, tokens) if USE_ONEDNN else None
     qkv_w = param_as(attn.qkv, "weight", dtype).t() if qkv_packed is None else None
     # V1 adds proj's and fc2's biases in the row passes, in fp32 (so the bf16 row kernels take them
@@ -286,7 +286,7 @@ def fc1_gelu(fc1, h: torch.Tensor) -> torch.Tensor:
     packed = _packed_weight(fc1, h) if USE_ONEDNN and fc1.bias is not None else None
     if packed is None:
         return F.gelu(torch.addmm(param_as(fc1, "bias", h.dtype), h, param_as(fc1, "weight", h.dtype).t()))
-    return torch.ops.mkldnn._linear_pointwise(h, packed, fc1.bias, "gelu", [], "none")
+    return torch.ops.mkldnn._linear_pointwise(h, packed, fc1.bias.contiguous(), "gelu", [], "none")
 
 
 def residual_linear(acc, h, w_t, packed):
@@ -300,7 +300,7 @@ def linear(h, w_t, b, packed):
     """h @ w_t + b: addmm, or oneDNN's product on the prepacked weight."""
     if packed is None:
         return h @ w_t if b is None else torch.addmm(b, h, w_t)
-    return torch.ops.mkldnn._linear_pointwise(h, packed, b, "none", [], "none")
+    return torch.ops.mkldnn._linear_pointwise(h, packed, None if b is None else b.contiguous(), "none", [], "none")
 
 
 def _packed_weight(linear, h: torch.Tensor):

@@ -46,8 +46,10 @@ def training_eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def mm_t(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T (+ bias) for 2-D contiguous ``x``, one oneDNN call, no autograd."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "none")
+    """x @ weight.T (+ bias) for 2-D contiguous ``x``, one oneDNN call, no autograd. (oneDNN reads a
+    bias as contiguous memory: a strided one, a parameter made as a view, is copied first.)"""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None if bias is None else bias.contiguous(), "none", [],
+                                              "none")
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -17,7 +17,6 @@ Two layouts, chosen by device:
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -43,11 +42,9 @@ def _build_indices(height: int, width: int, window: int, shift: int, device: tor
     return fwd, rev
 
 
-@lru_cache(maxsize=128)
+@W.kept(128)
 def _cached_indices(height, width, window, shift, device):
-    # never inference tensors: the cache outlives an inference_mode block and autograd saves indices
-    with torch.inference_mode(False):
-        return _build_indices(height, width, window, shift, device)
+    return _build_indices(height, width, window, shift, device)
 
 
 def window_indices(height: int, width: int, window: int, shift: int, device: torch.device):
