@@ -63,9 +63,11 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import subprocess
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -946,14 +948,16 @@ CFLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp")
 
 
 def _compiler() -> str:
-    return os.environ.get("CC", "cc")
+    return os.environ.get("CC") or "cc"
 
 
 def compile_source(source: str, so: Path) -> None:
-    """Builds the shared library ``so`` from C ``source`` with ``$CC`` (default ``cc``) and CFLAGS."""
+    """Builds the shared library ``so`` from C ``source`` with ``$CC`` (default ``cc``; a command with
+    arguments such as ``ccache gcc`` too) and CFLAGS."""
     src = so.with_suffix(".c")
     src.write_text(source)
-    subprocess.run([_compiler(), *CFLAGS, str(src), "-o", str(so)], check=True, capture_output=True, timeout=120)
+    subprocess.run([*shlex.split(_compiler()), *CFLAGS, str(src), "-o", str(so)], check=True, capture_output=True,
+                   timeout=120)
 
 
 def _build() -> ctypes.CDLL | None:
@@ -1022,8 +1026,14 @@ def available() -> bool:
                 ok = os.environ.get("SWIN_CPU_KERNELS", "1") != "0" and platform.machine() in ("x86_64", "AMD64")
                 try:
                     _lib = (_build() if ok else None) or False
-                except (OSError, RuntimeError, subprocess.SubprocessError):  # no compiler, a failed build,
-                    _lib = False                                                # a read-only home
+                except (OSError, RuntimeError, subprocess.SubprocessError) as e:  # no compiler, a failed
+                    _lib = False                                                     # build, a read-only home
+                    detail = getattr(e, "stderr", None) or b""
+                    detail = detail.decode(errors="replace").strip().splitlines()[-1:] if detail else []
+                    warnings.warn(f"swin: the CPU kernels could not be built ({e}{': ' + detail[0] if detail else ''}); "
+                                  "CPU inference and training run on PyTorch's operators instead, correctly but slower. "
+                                  "Set CC to a C compiler with OpenMP, or SWIN_CPU_KERNELS=0 to skip them quietly.",
+                                  RuntimeWarning, stacklevel=2)
     return _lib is not False
 
 
