@@ -192,6 +192,8 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_last_checkpoint(tmp_pat
     assert all(torch.isfinite(v).all() for v in good["model"].values())
     assert all(torch.isfinite(p).all() for p in t.model.parameters())  # the bad step never updated the weights
     assert t.step == 4
+    summary = json.loads((t.run_dir / "summary.json").read_text())
+    assert summary["status"] == "non_finite" and summary["step"] == 4
     # the CLI says it in one line and exits 1
     from swin import cli
 

@@ -1027,6 +1027,9 @@ class Trainer:
                 if cfg.max_steps and self.step >= cfg.max_steps and self.epoch < cfg.epochs:
                     status = "max_steps"
                     break
+        except NonFiniteLossError:  # summary.json says so too (the error itself is the caller's to print)
+            self.finish("non_finite")
+            raise
         finally:
             self._restore_signal_handlers(old)
         return self.finish(status)
@@ -1057,6 +1060,8 @@ class Trainer:
             self.log(f"Done: {self.epoch} epochs in {self.train_seconds / 60:.1f} min of training; val top-1 "
                      f"{v.get('top1', float('nan')):.2f}%, top-5 {v.get('top5', float('nan')):.2f}% "
                      f"(best {self.best_top1:.2f}%).{skipped} Run saved to {self.run_dir}")
+        elif status == "non_finite":
+            pass  # NonFiniteLossError names the step and the last good checkpoint
         elif status == "interrupted":
             self.log(f"Stopped by {signal.Signals(self.stop_signal).name if self.stop_signal else 'a signal'} at step "
                      f"{self.step}; checkpoint saved to {latest_checkpoint(self.run_dir)}.{skipped} "
