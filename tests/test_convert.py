@@ -245,7 +245,7 @@ def test_mmdet_detector_checkpoint_reads_to_the_same_logits():
     with pytest.warns(UserWarning) as record:
         result = load_checkpoint(dst, ckpt)
     messages = " ".join(str(w.message) for w in record)
-    assert "neck.fpn_convs" in messages and "backbone.norm0" in messages  # dropped, with a warning
+    assert "neck.fpn_convs" in messages and "out_norms=True" in messages  # dropped, with a warning
     assert "no classifier head" in messages
     assert result.missing_keys == ["head.weight", "head.bias"] and result.unexpected_keys == []
     with torch.no_grad():
@@ -507,3 +507,57 @@ def test_a_shrunk_table_is_resized_for_the_window_the_block_runs():
         assert torch.equal(got, want), img
         if runs == 12:
             assert (got == 0).float().mean() < 0.01
+
+
+# ------------------------------------------------------------------------------------------
+# Detection / segmentation backbones: per-stage output norms
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("version", [1, 2])
+def test_backbone_output_norms_round_trip_and_norm_the_feature_maps(version):
+    """A model with out_norms=True (norm0..norm2 on stages 0-2, the final norm on the last): its
+    feature maps are each stage's output through its norm, and its weights round-trip exactly
+    through the official detection layout (norm0..norm3), mmdet's (backbone.norm0..3) and, for V1,
+    HF's SwinBackbone (hidden_states_norms.stage1..4); a detector's checkpoint (neck, heads around
+    backbone.*) loads with those dropped, saying so."""
+    src = randomized(tiny(version, num_classes=0, out_norms=True), seed=5)
+    sd = src.state_dict()
+    assert [k for k in sd if k.startswith("out_norms.")] == [f"out_norms.{i}.{n}" for i in range(3)
+                                                             for n in ("weight", "bias")]
+    with torch.no_grad():
+        maps, raw = src.forward_intermediates(X), src.forward_intermediates(X, norm=False)
+        norms = [*src.out_norms, src.norm]
+        for m, r, n in zip(maps, raw, norms):
+            assert torch.allclose(m, n(r.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), atol=1e-6)
+    fmts = ["official", "mmdet", "swin"] + (["hf"] if version == 1 else [])
+    for fmt in fmts:
+        out = convert_state_dict(sd, dst=fmt, window_size=4)
+        names = {"official": "norm3.weight", "mmdet": "backbone.norm3.weight", "swin": "out_norms.2.weight",
+                 "hf": "hidden_states_norms.stage4.weight"}
+        assert names[fmt] in out, (fmt, sorted(out)[:5])
+        assert_same_state(convert_state_dict(out), sd)
+        detector = {(k if k.startswith("backbone.") else "backbone." + k): v for k, v in out.items()}
+        detector.update({"neck.fpn_convs.0.conv.weight": torch.zeros(1), "roi_head.bbox_head.fc_cls.weight": torch.zeros(1)})
+        dst = tiny(version, num_classes=0, out_norms=True)
+        with pytest.warns(UserWarning, match="Dropped 2 key.*detector/segmentor"):
+            assert load_checkpoint(dst, {"state_dict": detector}) == ([], [])
+        assert_same_state(dst.state_dict(), sd)
+    with pytest.warns(UserWarning, match="no place for a backbone's per-stage output norms"):
+        assert not any("norm0" in k for k in convert_state_dict(sd, dst="timm"))
+
+
+def test_classifier_weights_into_a_backbone_and_back():
+    """ImageNet classifier weights into an out_norms backbone (how detectors start): the stage norms stay
+    as initialised, with a warning, and are reported missing without failing strict loading; a backbone's
+    weights into a plain model: its stage norms are dropped, with a warning naming out_norms=True."""
+    cls = randomized(tiny(1), seed=6)
+    backbone = tiny(1, num_classes=0, out_norms=True)
+    fresh = {k: v.clone() for k, v in backbone.state_dict().items() if k.startswith("out_norms.")}
+    with pytest.warns(UserWarning) as record:
+        result = load_checkpoint(backbone, cls.state_dict())
+    assert any("no output norm for 3 of the model's stages" in str(w.message) for w in record)
+    assert sorted(result.missing_keys) == sorted(fresh) and result.unexpected_keys == []
+    for k, v in fresh.items():
+        assert torch.equal(backbone.state_dict()[k], v)
+    plain = tiny(1, num_classes=0)
+    with pytest.warns(UserWarning, match="out_norms=True"):
+        assert load_checkpoint(plain, randomized(backbone).state_dict()) == ([], [])

@@ -201,3 +201,24 @@ def test_gradients_match_timm(version):
         worst = max(worst, rel)
         assert rel <= 1e-4, f"{name}: relative gradient error {rel:.3g}"
     assert worst <= 1e-4
+
+
+def test_backbone_feature_maps_equal_hf_swin_backbone():
+    """A detection backbone (out_norms=True) against transformers' SwinBackbone with all four stages out,
+    weights converted both ways (strict): the normed feature maps agree. At 320 x 288 every stage map is
+    larger than the window; SwinBackbone (and the official detection code) also shift a map that is not,
+    where ours follows the classifier's rule (one unshifted window of the map's size)."""
+    from transformers import SwinBackbone, SwinConfig as HFConfig
+
+    model = perturb(swin.create_model("swin_t", num_classes=0, out_norms=True, **T), 0).eval()
+    hf = SwinBackbone(HFConfig(image_size=224, embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
+                               window_size=7, out_features=["stage1", "stage2", "stage3", "stage4"])).eval()
+    hf.load_state_dict(convert_state_dict(model.state_dict(), dst="hf"), strict=True)
+    x = torch.randn(2, 3, 320, 288, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours_maps, theirs = model.forward_intermediates(x), hf(x).feature_maps
+        back = swin.create_model("swin_t", num_classes=0, out_norms=True, **T).eval()
+        swin.load_checkpoint(back, perturb(hf, 1).state_dict())
+        again, theirs2 = back.forward_intermediates(x), hf(x).feature_maps
+    for a, b in [*zip(ours_maps, theirs), *zip(again, theirs2)]:
+        assert a.shape == b.shape and (a - b).abs().max() <= 1e-4 * b.abs().max()

@@ -33,6 +33,10 @@ class SwinConfig:
     # Mask attention to the zero tokens added when a map is padded to a window multiple.
     # False reproduces the official/torchvision/HF numbers; True makes the output independent of padding.
     mask_padding: bool = False
+    # A LayerNorm on each stage's output map, as detection/segmentation backbones have (the official Swin
+    # detection code, mmdet, mmseg, HF SwinBackbone: norm0..norm3): stage i < last by ``out_norms[i]``, the
+    # last stage by ``norm``. forward_intermediates then norms every map by default.
+    out_norms: bool = False
     # Which implementation of window attention to use: "auto" (fastest available), "reference" (the plain
     # PyTorch spec in model.py), "sdpa", "triton" or "fused" ("triton", plus each half of a stage-1 block
     # as one kernel in inference); see swin.ops. All compute the same function.
@@ -78,6 +82,9 @@ class SwinConfig:
             raise ValueError("pretrained_window_sizes needs one entry per stage.")
         if self.window_size < 1 or self.patch_size < 1:
             raise ValueError("window_size and patch_size must be positive.")
+        for name in ("qkv_bias", "mask_padding", "out_norms"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         if self.backend not in ("auto", "reference", "sdpa", "triton", "fused"):
             raise ValueError(f"backend must be one of auto, reference, sdpa, triton, fused; got {self.backend!r}.")
         return self

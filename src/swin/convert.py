@@ -20,9 +20,14 @@ Formats (``src``/``dst`` names; aliases in parentheses):
   ``ffn.layers.0.0``/``ffn.layers.1``, patch merging weights in ``nn.Unfold`` channel order; V1 merges
   at the end of a stage (mmdet/mmseg/mmpretrain), V2 (mmpretrain) at the start of the next one. The
   final norm is ``backbone.norm{last}``; an mmpretrain classifier's head is ``head.fc``. Write adds the V1
-  ``relative_position_index`` (mmpretrain V2 deletes its buffers before loading). Read drops,
-  with a warning, what a classifier has no place for: the other per-stage output norms
-  (``backbone.norm0..``) and detector/segmentor parts (``neck.``, ``decode_head.``, ...).
+  ``relative_position_index`` (mmpretrain V2 deletes its buffers before loading).
+- Detection and segmentation backbones (mmdet/mmseg, the official Swin-Transformer-Object-Detection and
+  -Semantic-Segmentation code, whose keys are the official ones under ``backbone.``; HF ``SwinBackbone``)
+  norm each stage's output: ``norm0..norm{last}`` (``hidden_states_norms.stage1..``). The last stage's is
+  our ``norm``, the others ``out_norms.i`` (a model built with ``out_norms=True``); written back the same
+  way ("official" writes ``norm0..norm{last}`` for a model with ``out_norms``). A detector's or
+  segmentor's other parts (``neck.``, ``decode_head.``, ``roi_head.``, ...) are dropped on read, with a
+  warning; layouts with no place for ``out_norms`` (timm, torchvision, HF V2) drop them with a warning.
 
 Window size: V1 windows are read off the bias table; V2 weights do not carry it, so writing V2 into
 a format with buffers (``official``, ``torchvision``) needs ``config=`` or ``window_size=``.
@@ -70,6 +75,7 @@ _BLOCK_LEAVES = frozenset({
 _MERGE_LEAVES = frozenset({"reduction.weight", "norm.weight", "norm.bias"})
 _TOP_KEYS = frozenset({"patch_embed.proj.weight", "patch_embed.proj.bias", "patch_embed.norm.weight",
                        "patch_embed.norm.bias", "norm.weight", "norm.bias", "head.weight", "head.bias"})
+_OUT_NORM_RE = re.compile(r"^out_norms\.(\d+)\.(weight|bias)$")  # a backbone's per-stage output norms
 _BLOCK_RE = re.compile(r"^layers\.(\d+)\.blocks\.(\d+)\.(.+)$")
 _MERGE_RE = re.compile(r"^layers\.(\d+)\.downsample\.(.+)$")
 
@@ -139,6 +145,12 @@ def _unwrap(obj: Any) -> dict[str, torch.Tensor]:
                           f"decoder, the mask token): {_first(dropped)}.", stacklevel=3)
     if any(re.match(r"^layers_\d+\.", k) for k in sd):  # timm features_only=True: layers_0. for layers.0.
         sd = {re.sub(r"^layers_(\d+)\.", r"layers.\1.", k): v for k, v in sd.items()}
+    if any(k.startswith("backbone.") for k in sd) and not all(k.startswith("backbone.") for k in sd):
+        rest = [k for k in sd if not k.startswith("backbone.")]
+        if all(k.startswith(_MM_DROP_PREFIXES) for k in rest):  # a detector or segmentor: its backbone only
+            sd = {k: v for k, v in sd.items() if k.startswith("backbone.")}
+            warnings.warn(f"Dropped {len(rest)} key(s) of the detector/segmentor around the backbone (necks, "
+                          f"heads): {_first(rest)}.", stacklevel=3)
     stripped = True
     while stripped:  # in any order and nesting: torch.compile(DDP(m)) saves "_orig_mod.module."
         stripped = False
@@ -206,8 +218,31 @@ def detect_format(state_dict: Mapping[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------
 # Readers: foreign -> ours. Each returns (ours, unmatched foreign keys).
 # ---------------------------------------------------------------------------------------------
+def _stage_norms(out: dict, norms: Mapping[int, Mapping[str, torch.Tensor]], last: int) -> None:
+    """Per-stage output norms {stage: {"weight": ..., "bias": ...}} of a detection/segmentation backbone:
+    the last stage's is the classifier's final norm, the others ``out_norms.i``."""
+    for i, params in norms.items():
+        for name, v in params.items():
+            out[f"norm.{name}" if i == last else f"out_norms.{i}.{name}"] = v
+
+
+def _last_stage(ours: Mapping[str, torch.Tensor]) -> int:
+    return max((int(m.group(1)) for k in ours if (m := _BLOCK_RE.match(k))), default=0)
+
+
 def _read_official(sd, info):
-    return {k: v for k, v in sd.items() if not _is_buffer(k)}, []
+    """Ours and the official classifier; also the official detection/segmentation backbone (Swin-Transformer-
+    Object-Detection / -Semantic-Segmentation), whose stages' output norms are ``norm0..norm3``."""
+    out, norms = {}, defaultdict(dict)
+    for k, v in sd.items():
+        if _is_buffer(k):
+            continue
+        if m := re.match(r"^norm(\d+)\.(weight|bias)$", k):
+            norms[int(m.group(1))][m.group(2)] = v
+        else:
+            out[k] = v
+    _stage_norms(out, norms, _last_stage(out))
+    return out, []
 
 
 def _read_timm(sd, info):
@@ -340,14 +375,11 @@ def _read_hf(sd, info):
             norms[int(m.group(1))][m.group(2)] = (k, v)
         else:
             bad.append(k)
-    if norms:  # the last stage's output norm is the classifier's final norm; the others have no place
-        last = max(norms)
-        for name, (k, v) in norms.pop(last).items():
-            out["norm." + name] = v
-        dropped += [k for stage in norms.values() for k, _ in stage.values()]
+    _stage_norms(out, {i - 1: {name: v for name, (_, v) in params.items()} for i, params in norms.items()},
+                 _last_stage(out))
     if dropped:
-        warnings.warn(f"Dropped {len(dropped)} transformers key(s) a Swin classifier has no place for (earlier "
-                      f"stages' output norms, the masked-image-modelling decoder): {_first(dropped)}.", stacklevel=3)
+        warnings.warn(f"Dropped {len(dropped)} transformers key(s) a Swin model has no place for (the masked-"
+                      f"image-modelling decoder and mask token): {_first(dropped)}.", stacklevel=3)
     for (prefix, name), parts in qkv.items():
         if sorted(parts) != [0, 1, 2]:
             bad.append(f"{prefix}{name} (only {len(parts)} of query/key/value present)")
@@ -378,7 +410,7 @@ _MM_DROP_PREFIXES = ("neck.", "decode_head.", "auxiliary_head.", "rpn_head.", "r
 
 
 def _read_mmdet(sd, info):
-    out, bad, dropped = {}, [], []
+    out, bad, dropped, norms = {}, [], [], defaultdict(dict)
     keys = {k[len("backbone."):] if k.startswith("backbone.") else k: k for k in sd}
     merges = {int(m.group(1)) for k in keys if (m := re.match(r"^stages\.(\d+)\.downsample\.", k))}
     at_start = bool(merges) and 0 not in merges  # mmpretrain V2 merges at the start of the next stage
@@ -407,19 +439,17 @@ def _read_mmdet(sd, info):
         elif key in ("patch_embed.norm.weight", "patch_embed.norm.bias"):
             out[key] = v
         elif m := re.match(r"^norm(\d+)\.(weight|bias)$", key):
-            if int(m.group(1)) == last:
-                out["norm." + m.group(2)] = v
-            else:
-                dropped.append(k)
+            norms[int(m.group(1))][m.group(2)] = v
         elif key.startswith("head.fc."):
             out["head." + key[len("head.fc."):]] = v
         elif k.startswith(_MM_DROP_PREFIXES):
             dropped.append(k)
         else:
             bad.append(k)
+    _stage_norms(out, norms, last)
     if dropped:
-        warnings.warn(f"Dropped {len(dropped)} mmdet/mmseg/mmpretrain key(s) a Swin classifier has no place for "
-                      f"(per-stage output norms, necks, heads): {_first(dropped)}.", stacklevel=3)
+        warnings.warn(f"Dropped {len(dropped)} mmdet/mmseg/mmpretrain key(s) a Swin model has no place for "
+                      f"(necks, heads): {_first(dropped)}.", stacklevel=3)
     return out, bad
 
 
@@ -429,7 +459,7 @@ _READERS = {"swin": _read_official, "official": _read_official, "timm": _read_ti
 
 def _check_ours(sd: Mapping[str, torch.Tensor], info: _Info, bad: list[str]) -> None:
     for k in sd:
-        if k in _TOP_KEYS:
+        if k in _TOP_KEYS or _OUT_NORM_RE.match(k):
             continue
         if (m := _BLOCK_RE.match(k)) and m.group(3) in _BLOCK_LEAVES:
             continue
@@ -489,6 +519,13 @@ def _write_official(sd, version, opts):
     config: SwinConfig | None = opts["config"]
     sd = _shrink_tables(sd, config)
     out = dict(sd)
+    if any(_OUT_NORM_RE.match(k) for k in sd):  # a backbone: the official detection code's norm0..norm3
+        last = _last_stage(sd)
+        for k in list(out):
+            if m := _OUT_NORM_RE.match(k):
+                out[f"norm{m.group(1)}.{m.group(2)}"] = out.pop(k)
+            elif k.startswith("norm."):
+                out[f"norm{last}." + k[len("norm."):]] = out.pop(k)
     for i, j in _blocks(sd):
         p = f"layers.{i}.blocks.{j}.attn."
         # a map smaller than the window is one window of the map's size (the official rule; V1's table
@@ -586,6 +623,11 @@ def _write_hf(sd, version, opts):
             out[p + "layernorm." + k.split(".")[1]] = v
         elif k.startswith("head."):
             out["classifier." + k.split(".")[1]] = v
+        elif m := _OUT_NORM_RE.match(k):  # V1 backbone: SwinBackbone's hidden_states_norms.stage1..
+            out[f"hidden_states_norms.stage{int(m.group(1)) + 1}.{m.group(2)}"] = v
+    if any(_OUT_NORM_RE.match(k) for k in sd):  # its last stage's: the final norm
+        for name in ("weight", "bias"):
+            out[f"hidden_states_norms.stage{_last_stage(sd) + 1}.{name}"] = sd["norm." + name]
     if version == 1 and hf_version == 4:  # transformers 4.x saved the (N, N) index (a persistent buffer)
         for i, j in _blocks(sd):
             M = _window_of(sd, i, j, 1, None, "hf")
@@ -616,6 +658,8 @@ def _write_mmdet(sd, version, opts):
             out["backbone." + k] = v
         elif k.startswith("norm."):
             out[f"backbone.norm{last}." + k.split(".")[1]] = v
+        elif m := _OUT_NORM_RE.match(k):
+            out[f"backbone.norm{m.group(1)}.{m.group(2)}"] = v
         elif k.startswith("head."):
             out["head.fc." + k.split(".")[1]] = v
     if version == 1:  # mmdet/mmpretrain V1 save the (N, N) index
@@ -669,6 +713,12 @@ def convert_state_dict(state_dict: Mapping[str, Any], src: str = "auto", dst: st
     if config is not None and window_size is None:
         window_size = config.window_size
     opts = {"hf_version": hf_version or _installed_hf_major(), "config": config, "window_size": window_size}
+    out_norms = [k for k in ours if _OUT_NORM_RE.match(k)]
+    if out_norms and dst not in ("swin", "official", "mmdet") and not (dst == "hf" and info.version == 1):
+        warnings.warn(f"The '{dst}' layout has no place for a backbone's per-stage output norms; dropped "
+                      f"{_first(out_norms)} (the 'swin', 'official' and 'mmdet' layouts, and 'hf' for V1, keep them).",
+                      stacklevel=2)
+        ours = {k: v for k, v in ours.items() if k not in out_norms}
     return _WRITERS[dst](ours, info.version, opts)
 
 
@@ -863,6 +913,20 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
                       "it is in the model (freshly initialised in a new one).", stacklevel=2)
         head_missing = head_keys
 
+    ckpt_norms = [k for k in ours if _OUT_NORM_RE.match(k)]
+    model_norms = [k for k in target if _OUT_NORM_RE.match(k)]
+    if ckpt_norms and not model_norms:
+        warnings.warn("The checkpoint holds per-stage output norms (a detection/segmentation backbone); this model "
+                      "has none, so they were not loaded. Create the model with out_norms=True to use them.",
+                      stacklevel=2)
+        for k in ckpt_norms:
+            del ours[k]
+    norms_missing = [k for k in model_norms if k not in ours]
+    if norms_missing:  # a classifier's weights into a backbone: those norms start as the model has them
+        warnings.warn(f"The checkpoint has no output norm for {len(norms_missing) // 2} of the model's stages "
+                      f"({_first(norms_missing)}); those are left as they are in the model (freshly initialised "
+                      "in a new one), as detection libraries start them from ImageNet weights.", stacklevel=2)
+        head_missing = head_missing + norms_missing
     missing = [k for k in target if k not in ours and k not in head_missing]
     unexpected = [k for k in ours if k not in target]
     mismatched = [f"{k} {tuple(ours[k].shape)} vs model {tuple(target[k].shape)}"

@@ -49,6 +49,9 @@ class SwinTransformer(nn.Module):
                 pretrained_window=config.pretrained_window_sizes[i], drop_path=dpr[start:start + depth],
                 downsample=i < config.num_layers - 1))
         self.norm = nn.LayerNorm(self.num_features)
+        # detection/segmentation backbones norm each stage's output map (the last stage's by ``norm``)
+        self.out_norms = nn.ModuleList(nn.LayerNorm(config.embed_dim * 2**i) for i in range(config.num_layers - 1)
+                                       ) if config.out_norms else None
         self.head = nn.Linear(self.num_features, config.num_classes) if config.num_classes > 0 else nn.Identity()
         self.apply(_init_weights)
         for layer in self.layers:
@@ -102,14 +105,17 @@ class SwinTransformer(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int] | None = None,
-                              norm: bool = False) -> list[torch.Tensor]:
+                              norm: bool | None = None) -> list[torch.Tensor]:
         """NCHW feature maps of the chosen stages (strides P, 2P, 4P, 8P for patch size P: 4, 8, 16, 32 for
         the ImageNet models; widths C, 2C, 4C, 8C).
 
-        Each is the output of a stage before the following patch merging. ``norm=True`` applies
-        the final LayerNorm to the last stage's map (as the classifier sees it).
+        Each is the output of a stage before the following patch merging. ``norm=True`` applies the final
+        LayerNorm to the last stage's map (as the classifier sees it) and, in a model with ``out_norms``
+        (a detection/segmentation backbone), each earlier stage's own norm to its map: the official
+        detection code's and mmdet's backbone outputs. Default: True exactly when the model has ``out_norms``.
         """
         n = self.config.num_layers
+        norm = self.out_norms is not None if norm is None else norm
         indices = range(n) if indices is None else [indices] if isinstance(indices, int) else list(indices)
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
             raise ValueError(f"indices must be stage numbers (integers in 0..{n - 1}, or negative from the end), "
@@ -125,6 +131,8 @@ class SwinTransformer(nn.Module):
             if i in wanted:
                 if norm and i == n - 1:
                     before_merge = self.norm(before_merge)
+                elif norm and self.out_norms is not None:
+                    before_merge = self.out_norms[i](before_merge)
                 out.append(before_merge.permute(0, 3, 1, 2).contiguous())  # (B, C, h, w)
             if i >= wanted[-1]:
                 break
