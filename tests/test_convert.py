@@ -561,3 +561,56 @@ def test_classifier_weights_into_a_backbone_and_back():
     plain = tiny(1, num_classes=0)
     with pytest.warns(UserWarning, match="out_norms=True"):
         assert load_checkpoint(plain, randomized(backbone).state_dict()) == ([], [])
+
+
+def test_detector_checkpoints_of_any_kind_give_their_swin_backbone():
+    """Everything around a Swin under backbone. goes, whatever its name (DETR-family queries and encoders,
+    an mmcv EMA copy), also under module.; an mmpretrain classifier keeps its head; a SwinBackbone with a
+    stem output drops that norm; a classifier with out_norms keeps `norm` in the official layout; the 4.x
+    SwinBackbone layout has no swin. prefix and no final layernorm."""
+    src = randomized(tiny(1, num_classes=0, out_norms=True), seed=7)
+    sd = src.state_dict()
+    around = {"neck.lateral_convs.0.conv.weight": torch.zeros(2), "level_embed": torch.zeros(5, 8),
+              "query_embedding.weight": torch.zeros(9, 8), "encoder.layers.0.self_attn.value_proj.weight": torch.zeros(8, 8),
+              "dn_query_generator.label_embedding.weight": torch.zeros(3), "ema_backbone_layers_0_blocks_0_norm1_weight": torch.zeros(2)}
+    for fmt in ("official", "mmdet"):
+        out = convert_state_dict(sd, dst=fmt)
+        det = {**{(k if k.startswith("backbone.") else "backbone." + k): v for k, v in out.items()}, **around}
+        for ckpt in (det, {"module." + k: v for k, v in det.items()}):
+            dst = tiny(1, num_classes=0, out_norms=True)
+            with pytest.warns(UserWarning, match=f"Dropped {len(around)} key"):
+                assert load_checkpoint(dst, {"state_dict": ckpt}) == ([], [])
+            assert_same_state(dst.state_dict(), sd)
+    classifier = randomized(tiny(1, num_classes=10, out_norms=True), seed=8).state_dict()
+    official = convert_state_dict(classifier, dst="official")
+    assert {"norm.weight", "norm0.weight", "head.weight"} <= set(official) and "norm3.weight" not in official
+    assert_same_state(convert_state_dict(official), classifier)
+    mm = {("backbone." + k[len("backbone."):] if k.startswith("backbone.") else k): v
+          for k, v in convert_state_dict(classifier, dst="mmdet").items()}
+    assert "head.fc.weight" in mm
+    assert_same_state(convert_state_dict(mm), classifier)  # mmpretrain: backbone. and head. both kept
+    hf4 = convert_state_dict(sd, dst="hf", hf_version=4)
+    assert "hidden_states_norms.stage4.weight" in hf4 and not any(k.startswith(("swin.", "layernorm")) for k in hf4)
+    assert_same_state(convert_state_dict(hf4), sd)
+    with pytest.warns(UserWarning, match="no place for a classifier's per-stage output norms"):
+        convert_state_dict(classifier, dst="hf")
+
+
+def test_hf_swin_backbone_with_a_stem_output_loads():
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.SwinBackbone(transformers.SwinConfig(
+        embed_dim=32, depths=[2, 2, 2, 2], num_heads=[1, 2, 4, 8], window_size=4, image_size=64,
+        out_features=["stem", "stage1", "stage2", "stage3", "stage4"]))
+    model = tiny(1, num_classes=0, out_norms=True)
+    with pytest.warns(UserWarning, match="stem norm"):
+        assert load_checkpoint(model, hf.state_dict()) == ([], [])
+
+
+def test_config_flags_take_numpy_bools_and_0_1():
+    import numpy as np
+
+    for value, want in ((np.False_, False), (0, False), (1, True), (np.True_, True)):
+        config = swin.create_model("swin_micro", qkv_bias=value, mask_padding=value).config
+        assert config.qkv_bias is want and config.mask_padding is want
+    with pytest.raises(ValueError, match="out_norms must be True or False, got 'yes'"):
+        swin.create_model("swin_micro", out_norms="yes")

@@ -83,8 +83,10 @@ class SwinConfig:
         if self.window_size < 1 or self.patch_size < 1:
             raise ValueError("window_size and patch_size must be positive.")
         for name in ("qkv_bias", "mask_padding", "out_norms"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+            value = getattr(self, name)
+            if isinstance(value, (float, str)) or value not in (False, True):  # 0/1 and numpy bools are fine
+                raise ValueError(f"{name} must be True or False, got {value!r}.")
+            object.__setattr__(self, name, bool(value))
         if self.backend not in ("auto", "reference", "sdpa", "triton", "fused"):
             raise ValueError(f"backend must be one of auto, reference, sdpa, triton, fused; got {self.backend!r}.")
         return self

@@ -145,19 +145,27 @@ def _unwrap(obj: Any) -> dict[str, torch.Tensor]:
                           f"decoder, the mask token): {_first(dropped)}.", stacklevel=3)
     if any(re.match(r"^layers_\d+\.", k) for k in sd):  # timm features_only=True: layers_0. for layers.0.
         sd = {re.sub(r"^layers_(\d+)\.", r"layers.\1.", k): v for k, v in sd.items()}
-    if any(k.startswith("backbone.") for k in sd) and not all(k.startswith("backbone.") for k in sd):
-        rest = [k for k in sd if not k.startswith("backbone.")]
-        if all(k.startswith(_MM_DROP_PREFIXES) for k in rest):  # a detector or segmentor: its backbone only
-            sd = {k: v for k, v in sd.items() if k.startswith("backbone.")}
-            warnings.warn(f"Dropped {len(rest)} key(s) of the detector/segmentor around the backbone (necks, "
-                          f"heads): {_first(rest)}.", stacklevel=3)
     stripped = True
     while stripped:  # in any order and nesting: torch.compile(DDP(m)) saves "_orig_mod.module."
         stripped = False
         for prefix in _WRAPPER_PREFIXES:
             if sd and all(k.startswith(prefix) for k in sd):
                 sd, stripped = {k[len(prefix):]: v for k, v in sd.items()}, True
+        if not stripped and _is_detector(sd):  # a detector or segmentor: its Swin backbone only
+            rest = [k for k in sd if not k.startswith(("backbone.", "head."))]
+            sd, stripped = {k: v for k, v in sd.items() if k not in rest}, True
+            warnings.warn(f"Dropped {len(rest)} key(s) of the detector/segmentor around the backbone (necks, "
+                          f"heads, queries, EMA copies): {_first(rest)}.", stacklevel=3)
     return sd
+
+
+def _is_detector(sd: Mapping[str, torch.Tensor]) -> bool:
+    """A Swin under ``backbone.`` beside other parts: a detector's or segmentor's checkpoint (mmdet, mmseg,
+    the official detection/segmentation code), or an mmpretrain classifier (whose ``head.`` is kept)."""
+    swin_keys = ("backbone.layers.", "backbone.stages.", "backbone.patch_embed.", "backbone.swin.",
+                 "backbone.embeddings.patch_embeddings.")
+    return (any(k.startswith(swin_keys) for k in sd)
+            and not all(k.startswith(("backbone.", "head.")) for k in sd))
 
 
 def _is_buffer(key: str) -> bool:
@@ -373,13 +381,16 @@ def _read_hf(sd, info):
             out["head." + key.split(".")[1]] = v
         elif m := re.match(r"^hidden_states_norms\.stage(\d+)\.(weight|bias)$", key):  # SwinBackbone
             norms[int(m.group(1))][m.group(2)] = (k, v)
+        elif key.startswith("hidden_states_norms.stem."):  # out_features with "stem": no stem map here
+            dropped.append(k)
         else:
             bad.append(k)
     _stage_norms(out, {i - 1: {name: v for name, (_, v) in params.items()} for i, params in norms.items()},
                  _last_stage(out))
     if dropped:
         warnings.warn(f"Dropped {len(dropped)} transformers key(s) a Swin model has no place for (the masked-"
-                      f"image-modelling decoder and mask token): {_first(dropped)}.", stacklevel=3)
+                      f"image-modelling decoder and mask token, a SwinBackbone's stem norm): {_first(dropped)}.",
+                      stacklevel=3)
     for (prefix, name), parts in qkv.items():
         if sorted(parts) != [0, 1, 2]:
             bad.append(f"{prefix}{name} (only {len(parts)} of query/key/value present)")
@@ -519,13 +530,13 @@ def _write_official(sd, version, opts):
     config: SwinConfig | None = opts["config"]
     sd = _shrink_tables(sd, config)
     out = dict(sd)
-    if any(_OUT_NORM_RE.match(k) for k in sd):  # a backbone: the official detection code's norm0..norm3
-        last = _last_stage(sd)
+    if any(_OUT_NORM_RE.match(k) for k in sd):  # the official detection code's norm0..norm3
+        backbone = not any(k.startswith("head.") for k in sd)  # (a classifier keeps its final norm as norm)
         for k in list(out):
             if m := _OUT_NORM_RE.match(k):
                 out[f"norm{m.group(1)}.{m.group(2)}"] = out.pop(k)
-            elif k.startswith("norm."):
-                out[f"norm{last}." + k[len("norm."):]] = out.pop(k)
+            elif k.startswith("norm.") and backbone:
+                out[f"norm{_last_stage(sd)}." + k[len("norm."):]] = out.pop(k)
     for i, j in _blocks(sd):
         p = f"layers.{i}.blocks.{j}.attn."
         # a map smaller than the window is one window of the map's size (the official rule; V1's table
@@ -632,6 +643,9 @@ def _write_hf(sd, version, opts):
         for i, j in _blocks(sd):
             M = _window_of(sd, i, j, 1, None, "hf")
             out[f"{p}encoder.layers.{i}.blocks.{j}.attention.self.relative_position_index"] = _index_buffer(M)
+    if hf_version == 4 and any(_OUT_NORM_RE.match(k) for k in sd):  # 4.x SwinBackbone: embeddings, encoder and
+        out = {k[len(p):] if k.startswith(p) else k: v for k, v in out.items()  # hidden_states_norms at the top,
+               if not k.startswith(p + "layernorm.")}                            # no final layernorm
     return out
 
 
@@ -714,10 +728,11 @@ def convert_state_dict(state_dict: Mapping[str, Any], src: str = "auto", dst: st
         window_size = config.window_size
     opts = {"hf_version": hf_version or _installed_hf_major(), "config": config, "window_size": window_size}
     out_norms = [k for k in ours if _OUT_NORM_RE.match(k)]
-    if out_norms and dst not in ("swin", "official", "mmdet") and not (dst == "hf" and info.version == 1):
-        warnings.warn(f"The '{dst}' layout has no place for a backbone's per-stage output norms; dropped "
-                      f"{_first(out_norms)} (the 'swin', 'official' and 'mmdet' layouts, and 'hf' for V1, keep them).",
-                      stacklevel=2)
+    hf_backbone = dst == "hf" and info.version == 1 and not any(k.startswith("head.") for k in ours)  # SwinBackbone
+    if out_norms and dst not in ("swin", "official", "mmdet") and not hf_backbone:
+        warnings.warn(f"The '{dst}' layout has no place for {'a classifier' if dst == 'hf' else 'a backbone'}'s "
+                      f"per-stage output norms; dropped {_first(out_norms)} (the 'swin', 'official' and 'mmdet' "
+                      "layouts keep them, and 'hf' for a V1 backbone without a head: SwinBackbone).", stacklevel=2)
         ours = {k: v for k, v in ours.items() if k not in out_norms}
     return _WRITERS[dst](ours, info.version, opts)
 
