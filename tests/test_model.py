@@ -106,6 +106,9 @@ def test_intermediates_index_selection_and_strides():
         torch.testing.assert_close(model.forward_intermediates(x, indices=2)[0], full[2], rtol=0, atol=0)
     with pytest.raises(ValueError, match="indices must be stage numbers"):
         model.forward_intermediates(x, indices=[0.5])
+    info = model.feature_info  # what an FPN neck needs: each map's channels and stride
+    assert [i["num_chs"] for i in info] == [f.shape[1] for f in full]
+    assert [128 // i["reduction"] for i in info] == [f.shape[2] for f in full]
 
 
 def test_forward_is_stateless_across_sizes():

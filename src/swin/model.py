@@ -138,6 +138,14 @@ class SwinTransformer(nn.Module):
                 break
         return out
 
+    @property
+    def feature_info(self) -> list[dict]:
+        """What :meth:`forward_intermediates` returns per stage, as timm describes its feature maps (for FPN
+        necks): ``num_chs`` (channels), ``reduction`` (stride in pixels) and ``module`` (the stage)."""
+        c = self.config
+        return [{"num_chs": c.embed_dim * 2**i, "reduction": c.patch_size * 2**i, "module": f"layers.{i}"}
+                for i in range(c.num_layers)]
+
     def no_weight_decay_keywords(self) -> set[str]:
         """Parameter-name fragments that the official recipe excludes from weight decay."""
         return {"relative_position_bias_table", "absolute_pos_embed", "logit_scale", "cpb_mlp"}
