@@ -25,9 +25,11 @@ Formats (``src``/``dst`` names; aliases in parentheses):
   -Semantic-Segmentation code, whose keys are the official ones under ``backbone.``; HF ``SwinBackbone``)
   norm each stage's output: ``norm0..norm{last}`` (``hidden_states_norms.stage1..``). The last stage's is
   our ``norm``, the others ``out_norms.i`` (a model built with ``out_norms=True``); written back the same
-  way ("official" writes ``norm0..norm{last}`` for a model with ``out_norms``). A detector's or
-  segmentor's other parts (``neck.``, ``decode_head.``, ``roi_head.``, ...) are dropped on read, with a
-  warning; layouts with no place for ``out_norms`` (timm, torchvision, HF V2) drop them with a warning.
+  way ("official" writes ``norm0..norm{last}`` for a backbone with ``out_norms`` and no head; a classifier
+  with ``out_norms`` keeps its final norm as ``norm``). A detector's or segmentor's other parts (necks,
+  heads, queries: everything beside ``backbone.``, and ``head.`` of an mmpretrain classifier) are dropped
+  on read, with a warning; layouts with no place for ``out_norms`` (timm, torchvision, HF V2, and HF V1
+  for a model with a head: only a headless V1 backbone maps to ``SwinBackbone``) drop them with a warning.
 
 Window size: V1 windows are read off the bias table; V2 weights do not carry it, so writing V2 into
 a format with buffers (``official``, ``torchvision``) needs ``config=`` or ``window_size=``.
@@ -877,8 +879,10 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
     size where the map is smaller (timm and the official code shrink such a block's window and table);
     such a table goes in the centre of the model's, which is what that block reads. A head of another
     class count (or none at all) is left as it is in the model, with a warning, and its keys are
-    reported missing. With ``strict=True`` any other missing, unexpected or mis-shaped
-    key raises ValueError.
+    reported missing. Per-stage output norms (``out_norms``) are treated the same way: a checkpoint's norms
+    that the model has no place for are dropped with a warning, and a model's norms that the checkpoint
+    lacks are left as initialised, with a warning, and reported missing. With ``strict=True`` any other
+    missing, unexpected or mis-shaped key raises ValueError.
     """
     raw = path_or_state_dict
     sd = read_checkpoint(raw) if isinstance(raw, (str, os.PathLike)) else _unwrap(raw)

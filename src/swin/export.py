@@ -5,7 +5,7 @@ path, with the batch dimension dynamic and the image size fixed (the padding and
 depend on it; export once per input size). The graph takes ``pixel_values`` (N, 3, H, W), normalised
 as the model was trained, and returns ``logits`` (N, classes). The weights are stored in the one
 ``.onnx`` file. Before the file is moved into place, onnxruntime (if installed) runs it on a fresh
-input of another batch size and its logits must equal the PyTorch model's within 1e-4 of their
+input (for a dynamic batch, of another batch size) and its logits must equal the PyTorch model's within 1e-4 of their
 scale; the file is written to a temporary name and renamed, so an existing file is never left half
 written.
 

@@ -61,7 +61,8 @@ class TrainConfig:
     img_size: int = 0              # 0 = the model's nominal size
     num_classes: int = 0           # 0 = the number of classes in the data
     drop_path: float | None = None  # None = the model table's value
-    model_overrides: dict = field(default_factory=dict)  # any SwinConfig field, e.g. {embed_dim: 32}
+    model_overrides: dict = field(default_factory=dict)  # SwinConfig fields, e.g. {embed_dim: 32} (drop_path_rate,
+                                                         # img_size, num_classes: the options of those names)
     pretrained: str = ""           # start from these weights (any format swin.load_checkpoint reads)
     # optimisation
     epochs: int = 300
@@ -100,7 +101,7 @@ class TrainConfig:
                                    # on CPU eager is faster (Swin-T b8: compiled 0.81x)
     device: str = "auto"           # "auto", "cpu", "cuda", "cuda:1", ...
     workers: int = 8               # data-loading processes per rank (in-memory data uses none)
-    threads: int = 0               # torch CPU threads; 0 = torch's default
+    threads: int = 0               # torch CPU threads; 0 = one per idle core (auto_threads)
     seed: int = 0
     out_dir: str = "runs"
     name: str = ""                 # run name; default "<data>-<model>", made unique

@@ -1,7 +1,8 @@
 """Pure window functions: the window/shift rule, pad, partition, reverse, shift mask, relative index.
 
 Masks and indices depend only on (map size, window, shift, device); they are built once and reused
-(an LRU cache in eager mode; under torch.compile they are traced as constants of the graph).
+(an LRU cache in eager mode; while torch.compile or torch.jit.trace records, they are built by operations
+inside the graph, not taken from the cache).
 """
 from __future__ import annotations
 

@@ -23,8 +23,8 @@ kernels (``cpu_kernels``): the gather with norm1 and proj's bias, norm2 with fc2
 Used only where it is the same function as the reference and faster: CPU, nothing to differentiate
 (no_grad / inference_mode, or a frozen model and an input without grad), eval mode, not under
 torch.export or torch.jit.trace, backend "auto" or "sdpa" (or "triton"/"fused", whose kernels
-need CUDA), no forward hooks on the blocks
-or anything in them (they would not fire), and every LayerNorm/Linear/GELU the plain module (a LoRA
+need CUDA), no forward hooks (nor, while autograd records, backward hooks) on the blocks or
+anything in them (they would not fire), and every LayerNorm/Linear/GELU the plain module (a LoRA
 wrapper or a quantized layer in their place is called as itself on the per-block path) (:func:`eligible`).
 
 Inside torch.compile a stage is one custom op (``swin::cpu_stage``) that the compiled graph calls and

@@ -13,9 +13,9 @@ kernel (``cpu_kernels.gelu_and_grad_``: one erf and one exp per element instead 
 On CUDA one chunk is the whole batch.
 
 The values are the reference MLP's (same products, same GELU); gradients equal it to float
-rounding (tests/test_ops.py). Used for the "auto"/"sdpa"/"triton" backends when autograd is on, the
-MLP has no dropout and no forward hooks; not inside torch.compile (inductor makes its own
-recompute choices).
+rounding (tests/test_ops.py). Used for every backend but "reference" when autograd is on, the
+MLP has no dropout and no forward or backward hooks (nor global module hooks); not inside
+torch.compile (inductor makes its own recompute choices).
 """
 from __future__ import annotations
 
