@@ -534,11 +534,12 @@ def _write_official(sd, version, opts):
     out = dict(sd)
     if any(_OUT_NORM_RE.match(k) for k in sd):  # the official detection code's norm0..norm3
         backbone = not any(k.startswith("head.") for k in sd)  # (a classifier keeps its final norm as norm)
+        last = _last_stage(sd)
         for k in list(out):
             if m := _OUT_NORM_RE.match(k):
                 out[f"norm{m.group(1)}.{m.group(2)}"] = out.pop(k)
             elif k.startswith("norm.") and backbone:
-                out[f"norm{_last_stage(sd)}." + k[len("norm."):]] = out.pop(k)
+                out[f"norm{last}." + k[len("norm."):]] = out.pop(k)
     for i, j in _blocks(sd):
         p = f"layers.{i}.blocks.{j}.attn."
         # a map smaller than the window is one window of the map's size (the official rule; V1's table
@@ -638,14 +639,15 @@ def _write_hf(sd, version, opts):
             out["classifier." + k.split(".")[1]] = v
         elif m := _OUT_NORM_RE.match(k):  # V1 backbone: SwinBackbone's hidden_states_norms.stage1..
             out[f"hidden_states_norms.stage{int(m.group(1)) + 1}.{m.group(2)}"] = v
-    if any(_OUT_NORM_RE.match(k) for k in sd):  # its last stage's: the final norm
+    backbone = any(_OUT_NORM_RE.match(k) for k in sd)  # (convert_state_dict keeps them for a V1 backbone only)
+    if backbone:  # its last stage's: the final norm
         for name in ("weight", "bias"):
             out[f"hidden_states_norms.stage{_last_stage(sd) + 1}.{name}"] = sd["norm." + name]
     if version == 1 and hf_version == 4:  # transformers 4.x saved the (N, N) index (a persistent buffer)
         for i, j in _blocks(sd):
             M = _window_of(sd, i, j, 1, None, "hf")
             out[f"{p}encoder.layers.{i}.blocks.{j}.attention.self.relative_position_index"] = _index_buffer(M)
-    if hf_version == 4 and any(_OUT_NORM_RE.match(k) for k in sd):  # 4.x SwinBackbone: embeddings, encoder and
+    if hf_version == 4 and backbone:  # 4.x SwinBackbone: embeddings, encoder and
         out = {k[len(p):] if k.startswith(p) else k: v for k, v in out.items()  # hidden_states_norms at the top,
                if not k.startswith(p + "layernorm.")}                            # no final layernorm
     return out
@@ -653,7 +655,7 @@ def _write_hf(sd, version, opts):
 
 def _write_mmdet(sd, version, opts):
     out = {}
-    last = max((int(m.group(1)) for k in sd if (m := _BLOCK_RE.match(k))), default=0)
+    last = _last_stage(sd)
     mm_leaf = {v: k for k, v in _MM_LEAF.items()}
     for k, v in sd.items():
         if m := _BLOCK_RE.match(k):

@@ -812,23 +812,22 @@ class Trainer:
         mpath = self.run_dir / "metrics.jsonl"
         rows = read_metrics(mpath) if mpath.is_file() else []
         later = [r for r in rows if r.get("step", 0) > self.step]
-        if not moved and not later:
-            if mpath.is_file():  # rewritten all the same: a line cut off by a kill goes
-                atomic_write_text(mpath, "".join(json.dumps(r) + "\n" for r in rows))
-            return
-        aside = self.run_dir / f"after-step-{self.step:07d}"
-        n = 1
-        while aside.exists():
-            n += 1
-            aside = self.run_dir / f"after-step-{self.step:07d}-{n}"
-        aside.mkdir()
-        for p in moved:
-            os.replace(p, aside / p.name)
-        if later:
-            atomic_write_text(aside / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in later))
-        atomic_write_text(mpath, "".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= self.step))
-        what = [f"{len(later)} metrics line(s)"] * bool(later) + [p.name for p in moved]
-        self.log(f"The run had gone past step {self.step}: {', '.join(what)} moved to {aside}.")
+        if moved or later:  # set aside first: a crash in between loses nothing
+            aside = self.run_dir / f"after-step-{self.step:07d}"
+            n = 1
+            while aside.exists():
+                n += 1
+                aside = self.run_dir / f"after-step-{self.step:07d}-{n}"
+            aside.mkdir()
+            if later:
+                atomic_write_text(aside / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in later))
+            for p in moved:
+                os.replace(p, aside / p.name)
+        if mpath.is_file():  # up to this step (a line cut off by a kill goes too)
+            atomic_write_text(mpath, "".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= self.step))
+        if moved or later:
+            what = [f"{len(later)} metrics line(s)"] * bool(later) + [p.name for p in moved]
+            self.log(f"The run had gone past step {self.step}: {', '.join(what)} moved to {aside}.")
 
     # -- one step -------------------------------------------------------------------------------
     def autocast(self):

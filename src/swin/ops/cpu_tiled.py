@@ -174,7 +174,7 @@ def _run_block(blk, tokens: torch.Tensor, B: int, H: int, Wd: int, Hp: int, Wp: 
     if attn.version == 2 and cpu_kernels.cosine_eligible(dtype, d):
         cosine = torch.clamp(attn.logit_scale, max=math.log(100.0)).exp().reshape(heads).float()
     qkv_b = attn.qkv_bias()
-    qkv_b = None if qkv_b is None else qkv_b.to(dtype).contiguous()  # oneDNN reads biases as contiguous memory
+    qkv_b = None if qkv_b is None else qkv_b.to(dtype)
     qkv_packed = _packed_weight(attn.qkv, tokens) if USE_ONEDNN else None
     qkv_w = param_as(attn.qkv, "weight", dtype).t() if qkv_packed is None else None
     # V1 adds proj's and fc2's biases in the row passes, in fp32 (so the bf16 row kernels take them
@@ -191,10 +191,7 @@ def _run_block(blk, tokens: torch.Tensor, B: int, H: int, Wd: int, Hp: int, Wp: 
 
     def attention(h: torch.Tensor, w0: int, kk: int) -> torch.Tensor:
         """(kk*N, C) normed tokens of windows w0..w0+kk -> (kk*N, C) attention output before proj."""
-        if qkv_packed is not None:  # the bias added inside the product (addmm copies it into the output first)
-            qkv = torch.ops.mkldnn._linear_pointwise(h, qkv_packed, qkv_b, "none", [], "none")
-        else:
-            qkv = torch.addmm(qkv_b, h, qkv_w) if qkv_b is not None else h @ qkv_w
+        qkv = linear(h, qkv_w, qkv_b, qkv_packed)  # oneDNN adds the bias inside the product
         if mask.shape[0] == 1:
             m = mask
         elif k > nW:
