@@ -64,7 +64,13 @@ def test_unreadable_image_is_skipped_not_fatal(tmp_path):
     items = [ds[i] for i in range(len(ds))]
     assert sum(p is not None for _, _, p in items) == 1
     x, y, skipped = D.collate_skip(items)
-    assert x.shape == (4, 3, 32, 32) and y.tolist() == [0, 0, 1, 1] and skipped == [str(bad)]
+    assert x.shape == (4, 3, 32, 32) and y.tolist() == [0, 0, 1, 1]
+    assert len(skipped) == 1 and skipped[0].startswith(f"{bad} (UnidentifiedImageError: ")  # the path and why
+
+
+def test_mix_seeds_differ_for_every_step_rank_and_micro_batch():
+    seeds = {D.mix_seed(0, step, rank, micro) for step in range(3) for rank in range(8) for micro in range(64)}
+    assert len(seeds) == 3 * 8 * 64  # e.g. rank 0's micro-batch 31 and rank 1's 0 (were the same seed)
 
 
 def test_augmentation_is_a_function_of_seed_epoch_index():

@@ -110,6 +110,7 @@ def test_eval_crop_follows_the_official_configs():
     from swin.train import finetune
 
     assert [D.default_eval_crop(s) for s in (224, 256, 383, 384, 512)] == [0.875, 0.875, 0.875, 1.0, 1.0]
+    assert [D.default_eval_crop(s) for s in (16, 32, 33)] == [1.0, 1.0, 0.875]  # official: no resize at <= 32 px
     ft = finetune()
     assert ft.drop_path == 0.5 and ft.eval_crop == 0  # swin_base_patch4_window12_384_finetune.yaml
     assert TrainConfig().eval_crop == 0 and small().eval_crop == 1.0

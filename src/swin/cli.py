@@ -258,7 +258,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                              "the checkpoint does not name its data.")
     # normalise as the model was trained (the run's statistics; ImageNet's for foreign weights)
     dataset, classes, _, _ = D.eval_split(data, loaded.img_size, root, loaded.classes,
-                                          by_order=loaded.source != "run")
+                                          by_order=loaded.source != "run", num_classes=loaded.model.num_classes)
     mean, std = loaded.mean, loaded.std
     check_labels(len(classes), loaded.model.num_classes, "the checkpoint's model")
     device = _device(args.device)

@@ -6,7 +6,7 @@ on where a run was resumed. That is what makes ``--resume`` exact, and DDP equal
 nothing else is drawn per micro-batch (drop path and MixUp/CutMix are).
 
 A file that cannot be read becomes a *skipped* sample: the loader drops it from its batch and reports
-its path, and the trainer warns and counts it; it never stops a run.
+its path and why (the error), and the trainer warns and counts it; it never stops a run.
 """
 from __future__ import annotations
 
@@ -246,10 +246,11 @@ def train_transform(img_size: int, mean: Sequence[float], std: Sequence[float], 
 
 
 def default_eval_crop(img_size: int) -> float:
-    """The official evaluation crop for a size: 0.875 (224 -> resize 256, 256 -> 292) below 384 px; at 384
-    and above none (1.0: the whole image resized to the size), as every official 384 config evaluates
-    (``TEST.CROP: False``)."""
-    return 1.0 if img_size >= 384 else 0.875
+    """The official evaluation crop for a size: 0.875 (224 -> resize 256, 256 -> 292) from 33 to 383 px; at
+    384 and above none (1.0: the whole image resized to the size), as every official 384 config evaluates
+    (``TEST.CROP: False``); none at 32 px and below either, where the official pipeline does not resize
+    (``resize_im = IMG_SIZE > 32``: CIFAR-sized images are evaluated whole)."""
+    return 1.0 if img_size >= 384 or img_size <= 32 else 0.875
 
 
 def eval_transform(img_size: int, mean: Sequence[float], std: Sequence[float], crop: float = 0.875) -> v2.Compose:
@@ -299,9 +300,9 @@ class Transformed(Dataset):
     def __getitem__(self, i: int):
         try:
             image, label = self.base.load(i)
-        except Exception:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
             path = self.base.path(i) if hasattr(self.base, "path") else f"sample {i}"
-            return None, -1, path
+            return None, -1, f"{path} ({type(e).__name__}: {str(e)[:200]})"  # why: a corrupt file or a too large image
         state = torch.get_rng_state()  # (torch.random.fork_rng does the same, 300x slower)
         torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, i))
         try:
@@ -312,6 +313,12 @@ class Transformed(Dataset):
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     return ((seed * 1_000_003 + epoch) * 10_000_019 + index) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def mix_seed(seed: int, step: int, rank: int, micro: int) -> int:
+    """The seed of one micro-batch's MixUp/CutMix draws: distinct for every (step, rank, micro-batch) up to
+    a million ranks and micro-batches a step."""
+    return (((seed * 1_000_003 + step) * 1_000_033 + rank) * 1_000_037 + micro) & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def collate_skip(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -361,12 +368,14 @@ def worker_init(_: int) -> None:
 
 
 def eval_split(data: str, img_size: int, root: str | os.PathLike = "data",
-               classes: list[str] | None = None, by_order: bool = False) -> tuple[Dataset, list[str], tuple, tuple]:
+               classes: list[str] | None = None, by_order: bool = False,
+               num_classes: int | None = None) -> tuple[Dataset, list[str], tuple, tuple]:
     """The split ``swin eval`` measures: digits val, CIFAR test, ``DIR/val`` (or ``DIR`` itself when it
     holds class folders). With ``classes`` (a run's), folder names map to those indices and must all be
     among them. ``by_order`` (foreign weights, whose class names are descriptions such as ImageNet's
     "tench", while the folders are ids such as n01440764): folders none of which is named as a class
-    label in their sorted order, when there are as many as classes. Returns (dataset, classes, mean, std)."""
+    label in their sorted order, when there are as many as classes (or, for weights without class names,
+    as ``num_classes``, the model's outputs). Returns (dataset, classes, mean, std)."""
     if data in BUILTIN:
         s = build_splits(data, img_size, root)
         return s.val, s.classes, s.mean, s.std
@@ -390,5 +399,9 @@ def eval_split(data: str, img_size: int, root: str | os.PathLike = "data",
             raise ValueError(f"No class folder in {path} is named as one of the checkpoint's {len(classes)} classes, "
                              f"so labels would follow the folders' sorted order, which needs all {len(classes)} "
                              f"(found {len(found)}); name the folders as its classes (e.g. {classes[:3]}).")
+    if not classes and by_order and num_classes is not None and len(found) != num_classes:
+        raise ValueError(f"The checkpoint names no classes, so labels follow the sorted order of the class folders in "
+                         f"{path}, which needs one folder for each of its {num_classes} outputs (found {len(found)}); "
+                         f"evaluate on a folder holding every class.")
     samples, names = scan_image_folder(path, use)
     return ImageFiles(samples), names, IMAGENET_MEAN, IMAGENET_STD

@@ -839,7 +839,8 @@ class Trainer:
         if self.mix is None:
             return x, y
         with torch.random.fork_rng(devices=[]):  # mixing is a function of (seed, step, rank, micro-batch)
-            torch.manual_seed((self.cfg.seed * 1_000_003 + self.step) * 1009 + self.rank * 31 + micro)
+            # the CPU generator only (torchvision's MixUp/CutMix draw from it): the CUDA one is the model's
+            torch.default_generator.manual_seed(D.mix_seed(self.cfg.seed, self.step, self.rank, micro))
             if torch.rand(()).item() >= self.cfg.mix_prob:
                 return x, y
             x, y = self.mix(x, y)
