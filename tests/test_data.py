@@ -1,6 +1,7 @@
 """Datasets, transforms, seeded augmentation, sharding and skip-on-error loading (swin.data)."""
 from __future__ import annotations
 
+import pickle
 import urllib.error
 from pathlib import Path
 
@@ -65,7 +66,10 @@ def test_unreadable_image_is_skipped_not_fatal(tmp_path):
     assert sum(p is not None for _, _, p in items) == 1
     x, y, skipped = D.collate_skip(items)
     assert x.shape == (4, 3, 32, 32) and y.tolist() == [0, 0, 1, 1]
-    assert len(skipped) == 1 and skipped[0].startswith(f"{bad} (UnidentifiedImageError: ")  # the path and why
+    assert skipped == [str(bad)] and skipped[0].reason.startswith("UnidentifiedImageError: ")  # the path, and why
+    assert D.describe_skip(skipped[0]) == f"{bad} ({skipped[0].reason})" and str(bad) not in skipped[0].reason
+    again = pickle.loads(pickle.dumps(skipped[0]))  # from a DataLoader worker
+    assert again == str(bad) and again.reason == skipped[0].reason
 
 
 def test_mix_seeds_differ_for_every_step_rank_and_micro_batch():

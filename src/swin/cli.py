@@ -269,7 +269,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                  on_skip=skipped.extend)
     m["skipped_images"] = len(skipped)
     for p in skipped:
-        print(f"warning: skipped unreadable image {p}", file=sys.stderr)
+        print(f"warning: skipped unreadable image {D.describe_skip(p)}", file=sys.stderr)
     if m["images"] == 0:
         raise ValueError(f"None of the {len(skipped)} images of {data} could be read (see the warnings above); "
                          "check that the files are images.")

@@ -283,6 +283,34 @@ def batch_mix(num_classes: int, mixup: float, cutmix: float, switch_prob: float)
 
 # -- per-sample seeded augmentation, skip-on-error loading ---------------------------------------
 
+class Skipped(str):
+    """The path of a sample that could not be read, with ``reason``: the error, without the path (a corrupt
+    file and a valid image over PIL's size limit read differently)."""
+
+    def __new__(cls, path: str, error: BaseException | None = None):
+        self = super().__new__(cls, str(path))
+        message = str(error or "").replace(f"'{path}'", "").replace(str(path), "").strip()[:200]
+        self.reason = f"{type(error).__name__}: {message}" if error is not None else ""
+        return self
+
+    def __reduce__(self):  # to and from DataLoader workers with its reason
+        return _skipped, (str(self), self.reason)
+
+    def describe(self) -> str:
+        return f"{self} ({self.reason})" if self.reason else str(self)
+
+
+def _skipped(path: str, reason: str) -> Skipped:
+    s = Skipped(path)
+    s.reason = reason
+    return s
+
+
+def describe_skip(path: str) -> str:
+    """A skipped sample's path, with why when known."""
+    return path.describe() if isinstance(path, Skipped) else str(path)
+
+
 class Transformed(Dataset):
     """``base`` with ``transform``; each sample is transformed under the seed (seed, epoch, index)
     without touching the global RNG. Returns (tensor, label, None) or (None, label, path) when the
@@ -302,7 +330,7 @@ class Transformed(Dataset):
             image, label = self.base.load(i)
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
             path = self.base.path(i) if hasattr(self.base, "path") else f"sample {i}"
-            return None, -1, f"{path} ({type(e).__name__}: {str(e)[:200]})"  # why: a corrupt file or a too large image
+            return None, -1, Skipped(path, e)
         state = torch.get_rng_state()  # (torch.random.fork_rng does the same, 300x slower)
         torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, i))
         try:

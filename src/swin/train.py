@@ -918,9 +918,9 @@ class Trainer:
     def note_skipped(self, paths: list[str]) -> None:
         for p in paths:
             if p not in self.skipped:
-                self.skipped.add(p)
+                self.skipped.add(str(p))  # the path alone (summary.json, the checkpoint)
                 if self.is_main:
-                    print(f"warning: skipped unreadable image {p}", file=sys.stderr, flush=True)
+                    print(f"warning: skipped unreadable image {D.describe_skip(p)}", file=sys.stderr, flush=True)
 
     def train_epoch(self) -> str | None:
         """Train until the end of the epoch; returns why it stopped early ("interrupted", "max_steps")."""
