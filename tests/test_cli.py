@@ -166,7 +166,13 @@ def test_foreign_checkpoint_convert_then_eval_and_predict(tmp_path, capsys):
     back = torch.load(tmp_path / "back.pth", weights_only=True)
     assert rc == 0 and all(torch.equal(back[k], v) for k, v in model.state_dict().items())
 
-    rc, out, _ = run_cli(capsys, "eval", "--checkpoint", tmp_path / "timm.safetensors", "--model", "swin_micro_p4",
+    # with --model: stage 3's 2 x 2 map runs a 2 x 2 window, and timm's table there is sized for it, as timm's
+    # own model at 32 px has it (a full table means a block that ran the full window: the loader resizes it)
+    rc, _, _ = run_cli(capsys, "convert", tmp_path / "ours.pth", tmp_path / "timm32.safetensors", "--to", "timm",
+                       "--model", "swin_micro_p4")
+    assert rc == 0 and load_file(str(tmp_path / "timm32.safetensors"))[
+        "layers.2.blocks.0.attn.relative_position_bias_table"].shape[0] == 9
+    rc, out, _ = run_cli(capsys, "eval", "--checkpoint", tmp_path / "timm32.safetensors", "--model", "swin_micro_p4",
                          "--data", "digits", "--json", "--device", "cpu")
     assert rc == 0
     _, val, _ = D.load_digits(32)

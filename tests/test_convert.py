@@ -509,6 +509,58 @@ def test_a_shrunk_table_is_resized_for_the_window_the_block_runs():
             assert (got == 0).float().mean() < 0.01
 
 
+def test_a_full_table_is_resized_for_a_block_that_runs_a_smaller_window():
+    """A review's repro: Swin-T window 12 saved at 384 (every block runs window 12: full tables) into the
+    same window at 192, where stage 4's 6 x 6 map runs window 6. The official model at 192 (and timm) have a
+    window-6 table there, which loading resizes 23 x 23 -> 11 x 11; the table went in unchanged (its exact
+    centre was read: 3e-3 of the logits' scale off). A swin run's own checkpoint, whose tables are always
+    full, says from its recorded config which rows its blocks ran (and trained): a run at 192 fine-tuned at
+    384 resizes that trained 11 x 11 centre, not the untouched ring around it; at its own size it loads
+    exactly."""
+    from dataclasses import asdict
+
+    from swin.convert import _crop_bias_table, _embed_bias_table, _resize_bias_table
+    from swin.train import RUN_FORMAT, _plain
+
+    torch.manual_seed(0)
+    key = "layers.3.blocks.0.attn.relative_position_bias_table"
+    src = randomized(swin.create_model("swin_t", window_size=12, img_size=384))
+    full = src.state_dict()[key]
+    for fmt in ("official", "timm"):
+        model = swin.create_model("swin_t", window_size=12, img_size=192)
+        load_checkpoint(model, convert_state_dict(src.state_dict(), dst=fmt, config=src.config))
+        assert torch.equal(model.state_dict()[key], _embed_bias_table(_resize_bias_table(full, 6), 12)), fmt
+
+    run = randomized(swin.create_model("swin_t", window_size=12, img_size=192), seed=1)
+    ckpt = {"format": RUN_FORMAT, "model_config": _plain(asdict(run.config)), "model": run.state_dict()}
+    model = swin.create_model("swin_t", window_size=12, img_size=384)
+    load_checkpoint(model, ckpt)
+    trained = _crop_bias_table(run.state_dict()[key], 6)
+    assert torch.equal(model.state_dict()[key], _resize_bias_table(trained, 12))
+    same = swin.create_model("swin_t", window_size=12, img_size=192)
+    load_checkpoint(same, ckpt)
+    assert_same_state(same.state_dict(), run.state_dict())
+
+
+def test_v2_weights_say_which_window_their_coordinates_were_scaled_for():
+    """The official code and timm load a window12to16 SwinV2 checkpoint into a plain window-16 model silently
+    (~1% of the logits off). Its saved coordinate tables (official, torchvision), a swin run's config or a
+    transformers folder's config.json say what the position-bias MLP was trained with: loading warns, naming
+    the pretrained_window_sizes that keep it, and is quiet with them."""
+    src = tiny(2, window=4, img_size=64, pretrained_window_sizes=(4, 4, 4, 2))
+    off = convert_state_dict(src.state_dict(), dst="official", config=src.config)
+    for pre, warns in (((0, 0, 0, 0), True), ((4, 4, 4, 2), False)):
+        dst = tiny(2, window=8, img_size=64, pretrained_window_sizes=pre)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            load_checkpoint(dst, off)
+        said = [str(x.message) for x in w if "pretrained_window_sizes" in str(x.message)]
+        assert bool(said) == warns and (not warns or "pretrained_window_sizes=(4, 4, 4, 2)" in said[0]), said
+    with warnings.catch_warnings():  # the same window: nothing to say
+        warnings.simplefilter("error")
+        load_checkpoint(tiny(2, window=4, img_size=64, pretrained_window_sizes=(4, 4, 4, 2)), off)
+
+
 # ------------------------------------------------------------------------------------------
 # Detection / segmentation backbones: per-stage output norms
 # ------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ a format with buffers (``official``, ``torchvision``) needs ``config=`` or ``win
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import pickle
 import re
@@ -521,10 +522,8 @@ def _shrink_tables(sd, config: SwinConfig | None) -> dict:
     out = dict(sd)
     for k, v in sd.items():
         window = _stage_window(config, k) if config is not None and k.endswith("relative_position_bias_table") else None
-        side, new_side = round(v.shape[0] ** 0.5), 2 * (window or 0) - 1
-        if window is not None and new_side < side:
-            o = (side - new_side) // 2
-            out[k] = v.view(side, side, -1)[o:o + new_side, o:o + new_side].reshape(new_side * new_side, -1).clone()
+        if window is not None and 2 * window - 1 < round(v.shape[0] ** 0.5):
+            out[k] = _crop_bias_table(v, window)
     return out
 
 
@@ -851,11 +850,84 @@ def _stage_window(config: SwinConfig | None, key: str) -> int | None:
     m = re.match(r"^layers\.(\d+)\.", key)
     if config is None or m is None:
         return None
+    runs = _stage_runs(config, int(m.group(1)))
+    return runs if runs < config.window_size else None
+
+
+def _stage_runs(config: SwinConfig, stage: int) -> int:
+    """The window the blocks of ``stage`` run at on the config's nominal image size: the configured one, or
+    one of the map's size where the map is smaller (the official rule)."""
     height, width = (-(-n // config.patch_size) for n in config.img_size)
-    for _ in range(int(m.group(1))):  # patch merging halves the map, padding an odd side
+    for _ in range(stage):  # patch merging halves the map, padding an odd side
         height, width = -(-height // 2), -(-width // 2)
-    side = min(height, width)
-    return side if side < config.window_size else None
+    return min(config.window_size, height, width)
+
+
+def _cpb_denominator(config: SwinConfig, stage: int) -> int:
+    """What V2's log-spaced coordinates of ``stage`` are divided by (before the x8): the pretrained window
+    minus one, or the window the stage runs at minus one (``windows._build_log_coords``)."""
+    pre = config.pretrained_window_sizes[stage]
+    return max((pre if pre > 0 else _stage_runs(config, stage)) - 1, 1)
+
+
+def _coords_denominator(table: torch.Tensor) -> int | None:
+    """The denominator a saved V2 ``relative_coords_table`` (official, torchvision) was built with, read off
+    its entry at offset (0, +1): log2(8 / d + 1) / 3. None when the table cannot say (a 1 x 1 window)."""
+    t = table.detach().float().reshape(-1, 2)
+    side = round(t.shape[0] ** 0.5)
+    if side * side != t.shape[0] or side < 3:
+        return None
+    m = (side + 1) // 2
+    value = float(t.view(side, side, 2)[m - 1, m, 1])
+    if not 0 < value < 10:
+        return None
+    d = 8 / (2 ** (3 * value) - 1)
+    return round(d) if abs(d - round(d)) < 1e-2 else None
+
+
+def _trained_cpb_denominators(sd: Mapping[str, torch.Tensor], src_config: SwinConfig | None) -> dict[int, int]:
+    """{stage: denominator} that a V2 checkpoint's position-bias MLP was trained with, where it says: from the
+    config it records (a swin run, a transformers folder's config.json) or its saved coordinate tables."""
+    if src_config is not None and src_config.version == 2:
+        return {i: _cpb_denominator(src_config, i) for i in range(src_config.num_layers)}
+    found: dict[int, int] = {}
+    for k, v in sd.items():
+        m = re.search(r"(?:^|\.)layers\.(\d+)\.blocks\.\d+\.attn\.relative_coords_table$", k)
+        stage = int(m.group(1)) if m else None
+        if m is None and (m := re.search(r"(?:^|\.)features\.(\d+)\.\d+\.attn\.relative_coords_table$", k)):
+            stage = (int(m.group(1)) - 1) // 2  # torchvision: features.1, .3, .5, .7 are the stages
+        if stage is not None and (d := _coords_denominator(v)) is not None:
+            found.setdefault(stage, d)
+    return found
+
+
+def _source_config(obj: Any, path: str | os.PathLike | None) -> SwinConfig | None:
+    """The model config a checkpoint records, where it does: a swin run's ``model_config``, or the
+    config.json beside a transformers ``save_pretrained`` folder's weights. None otherwise."""
+    from .train import run_config
+
+    if isinstance(obj, Mapping) and (config := run_config(dict(obj))) is not None:
+        return config
+    if path is None or not Path(path).is_dir() or not (Path(path) / "config.json").is_file():
+        return None
+    try:
+        c = json.loads((Path(path) / "config.json").read_text())
+        size = c.get("image_size", 224)
+        depths = tuple(c["depths"])
+        return SwinConfig(version=2 if "v2" in str(c.get("model_type", "")) else 1,
+                          img_size=tuple(size) if isinstance(size, (list, tuple)) else (size, size),
+                          patch_size=int(c.get("patch_size", 4)), window_size=int(c["window_size"]), depths=depths,
+                          num_heads=tuple(c.get("num_heads", (1,) * len(depths))), embed_dim=int(c.get("embed_dim", 96)),
+                          pretrained_window_sizes=tuple(c.get("pretrained_window_sizes", (0,) * len(depths))))
+    except (ValueError, KeyError, TypeError, OSError):  # not a Swin config we can read: no geometry known
+        return None
+
+
+def _crop_bias_table(table: torch.Tensor, window: int) -> torch.Tensor:
+    """((2M-1)^2, heads) -> ((2m-1)^2, heads), m <= M: the rows a window of m tokens reads (the centre)."""
+    side, new_side = round(table.shape[0] ** 0.5), 2 * window - 1
+    o = (side - new_side) // 2
+    return table.view(side, side, -1)[o:o + new_side, o:o + new_side].reshape(new_side * new_side, -1).clone()
 
 
 def _embed_bias_table(table: torch.Tensor, window: int) -> torch.Tensor:
@@ -870,6 +942,21 @@ def _embed_bias_table(table: torch.Tensor, window: int) -> torch.Tensor:
     return big.view(new_side * new_side, heads)
 
 
+def _check_cpb_coordinates(trained: Mapping[int, int], config: SwinConfig) -> None:
+    """Warn when V2 weights' position-bias MLP was trained on coordinates scaled for another window than the
+    model scales them for (``pretrained_window_sizes``): the official code and timm load such weights silently,
+    and the biases then differ (~1% of the logits for a window12to16 checkpoint in a plain w16 model)."""
+    off = [i for i, d in sorted(trained.items()) if i < config.num_layers and d != _cpb_denominator(config, i)]
+    if not off:
+        return
+    fit = tuple(trained[i] + 1 if i in trained else config.pretrained_window_sizes[i] for i in range(config.num_layers))
+    warnings.warn(f"These SwinV2 weights were trained with position coordinates scaled for a "
+                  f"{trained[off[0]] + 1}-token window at stage {off[0]}, where this model scales them for "
+                  f"{_cpb_denominator(config, off[0]) + 1} (stages {off}); its position biases will differ from the "
+                  f"checkpoint's model. Create the model with pretrained_window_sizes={fit} (as the official "
+                  f"fine-tuning configs set it) to keep them.", stacklevel=3)
+
+
 def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Mapping[str, Any],
                     strict: bool = True) -> LoadResult:
     """Load Swin weights of any supported format into ``model`` (a :class:`swin.SwinTransformer`).
@@ -879,7 +966,12 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
     ``weights_only=True``. Bias tables are resized bicubically (the official fine-tuning rule) to the
     window each block runs at the model's own image size: the model's window, or a window of the map's
     size where the map is smaller (timm and the official code shrink such a block's window and table);
-    such a table goes in the centre of the model's, which is what that block reads. A head of another
+    such a table goes in the centre of the model's, which is what that block reads. The source's window is
+    what its table is sized for in the other layouts; ours keeps full tables, so a swin run checkpoint's
+    recorded config says which centre its blocks trained (without one, a table that fits loads as it is).
+    SwinV2 weights whose coordinate scaling is known (saved coordinate tables, a run's config, a
+    transformers folder's config.json) and differs from the model's ``pretrained_window_sizes`` warn,
+    naming the setting that keeps it. A head of another
     class count (or none at all) is left as it is in the model, with a warning, and its keys are
     reported missing. Per-stage output norms (``out_norms``) are treated the same way: a checkpoint's norms
     that the model has no place for are dropped with a warning, and a model's norms that the checkpoint
@@ -887,7 +979,10 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
     missing, unexpected or mis-shaped key raises ValueError.
     """
     raw = path_or_state_dict
-    sd = read_checkpoint(raw) if isinstance(raw, (str, os.PathLike)) else _unwrap(raw)
+    path = raw if isinstance(raw, (str, os.PathLike)) else None
+    obj = read_file(path) if path is not None else raw
+    sd = _unwrap(obj)
+    src_config = _source_config(obj, path)  # the geometry the weights were trained at, where recorded
     info = _inspect(sd)
     version = getattr(getattr(model, "config", None), "version", info.version)
     if version != info.version:
@@ -902,21 +997,38 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
     # some tables already fit: the checkpoint has the model's window, so a smaller one was shrunk for its map
     same_window = any(v.shape == target[k].shape for k, v in tables.items())
     for k, v in tables.items():
-        if v.shape != target[k].shape:
-            window = (round(target[k].shape[0] ** 0.5) + 1) // 2
-            # the window this block runs at the model's own size: smaller than ``window`` where its map is
-            # (the official model's table there has that size, and ours reads only its centre rows)
-            runs = _stage_window(config, k) or window
-            if v.shape[0] != (2 * runs - 1) ** 2:  # another window: resized, as the official fine-tuning does
-                if same_window and config is not None and v.shape[0] < target[k].shape[0]:
-                    side = (round(v.shape[0] ** 0.5) + 1) // 2
-                    warnings.warn(f"{k} was saved for a {side} x {side} window (a stage map smaller than the window at "
-                                  f"the checkpoint's image size); it was resized to the {runs} x {runs} window this "
-                                  f"block runs at the model's {config.img_size[0]} px. To run the model at the "
-                                  "checkpoint's size with its exact weights, create it with that img_size.",
-                                  stacklevel=2)
-                v = _resize_bias_table(v, runs)
-            ours[k] = v if runs == window else _embed_bias_table(v, window)
+        window = (round(target[k].shape[0] ** 0.5) + 1) // 2
+        stored = (round(v.shape[0] ** 0.5) + 1) // 2
+        # the window this block runs at the model's own size: smaller than ``window`` where its map is
+        # (the official model's table there has that size, and ours reads only its centre rows)
+        runs = _stage_window(config, k) or window
+        # the window the checkpoint's block ran at: timm and the official code size a table for it (a shrunk
+        # block has a shrunk table); ours keeps full tables, so a run's recorded config says; without one (and
+        # in torchvision's, transformers' and mmdet's layouts, whose tables are always full) a table that
+        # fits is taken as trained for this model
+        if info.fmt in ("official", "timm"):
+            trained, shrunk = stored, same_window and stored < window
+        elif info.fmt == "swin" and src_config is not None and src_config.version == 1:
+            trained = min(stored, _stage_window(src_config, k) or src_config.window_size)
+            shrunk = trained < src_config.window_size
+        else:
+            trained, shrunk = (runs if v.shape == target[k].shape else stored), False
+        if trained == runs and v.shape == target[k].shape:
+            continue
+        if trained < stored:  # only the centre was ever read (and trained): the rest is its initial values
+            v = _crop_bias_table(v, trained)
+        if trained != runs:  # another window: resized, as the official fine-tuning does
+            if shrunk and trained < runs and config is not None:
+                warnings.warn(f"{k} was trained for a {trained} x {trained} window (a stage map smaller than the window "
+                              f"at the checkpoint's image size); it was resized to the {runs} x {runs} window this "
+                              f"block runs at the model's {config.img_size[0]} px. To run the model at the "
+                              "checkpoint's size with its exact weights, create it with that img_size.",
+                              stacklevel=2)
+            v = _resize_bias_table(v, runs)
+        ours[k] = v if runs == window else _embed_bias_table(v, window)
+
+    if version == 2 and isinstance(config, SwinConfig):
+        _check_cpb_coordinates(_trained_cpb_denominators(sd, src_config), config)
 
     head_keys = [k for k in ("head.weight", "head.bias") if k in target]
     ckpt_head = [k for k in ("head.weight", "head.bias") if k in ours]
