@@ -1901,3 +1901,59 @@ def test_kernel_cache_without_a_home_and_with_a_damaged_library(tmp_path, monkey
     assert not K.intact(path)
     assert K._build() is not None and len(built) == 1 and K.intact(path)
     assert K._build() is not None and len(built) == 1  # whole now: loaded as it is
+
+
+def test_weight_caches_keep_within_their_budget_over_many_image_sizes(monkeypatch):
+    """A detection loop over many image sizes: each attention module keeps its most recently used bias +
+    mask tensors within CACHE_BYTES (a review measured 1.6 GB of them for Swin-T over 40 COCO-like sizes),
+    and what it evicts and builds again is still right."""
+    from swin import ops
+
+    monkeypatch.setattr(ops, "CACHE_BYTES", 200_000)
+    torch.manual_seed(0)
+    model = swin.create_model("swin_micro", backend="sdpa").eval()
+    ref = copy.deepcopy(model)
+    ref.set_backend("reference")
+    sizes = [(32 + 8 * i, 48 + 4 * i) for i in range(8)]
+    with torch.inference_mode():
+        for h, w in sizes + sizes[:2]:  # the first two again, after their eviction
+            x = torch.randn(1, 3, h, w)
+            assert _rel(model(x), ref(x)) < 1e-5, (h, w)
+            for m in model.modules():
+                entries = list(ops._CACHES.get(m, {}).values())
+                assert len(entries) <= 1 or sum(e[4] for e in entries) <= ops.CACHE_BYTES
+    attn = model.layers[0].blocks[1].attn
+    assert len(ops._CACHES[attn]) < len(sizes)  # some were evicted
+
+
+def test_parameters_in_shared_memory_are_not_cached():
+    """model.share_memory() (Hogwild, actor/learner code): another process writes the weights without
+    their version counters seeing it, so nothing derived from them is cached: a write PyTorch does not
+    record (here through .data) is seen at the next call."""
+    torch.manual_seed(0)
+    model = swin.create_model("swin_micro").eval().share_memory()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model(x)
+        for blk in model.layers[0].blocks:
+            blk.attn.relative_position_bias_table.data.mul_(3.0)
+            blk.mlp.fc1.weight.data.mul_(0.5)
+        got = model(x)
+        ref = copy.deepcopy(model)
+        ref.set_backend("reference")
+        assert _rel(got, ref(x)) < 1e-5
+
+
+def test_batched_gradients_through_the_fast_paths_say_what_works():
+    """torch.autograd.grad(is_grads_batched=True) and jacobian(vectorize=True) hand the backwards legacy
+    batched tensors without storage: a clear error naming what does work, not a crash deep in a kernel."""
+    torch.manual_seed(0)
+    model = swin.create_model("swin_micro", drop_path_rate=0.0, num_classes=10)
+    x = torch.randn(1, 3, 32, 32, requires_grad=True)
+    out = model(x)
+    with pytest.raises(RuntimeError, match="Batched gradients .* torch.func.jacrev"):
+        torch.autograd.grad(out, x, torch.eye(10).view(10, 1, 10), is_grads_batched=True)
+    model.set_backend("reference")
+    out = model(x)
+    (g,) = torch.autograd.grad(out, x, torch.eye(10).view(10, 1, 10), is_grads_batched=True)
+    assert g.shape == (10, 1, 3, 32, 32)

@@ -116,23 +116,42 @@ def params_key(params) -> tuple:
 _CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+CACHE_SLOTS, CACHE_BYTES = 32, 64 << 20  # a module keeps its last-used slots within both (and always its newest)
+
+
 def cached(module: torch.nn.Module, slot, params, build):
     """``build()`` (a value derived from ``params``), computed once per state of those parameters and
-    kept per (module, slot); built outside autograd and inference mode. At most 32 slots a module."""
+    kept per (module, slot); built outside autograd and inference mode. A module keeps its most recently
+    used slots, at most CACHE_SLOTS of them and CACHE_BYTES together (a detection loop over many image
+    sizes: one attention bias + shift mask of a 1333 px map is ~40 MB). Parameters in shared CPU memory
+    (``model.share_memory()``: another process may write them, unseen by their version) are not cached."""
+    if any(p.device.type == "cpu" and p.untyped_storage().is_shared() for p in params):
+        with torch.inference_mode(False), torch.no_grad():
+            return build()
     key = params_key(params)
     store = _CACHES.setdefault(module, {})
-    hit = store.get(slot)
+    hit = store.pop(slot, None)
     if hit is not None and hit[0] == key and all(ref() is p for ref, p in zip(hit[1], params)):
+        store[slot] = hit  # now the most recently used
         return hit[2]
     with torch.inference_mode(False), torch.no_grad():  # not inference tensors: autograd may save them
         value = build()
-    if len(store) >= 32:
-        store.clear()
     # the entry also holds the parameters' storage as it was: `param.data = ...` (a submodule's .half() then
     # .float()) keeps the Parameter object and its version, and the new storage could otherwise land at the
     # old one's address
-    store[slot] = (key, tuple(weakref.ref(p) for p in params), value, tuple(p.untyped_storage() for p in params))
+    store[slot] = (key, tuple(weakref.ref(p) for p in params), value, tuple(p.untyped_storage() for p in params),
+                   _nbytes(value))
+    while len(store) > 1 and (len(store) > CACHE_SLOTS or sum(e[4] for e in list(store.values())) > CACHE_BYTES):
+        store.pop(next(iter(list(store))), None)  # the least recently used (lists: other threads may edit it)
     return value
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    return 0
 
 
 def param_as(module: torch.nn.Module, name: str, dtype: torch.dtype) -> torch.Tensor:
@@ -148,10 +167,12 @@ def param_as(module: torch.nn.Module, name: str, dtype: torch.dtype) -> torch.Te
 
 def invalidate_caches() -> None:
     """Drop every parameter-derived cache; needed only after changing weights in a way PyTorch does
-    not record (writing through ``param.data`` or raw storage, or in place into the inference tensors
-    of a model built under torch.inference_mode). Optimizer steps, in-place tensor ops (``copy_``
-    under no_grad), ``load_state_dict`` and new tensors put in (torch.func.functional_call) are seen
-    without it."""
+    not record: writing through ``param.data`` or raw storage, in place into the inference tensors of a
+    model built under torch.inference_mode, or by ``torch.distributed`` collectives straight into the
+    parameters (``dist.broadcast(p, 0)``; DDP's own start-up broadcast is seen). Optimizer steps, in-place
+    tensor ops (``copy_`` under no_grad), ``load_state_dict``, new tensors put in
+    (torch.func.functional_call) and, by not caching them, parameters in shared memory that another
+    process writes are seen without it."""
     _OPTIMIZER_STEPS[0] += 1
 
 
@@ -189,14 +210,22 @@ def has_hooks(module: torch.nn.Module) -> bool:
                for m in module.modules())
 
 
-def refuse_second_derivative() -> None:
-    """Called first in the backward of each autograd Function of the fast paths. Those backwards are not
-    differentiable themselves (oneDNN, C kernels, out= products), and a second derivative through them
-    would miss their part silently where the residual connections give it another path; autograd runs a
-    backward with grad mode on exactly when asked for one (``create_graph=True``)."""
+def refuse_unsupported_backward(grad: torch.Tensor | None = None) -> None:
+    """Called first in the backward of each autograd Function of the fast paths, with its incoming
+    gradient. Those backwards are not differentiable themselves (oneDNN, C kernels, out= products), and a
+    second derivative through them would miss their part silently where the residual connections give it
+    another path; autograd runs a backward with grad mode on exactly when asked for one
+    (``create_graph=True``). Nor do they take autograd's legacy batched gradients
+    (``is_grads_batched=True``, ``jacobian(vectorize=True)``), which reach them as tensors without storage."""
     if torch.is_grad_enabled():
         raise RuntimeError("Second derivatives (create_graph=True) do not pass through swin's fast CPU kernels; "
                            "call model.set_backend('reference') for them.")
+    legacy = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
+    if grad is not None and legacy is not None and legacy(grad):
+        raise RuntimeError("Batched gradients (torch.autograd.grad(is_grads_batched=True), "
+                           "jacobian(vectorize=True)) do not pass through swin's fast CPU kernels; use "
+                           "torch.func.jacrev or vmap over torch.func.grad (supported), vectorize=False, or "
+                           "call model.set_backend('reference').")
 
 
 def exporting() -> bool:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import windows as W
-from . import autocast_dtype, cpu_kernels, dropout_active, fast, has_hooks, onednn, refuse_second_derivative
+from . import autocast_dtype, cpu_kernels, dropout_active, fast, has_hooks, onednn, refuse_unsupported_backward
 
 CPU_CHUNK_TOKENS = 2048
 
@@ -86,7 +86,7 @@ class _RecomputeGeluMlp(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        refuse_second_derivative()
+        refuse_unsupported_backward(grad)
         x, w1, w2, *hidden = ctx.saved_tensors
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
         grad = grad.contiguous()

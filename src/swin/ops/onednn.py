@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import windows as W
-from . import autocast_dtype, refuse_second_derivative
+from . import autocast_dtype, refuse_unsupported_backward
 
 
 @functools.lru_cache(maxsize=None)
@@ -69,7 +69,7 @@ class _Linear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        refuse_second_derivative()
+        refuse_unsupported_backward(grad)
         x, weight = ctx.saved_tensors
         grad = grad.contiguous()
         dx = mm_t(grad, weight.t()) if ctx.needs_input_grad[0] else None  # grad @ W

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import windows as W
-from . import cpu_kernels, exporting, refuse_second_derivative
+from . import cpu_kernels, exporting, refuse_unsupported_backward
 
 
 def _build_indices(height: int, width: int, window: int, shift: int, device: torch.device):
@@ -126,7 +126,7 @@ class _UnitRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        refuse_second_derivative()
+        refuse_unsupported_backward(g)
         y, n = ctx.saved_tensors
         dot = (g * y).sum(-1, keepdim=True).masked_fill_(n <= 1e-12, 0.0)
         return torch.addcmul(g, y, dot, value=-1.0).div_(n)
@@ -146,7 +146,7 @@ class _UnitRowsKernel(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        refuse_second_derivative()
+        refuse_unsupported_backward(g)
         y, n, scale = ctx.saved_tensors
         dx, dscale = cpu_kernels.unit_rows_backward(g, y, n, scale)
         return dx, None if dscale is None else dscale.to(scale.dtype).view(scale.shape)
@@ -255,7 +255,7 @@ class _CpuKernelAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        refuse_second_derivative()
+        refuse_unsupported_backward(grad)
         *inputs, probs = ctx.saved_tensors
         q, k, v = inputs[0].unbind(-3) if ctx.packed else inputs
         B, nW, N, heads, d = q.shape
@@ -333,7 +333,7 @@ class _SoftmaxFlushTiny(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        refuse_second_derivative()
+        refuse_unsupported_backward(grad)
         (probs,) = ctx.saved_tensors
         return torch._softmax_backward_data(grad.to(probs.dtype), probs, -1, ctx.input_dtype)
 
