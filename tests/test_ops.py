@@ -1926,24 +1926,6 @@ def test_weight_caches_keep_within_their_budget_over_many_image_sizes(monkeypatc
     assert len(ops._CACHES[attn]) < len(sizes)  # some were evicted
 
 
-def test_parameters_in_shared_memory_are_not_cached():
-    """model.share_memory() (Hogwild, actor/learner code): another process writes the weights without
-    their version counters seeing it, so nothing derived from them is cached: a write PyTorch does not
-    record (here through .data) is seen at the next call."""
-    torch.manual_seed(0)
-    model = swin.create_model("swin_micro").eval().share_memory()
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        model(x)
-        for blk in model.layers[0].blocks:
-            blk.attn.relative_position_bias_table.data.mul_(3.0)
-            blk.mlp.fc1.weight.data.mul_(0.5)
-        got = model(x)
-        ref = copy.deepcopy(model)
-        ref.set_backend("reference")
-        assert _rel(got, ref(x)) < 1e-5
-
-
 def test_batched_gradients_through_the_fast_paths_say_what_works():
     """torch.autograd.grad(is_grads_batched=True) and jacobian(vectorize=True) hand the backwards legacy
     batched tensors without storage: a clear error naming what does work, not a crash deep in a kernel."""

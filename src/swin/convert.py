@@ -529,6 +529,10 @@ def _shrink_tables(sd, config: SwinConfig | None) -> dict:
 
 def _write_official(sd, version, opts):
     config: SwinConfig | None = opts["config"]
+    if version == 2 and config is None and opts["window_size"] is not None:
+        warnings.warn("Without config=, the official layout's relative_coords_table buffers are written for "
+                      "pretrained_window_sizes 0 and for windows not shrunk to a smaller map; pass config= (swin "
+                      "convert --model NAME) for a model with either, or they will say so when loaded.", stacklevel=3)
     sd = _shrink_tables(sd, config)
     out = dict(sd)
     if any(_OUT_NORM_RE.match(k) for k in sd):  # the official detection code's norm0..norm3
@@ -885,18 +889,23 @@ def _coords_denominator(table: torch.Tensor) -> int | None:
     return round(d) if abs(d - round(d)) < 1e-2 else None
 
 
-def _trained_cpb_denominators(sd: Mapping[str, torch.Tensor], src_config: SwinConfig | None) -> dict[int, int]:
+def _trained_cpb_denominators(sd: Mapping[str, torch.Tensor], src_config: SwinConfig | None,
+                              config: SwinConfig) -> dict[int, int]:
     """{stage: denominator} that a V2 checkpoint's position-bias MLP was trained with, where it says: from the
-    config it records (a swin run, a transformers folder's config.json) or its saved coordinate tables."""
+    config it records (a swin run, a transformers folder's config.json) or its saved official coordinate
+    tables. torchvision's say nothing (it always scales by its own window, whatever the weights were trained
+    with), nor does a table built for a larger window than the model's block runs (the official layout
+    written without a config has full-window tables even for a block whose map was smaller, and a model
+    run at a smaller image size is the user's choice)."""
     if src_config is not None and src_config.version == 2:
         return {i: _cpb_denominator(src_config, i) for i in range(src_config.num_layers)}
     found: dict[int, int] = {}
-    for k, v in sd.items():
-        m = re.search(r"(?:^|\.)layers\.(\d+)\.blocks\.\d+\.attn\.relative_coords_table$", k)
-        stage = int(m.group(1)) if m else None
-        if m is None and (m := re.search(r"(?:^|\.)features\.(\d+)\.\d+\.attn\.relative_coords_table$", k)):
-            stage = (int(m.group(1)) - 1) // 2  # torchvision: features.1, .3, .5, .7 are the stages
-        if stage is not None and (d := _coords_denominator(v)) is not None:
+    for k, v in sd.items():  # the official layout (and timm's, had it kept them); torchvision's always says M - 1
+        if not (m := re.search(r"(?:^|\.)layers\.(\d+)\.blocks\.\d+\.attn\.relative_coords_table$", k)):
+            continue
+        stage, side = int(m.group(1)), round(v[..., 0].numel() ** 0.5)  # side: 2M - 1 for the window M built for
+        if (stage < config.num_layers and (side + 1) // 2 <= _stage_runs(config, stage)
+                and (d := _coords_denominator(v)) is not None):
             found.setdefault(stage, d)
     return found
 
@@ -906,8 +915,11 @@ def _source_config(obj: Any, path: str | os.PathLike | None) -> SwinConfig | Non
     config.json beside a transformers ``save_pretrained`` folder's weights. None otherwise."""
     from .train import run_config
 
-    if isinstance(obj, Mapping) and (config := run_config(dict(obj))) is not None:
-        return config
+    try:
+        if isinstance(obj, Mapping) and (config := run_config(dict(obj))) is not None:
+            return config
+    except (TypeError, ValueError):  # a config of another version of swin (an unknown field): no geometry known
+        return None
     if path is None or not Path(path).is_dir() or not (Path(path) / "config.json").is_file():
         return None
     try:
@@ -950,8 +962,8 @@ def _check_cpb_coordinates(trained: Mapping[int, int], config: SwinConfig) -> No
     if not off:
         return
     fit = tuple(trained[i] + 1 if i in trained else config.pretrained_window_sizes[i] for i in range(config.num_layers))
-    warnings.warn(f"These SwinV2 weights were trained with position coordinates scaled for a "
-                  f"{trained[off[0]] + 1}-token window at stage {off[0]}, where this model scales them for "
+    warnings.warn(f"These SwinV2 weights (their saved coordinate tables or recorded config) scale position "
+                  f"coordinates for a {trained[off[0]] + 1}-token window at stage {off[0]}, where this model scales them for "
                   f"{_cpb_denominator(config, off[0]) + 1} (stages {off}); its position biases will differ from the "
                   f"checkpoint's model. Create the model with pretrained_window_sizes={fit} (as the official "
                   f"fine-tuning configs set it) to keep them.", stacklevel=3)
@@ -996,6 +1008,7 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
     config = getattr(model, "config", None)
     # some tables already fit: the checkpoint has the model's window, so a smaller one was shrunk for its map
     same_window = any(v.shape == target[k].shape for k, v in tables.items())
+    resized_full: list[str] = []
     for k, v in tables.items():
         window = (round(target[k].shape[0] ** 0.5) + 1) // 2
         stored = (round(v.shape[0] ** 0.5) + 1) // 2
@@ -1018,6 +1031,8 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
         if trained < stored:  # only the centre was ever read (and trained): the rest is its initial values
             v = _crop_bias_table(v, trained)
         if trained != runs:  # another window: resized, as the official fine-tuning does
+            if v.shape == target[k].shape:  # a full table, a block whose map is smaller
+                resized_full.append(k)
             if shrunk and trained < runs and config is not None:
                 warnings.warn(f"{k} was trained for a {trained} x {trained} window (a stage map smaller than the window "
                               f"at the checkpoint's image size); it was resized to the {runs} x {runs} window this "
@@ -1026,9 +1041,15 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
                               stacklevel=2)
             v = _resize_bias_table(v, runs)
         ours[k] = v if runs == window else _embed_bias_table(v, window)
+    if resized_full and config is not None:
+        warnings.warn(f"{_first(resized_full, 2)}: full-window tables in a layout that sizes a table for the window "
+                      f"its block ran at (timm, official) were resized to the smaller window those blocks run at the "
+                      f"model's {config.img_size[0]} px, as those libraries do. If swin wrote these weights without "
+                      "the model's config, every table is full: convert with config= (swin convert --model) to load "
+                      "them exactly.", stacklevel=2)
 
     if version == 2 and isinstance(config, SwinConfig):
-        _check_cpb_coordinates(_trained_cpb_denominators(sd, src_config), config)
+        _check_cpb_coordinates(_trained_cpb_denominators(sd, src_config, config), config)
 
     head_keys = [k for k in ("head.weight", "head.bias") if k in target]
     ckpt_head = [k for k in ("head.weight", "head.bias") if k in ours]

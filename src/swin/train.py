@@ -1178,7 +1178,7 @@ def load_for_inference(checkpoint: str | os.PathLike, *, model: str | None = Non
                          f"fine-tune a head first: swin train --pretrained {path} --model {model} --data ...")
     mcfg = get_config(model, num_classes=classes)
     net = SwinTransformer(mcfg)
-    load_checkpoint(net, sd, strict=True)
+    load_checkpoint(net, path if Path(path).is_dir() else sd, strict=True)  # a folder: its config.json too
     size = img_size if img_size is not None else mcfg.img_size[0]
     check_img_size(size, mcfg, model)
     classes = imagenet_classes() if mcfg.num_classes == 1000 else None

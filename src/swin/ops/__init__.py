@@ -123,11 +123,7 @@ def cached(module: torch.nn.Module, slot, params, build):
     """``build()`` (a value derived from ``params``), computed once per state of those parameters and
     kept per (module, slot); built outside autograd and inference mode. A module keeps its most recently
     used slots, at most CACHE_SLOTS of them and CACHE_BYTES together (a detection loop over many image
-    sizes: one attention bias + shift mask of a 1333 px map is ~40 MB). Parameters in shared CPU memory
-    (``model.share_memory()``: another process may write them, unseen by their version) are not cached."""
-    if any(p.device.type == "cpu" and p.untyped_storage().is_shared() for p in params):
-        with torch.inference_mode(False), torch.no_grad():
-            return build()
+    sizes: one attention bias + shift mask of a 1333 px map is ~40 MB)."""
     key = params_key(params)
     store = _CACHES.setdefault(module, {})
     hit = store.pop(slot, None)
@@ -168,11 +164,11 @@ def param_as(module: torch.nn.Module, name: str, dtype: torch.dtype) -> torch.Te
 def invalidate_caches() -> None:
     """Drop every parameter-derived cache; needed only after changing weights in a way PyTorch does
     not record: writing through ``param.data`` or raw storage, in place into the inference tensors of a
-    model built under torch.inference_mode, or by ``torch.distributed`` collectives straight into the
-    parameters (``dist.broadcast(p, 0)``; DDP's own start-up broadcast is seen). Optimizer steps, in-place
-    tensor ops (``copy_`` under no_grad), ``load_state_dict``, new tensors put in
-    (torch.func.functional_call) and, by not caching them, parameters in shared memory that another
-    process writes are seen without it."""
+    model built under torch.inference_mode, by ``torch.distributed`` collectives straight into the
+    parameters (``dist.broadcast(p, 0)``; DDP's own start-up broadcast is seen), or from another process
+    into parameters in shared memory (``model.share_memory()``, Hogwild: call it in the process that
+    reads them, after the writes). Optimizer steps, in-place tensor ops (``copy_`` under no_grad),
+    ``load_state_dict`` and new tensors put in (torch.func.functional_call) are seen without it."""
     _OPTIMIZER_STEPS[0] += 1
 
 
