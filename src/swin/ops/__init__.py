@@ -217,7 +217,7 @@ def refuse_unsupported_backward(grad: torch.Tensor | None = None) -> None:
         raise RuntimeError("Second derivatives (create_graph=True) do not pass through swin's fast CPU kernels; "
                            "call model.set_backend('reference') for them.")
     legacy = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
-    if grad is not None and legacy is not None and legacy(grad):
+    if grad is not None and legacy is not None and not torch.compiler.is_compiling() and legacy(grad):
         raise RuntimeError("Batched gradients (torch.autograd.grad(is_grads_batched=True), "
                            "jacobian(vectorize=True)) do not pass through swin's fast CPU kernels; use "
                            "torch.func.jacrev or vmap over torch.func.grad (supported), vectorize=False, or "
