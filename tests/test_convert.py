@@ -1,6 +1,7 @@
 """Checkpoint interop: key schemes, detection, round trips, mmdet patch-merging order, load_checkpoint."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import warnings
@@ -546,7 +547,7 @@ def test_a_full_table_is_resized_for_a_block_that_runs_a_smaller_window():
     assert_same_state(same.state_dict(), run.state_dict())
 
 
-def test_v2_weights_say_which_window_their_coordinates_were_scaled_for():
+def test_v2_weights_say_which_window_their_coordinates_were_scaled_for(tmp_path):
     """The official code and timm load a window12to16 SwinV2 checkpoint into a plain window-16 model silently
     (~1% of the logits off). Its saved coordinate tables (official, torchvision), a swin run's config or a
     transformers folder's config.json say what the position-bias MLP was trained with: loading warns, naming
@@ -565,6 +566,19 @@ def test_v2_weights_say_which_window_their_coordinates_were_scaled_for():
         load_checkpoint(tiny(2, window=4, img_size=64, pretrained_window_sizes=(4, 4, 4, 2)), off)
         # torchvision's layout has full-window tables even where a block ran a smaller one (stage 4 here: a
         # 2 x 2 map): they say nothing about it, and the round trip is exact and quiet
+        # a transformers folder's config.json says it too, also for a state dict read from it (swin eval)
+        hf = tmp_path / "hf"
+        hf.mkdir()
+        save_state_dict(convert_state_dict(src.state_dict(), dst="hf"), hf / "model.safetensors")
+        (hf / "config.json").write_text(json.dumps({
+            "model_type": "swinv2", "image_size": 64, "patch_size": 4, "window_size": 4, "embed_dim": 32,
+            "depths": [2, 2, 2, 2], "num_heads": [1, 2, 4, 8], "pretrained_window_sizes": [4, 4, 4, 2]}))
+        load_checkpoint(tiny(2, window=4, img_size=64, pretrained_window_sizes=(4, 4, 4, 2)), hf)
+    for args in ((hf,), (read_checkpoint(hf / "model.safetensors"),)):
+        with pytest.warns(UserWarning, match=r"pretrained_window_sizes=\(4, 4, 4, 2\)"):
+            load_checkpoint(tiny(2, window=8, img_size=64), *args, source=hf)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         plain = randomized(tiny(2, window=4, img_size=64), seed=3)
         back = tiny(2, window=4, img_size=64)
         load_checkpoint(back, convert_state_dict(plain.state_dict(), dst="torchvision", config=plain.config))

@@ -970,7 +970,7 @@ def _check_cpb_coordinates(trained: Mapping[int, int], config: SwinConfig) -> No
 
 
 def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Mapping[str, Any],
-                    strict: bool = True) -> LoadResult:
+                    strict: bool = True, source: str | os.PathLike | None = None) -> LoadResult:
     """Load Swin weights of any supported format into ``model`` (a :class:`swin.SwinTransformer`).
 
     Accepts a ``.pth``/``.pt``/``.bin``/``.safetensors`` path, a transformers ``save_pretrained``
@@ -983,7 +983,8 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
     recorded config says which centre its blocks trained (without one, a table that fits loads as it is).
     SwinV2 weights whose coordinate scaling is known (saved coordinate tables, a run's config, a
     transformers folder's config.json) and differs from the model's ``pretrained_window_sizes`` warn,
-    naming the setting that keeps it. A head of another
+    naming the setting that keeps it (``source``: the file or folder an in-memory checkpoint was read from,
+    for a transformers folder's config.json). A head of another
     class count (or none at all) is left as it is in the model, with a warning, and its keys are
     reported missing. Per-stage output norms (``out_norms``) are treated the same way: a checkpoint's norms
     that the model has no place for are dropped with a warning, and a model's norms that the checkpoint
@@ -994,7 +995,7 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
     path = raw if isinstance(raw, (str, os.PathLike)) else None
     obj = read_file(path) if path is not None else raw
     sd = _unwrap(obj)
-    src_config = _source_config(obj, path)  # the geometry the weights were trained at, where recorded
+    src_config = _source_config(obj, path or source)  # the geometry the weights were trained at, where recorded
     info = _inspect(sd)
     version = getattr(getattr(model, "config", None), "version", info.version)
     if version != info.version:

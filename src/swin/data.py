@@ -291,24 +291,13 @@ class Skipped(str):
         self = super().__new__(cls, str(path))
         message = str(error or "").replace(f"'{path}'", "").replace(str(path), "").strip()[:200]
         self.reason = f"{type(error).__name__}: {message}" if error is not None else ""
-        return self
-
-    def __reduce__(self):  # to and from DataLoader workers with its reason
-        return _skipped, (str(self), self.reason)
-
-    def describe(self) -> str:
-        return f"{self} ({self.reason})" if self.reason else str(self)
-
-
-def _skipped(path: str, reason: str) -> Skipped:
-    s = Skipped(path)
-    s.reason = reason
-    return s
+        return self  # (pickled with its reason to and from DataLoader workers, as any str subclass)
 
 
 def describe_skip(path: str) -> str:
     """A skipped sample's path, with why when known."""
-    return path.describe() if isinstance(path, Skipped) else str(path)
+    reason = getattr(path, "reason", "")
+    return f"{path} ({reason})" if reason else str(path)
 
 
 class Transformed(Dataset):

@@ -1142,7 +1142,7 @@ def load_for_inference(checkpoint: str | os.PathLike, *, model: str | None = Non
             path = folder_checkpoint(Path(checkpoint))
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint {path} does not exist.")
-    ours = None
+    ours = obj = None
     if path.suffix != ".safetensors":
         from .convert import read_file
 
@@ -1171,14 +1171,14 @@ def load_for_inference(checkpoint: str | os.PathLike, *, model: str | None = Non
                          "(see swin.list_models()).")
     from . import load_checkpoint
 
-    sd = read_state_dict(path)
+    sd = read_state_dict(path, obj)  # (a pickle already read above is not read again)
     classes = _head_classes(sd)
     if classes is None:
         raise ValueError(f"{path} has no classifier head (a backbone checkpoint), so it cannot classify; "
                          f"fine-tune a head first: swin train --pretrained {path} --model {model} --data ...")
     mcfg = get_config(model, num_classes=classes)
     net = SwinTransformer(mcfg)
-    load_checkpoint(net, path if Path(path).is_dir() else sd, strict=True)  # a folder: its config.json too
+    load_checkpoint(net, sd, strict=True, source=checkpoint)  # a transformers folder: its config.json too
     size = img_size if img_size is not None else mcfg.img_size[0]
     check_img_size(size, mcfg, model)
     classes = imagenet_classes() if mcfg.num_classes == 1000 else None
