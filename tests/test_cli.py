@@ -359,6 +359,27 @@ def test_bench_default_includes_the_fastest_compiled_peer():
     assert not bench._applies("timm+ort", "train") and bench._applies("timm+ort", "infer")
 
 
+def test_bench_without_the_peers_packages_says_how_to_install_them(tmp_path, monkeypatch, capsys):
+    """A runtime-only install (no timm, transformers): the default field leaves those peers out with one
+    note, and a peer named in --impls is one line naming the extra, not a traceback."""
+    from swin import bench, export
+
+    real = export.installed
+    monkeypatch.setattr(export, "installed", lambda *m: real(*m) and not {"timm", "transformers"} & set(m))
+    impls = bench.parse_args(["--device", "cpu"]).impls.split(",")
+    err = capsys.readouterr().err
+    assert "ours" in impls and "tv" in impls and not [i for i in impls if i.split("+")[0] in ("timm", "timm-sdpa", "hf")]
+    assert "pip install 'swin[bench]'" in err and "timm-sdpa+compile" in err and err.count("\n") == 1
+    out = tmp_path / "bench"
+    assert bench.main(["--device", "cpu", "--models", "swin_t", "--modes", "infer", "--impls", "ours,timm",
+                       "--rounds", "1", "--iters", "1", "--warmup", "0", "--batch-infer", "1", "--no-parity",
+                       "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    entries = {e["impl"]: e for e in json.loads((out / "bench.json").read_text())["entries"]}
+    assert entries["timm"]["error"] == "timm not installed: pip install 'swin[bench]'"
+    assert entries["ours"]["median"] > 0 and "Traceback" not in err
+
+
 def test_bench_runs_ours_against_timm_on_cpu(tmp_path):
     """The real benchmark, smallest settings: a table and JSON, and ours keeps fewer activations."""
     pytest.importorskip("timm")
@@ -631,3 +652,18 @@ def test_convert_of_a_run_uses_its_architecture(tmp_path, capsys):
     with torch.no_grad():
         ours, theirs = load_for_inference(tmp_path / "runs" / "demo").model(x), ref(x)
     assert (ours - theirs).abs().max() <= 1e-4 * ours.abs().max()
+
+
+def test_library_warnings_are_one_cli_line(tmp_path, capsys):
+    """A warning of the library's own (here: a detector's neck dropped on conversion) prints as one
+    `warning: ...` line like the CLI's others, without Python's file:line header and source line."""
+    import swin
+
+    sd = {"backbone." + k: v for k, v in swin.create_model("swin_micro_p4", num_classes=0).state_dict().items()}
+    sd["neck.lateral.weight"] = torch.zeros(2)
+    torch.save({"state_dict": sd}, tmp_path / "det.pth")
+    rc, _, err = run_cli(capsys, "convert", tmp_path / "det.pth", tmp_path / "out.pth", "--to", "timm",
+                         "--model", "swin_micro_p4")
+    assert rc == 0
+    assert "warning: Dropped 1 key(s) of the detector/segmentor" in err and "UserWarning" not in err
+    assert "convert.py" not in err

@@ -1189,6 +1189,22 @@ def test_cpu_tiled_only_where_it_is_the_same_function():
     assert not cpu_tiled.eligible(layer, x.clone().requires_grad_(True))
 
 
+def test_stage_key_is_marked_as_the_public_decorator_marks_and_import_stays_light():
+    """cpu_tiled marks its stage key by hand, as @torch.compiler.assume_constant_result would (the
+    decorator imports torch._dynamo, ~1.8 s of every `import swin`): the marks must stay the same."""
+    from swin.ops import cpu_tiled
+
+    def probe(blocks):
+        return 0
+
+    torch.compiler.assume_constant_result(probe)
+    marks = {k: v for k, v in vars(probe).items() if not k.startswith("__")}
+    assert marks and all(getattr(cpu_tiled._stage_key, k, object()) == v for k, v in marks.items())
+    code = "import sys, swin; m = swin.create_model('swin_micro'); print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 @pytest.mark.parametrize("name", ["swin_micro", "swinv2_micro"])
 def test_cpu_tiled_is_one_op_per_stage_inside_torch_compile_and_never_exported(name, monkeypatch):
     """Compiled for CPU inference, each stage is one swin::cpu_stage call (the chunked path runs

@@ -371,6 +371,11 @@ def run_mode(name: str, mode: str, impls: list[str], args, log) -> list[Entry]:
         if _over_budget(args, 1.0 if compiled else 1.3):
             e.error = "skipped: time budget"
             continue
+        missing = missing_packages(impl)
+        if missing:  # a peer named in --impls without its package: one line, no traceback
+            e.error = _install_hint(missing)
+            log(f"  skipped {name} {mode} {impl}: {e.error}")
+            continue
         try:
             t0 = time.perf_counter()
             if device == "cuda":
@@ -395,7 +400,8 @@ def run_mode(name: str, mode: str, impls: list[str], args, log) -> list[Entry]:
             log(f"  ready {name} {mode} {impl} in {time.perf_counter() - t0:.1f}s")
         except Exception as exc:  # one broken implementation must not stop the run
             e.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-            log(f"  FAILED {name} {mode} {impl}: {e.error}\n{traceback.format_exc()}")
+            detail = "" if isinstance(exc, ImportError) else "\n" + traceback.format_exc()  # the message says it all
+            log(f"  FAILED {name} {mode} {impl}: {e.error}{detail}")
     iters = args.iters if mode != "latency" else args.iters * 5
     for r in range(args.rounds):
         if _over_budget(args) and r >= 2:
@@ -436,6 +442,11 @@ def _run_isolated(name: str, mode: str, impls: list[str], args, log) -> list[Ent
     entries = [Entry(name, mode, impl, batch, "ms" if mode == "latency" else "img/s")
                for impl in impls if _applies(impl, mode)]
     _LIVE.extend(entries)
+    for e in entries:
+        missing = missing_packages(e.impl)
+        if missing:
+            e.error = _install_hint(missing)
+            log(f"  skipped {name} {mode} {e.impl}: {e.error}")
     src = str(Path(__file__).resolve().parents[1])  # the folder holding this package, for the child
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])))
     for r in range(args.rounds):
@@ -621,6 +632,24 @@ def _has_onnx() -> bool:
     return installed("onnxruntime", "onnxscript")
 
 
+_PEER_PACKAGES = {"timm": ("timm",), "timm-sdpa": ("timm",), "hf": ("transformers",)}
+
+
+def missing_packages(impl: str) -> list[str]:
+    """The packages an implementation needs that are not installed (the peers come with swin[bench])."""
+    from .export import installed
+
+    base, flags = impl.split("+")[0], impl.split("+")[1:]
+    need = list(_PEER_PACKAGES.get(base, ()))
+    if "ort" in flags:
+        need += ["onnx", "onnxscript", "onnxruntime"]
+    return [m for m in need if not installed(m)]
+
+
+def _install_hint(missing: list[str]) -> str:
+    return f"{', '.join(missing)} not installed: pip install 'swin[bench]'"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="swin bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -679,6 +708,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if a.compile:
             a.impls += ",ours+compile,timm+compile,timm-sdpa+compile,hf+compile"
         a.impls = ",".join(dict.fromkeys(a.impls.split(",")))  # once each, in order
+        # the default field leaves out the peers whose packages are missing, and says so once
+        left_out = {i: missing_packages(i) for i in a.impls.split(",")}
+        left_out = {i: m for i, m in left_out.items() if m}
+        if left_out:
+            missing = sorted({m for ms in left_out.values() for m in ms})
+            print(f"note: {_install_hint(missing)}; left out of the comparison: {', '.join(left_out)}",
+                  file=sys.stderr)
+            a.impls = ",".join(i for i in a.impls.split(",") if i not in left_out)
     for m in a.models.split(","):
         if m not in MODELS:
             p.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")

@@ -6,10 +6,12 @@ SWIN_DEBUG=1 shows it). A run stopped by SIGINT/SIGTERM saves and exits 0; a non
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -113,7 +115,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--model", help="architecture name (swin models); needed to write V2 weights for "
                                    "torchvision/official, whose buffers depend on the window size")
     c.add_argument("--hf-version", type=int, choices=[4, 5], default=None,
-                   help="transformers naming to write with --to hf (default: the installed version's)")
+                   help="transformers naming to write with --to hf (default: the installed version's; 5 "
+                        "when transformers is not installed)")
 
     x = sub.add_parser("export", help="write a checkpoint as an ONNX file (onnxruntime, TensorRT, OpenVINO)",
                        description="Export to ONNX: dynamic batch, the image size fixed. onnxruntime runs the "
@@ -528,6 +531,22 @@ def _run(args: argparse.Namespace) -> int:
         return 1
 
 
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None, *, fallback) -> None:
+    """The library's own warnings as one ``warning: ...`` line, like the CLI's other warnings; any
+    other warning (torch's, a user's) the way Python shows it."""
+    try:
+        ours = Path(filename).resolve().is_relative_to(_PACKAGE) and issubclass(category, UserWarning)
+    except (OSError, ValueError):
+        ours = False
+    if ours:
+        print(f"warning: {message}", file=file or sys.stderr)
+    else:
+        fallback(message, category, filename, lineno, file, line)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":  # the benchmark has its own parser
@@ -539,7 +558,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = ["train"]  # `swin` alone is the demo too
     args = parser.parse_args(argv)
     try:
-        return _run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = functools.partial(_show_warning, fallback=warnings.showwarning)
+            return _run(args)
     except (ValueError, FileNotFoundError) as e:
         if os.environ.get("SWIN_DEBUG"):
             raise

@@ -710,7 +710,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], src: str = "auto", dst: st
     ``state_dict`` may be a training checkpoint (``{"model": ..., "ema": ...}``, ``module.`` prefixes);
     ``src="auto"`` detects the format. Saved buffers are dropped on read and, where the target format
     saves them, rebuilt on write. ``hf_version`` (4 or 5) picks the transformers naming to write
-    (default: the installed version). ``config`` (or just ``window_size``) tells the writer what the
+    (default: the installed version; 5 without transformers). ``config`` (or just ``window_size``) tells the writer what the
     weights cannot: the V2 window size, V2 pretrained window sizes, and the official training size.
     Raises ValueError naming the detected format and the first offending keys on any mismatch.
     """

@@ -112,11 +112,15 @@ def run_blocks(blocks, x: torch.Tensor, consume: bool = False) -> torch.Tensor:
 _STAGES: "weakref.WeakValueDictionary[int, torch.nn.Module]" = weakref.WeakValueDictionary()
 
 
-@torch.compiler.assume_constant_result
 def _stage_key(blocks) -> int:
     """A key for ``blocks`` that the compiled graph holds as a constant, registered while tracing."""
     _STAGES[id(blocks)] = blocks
     return id(blocks)
+
+
+# what @torch.compiler.assume_constant_result does, by hand: the decorator imports torch._dynamo, which
+# made `import swin` (and every `swin` command) ~1.8 s slower; a test checks the two mark alike
+_stage_key._dynamo_marked_constant = True
 
 
 @torch.library.custom_op("swin::cpu_stage", mutates_args=(), device_types="cpu")
