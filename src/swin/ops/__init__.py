@@ -27,6 +27,7 @@ Beside attention, every backend but "reference" also gets (each tested against t
 from __future__ import annotations
 
 import os
+import warnings
 import weakref
 
 import torch
@@ -39,14 +40,28 @@ _TRITON: bool | None = None
 BACKENDS = ("auto", "reference", "sdpa", "triton", "fused")
 
 
+TRITON_MIN = (3, 6)  # the oldest Triton the kernels are tested with (torch 2.11's); 3.3 spills and mis-runs
+
+
+def _triton_version(text: str) -> tuple[int, int]:
+    parts = (text.split("+")[0].split(".") + ["0"])[:2]
+    return tuple(int("".join(ch for ch in p if ch.isdigit()) or 0) for p in parts)
+
+
 def triton_available() -> bool:
-    """True if Triton imports (kernels then run on CUDA, or on CPU with ``TRITON_INTERPRET=1``)."""
+    """True if a Triton at least ``TRITON_MIN`` imports (kernels then run on CUDA, or on CPU with
+    ``TRITON_INTERPRET=1``). An older one is left unused, once with a warning: SDPA runs instead."""
     global _TRITON
     if _TRITON is None:
         try:
-            import triton  # noqa: F401
+            import triton
 
-            _TRITON = True
+            found = _triton_version(triton.__version__)
+            _TRITON = found >= TRITON_MIN
+            if not _TRITON:
+                warnings.warn(f"swin's Triton kernels need Triton >= {'.'.join(map(str, TRITON_MIN))} (torch >= 2.11); "
+                              f"found {triton.__version__}, so window attention runs through SDPA instead.",
+                              RuntimeWarning, stacklevel=2)
         except Exception:  # pragma: no cover - depends on the install
             _TRITON = False
     return _TRITON
@@ -57,8 +72,9 @@ def check_backend(name: str) -> None:
     if name not in BACKENDS:
         raise ValueError(f"Unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}.")
     if name in ("triton", "fused") and not triton_available():
-        raise ValueError(f"backend={name!r} needs the triton package (pip install triton); "
-                         "use backend='sdpa' or 'auto' instead.")
+        raise ValueError(f"backend={name!r} needs the triton package, version >= "
+                         f"{'.'.join(map(str, TRITON_MIN))} (torch >= 2.11 installs one); use backend='sdpa' or "
+                         "'auto' instead.")
 
 
 def resolve_backend(name: str, x: torch.Tensor, window: int) -> str:
