@@ -264,7 +264,7 @@ def test_triton_every_launch_configuration_cuda(version, config, monkeypatch):
     check_parity("triton", version, (224, 170, 7, 3), False, "cuda", torch.bfloat16, 1e-2)
 
 
-@pytest.mark.skipif(not triton_available(), reason="needs Triton")
+@pytest.mark.skipif(not triton_available(), reason="needs Triton >= 3.6")
 def test_triton_interpreted_matches_reference_on_cpu():
     """The Triton kernels, run by Triton's interpreter on the CPU (small sizes), equal the reference
     in fp32 and, within 1e-2, in fp16 (forward and backward), also inside torch.compile(fullgraph=True)
@@ -1706,7 +1706,7 @@ def test_triton_under_torch_compile_cuda():
         assert rel_err(p.grad, q.grad) <= 1e-2, n
 
 
-@pytest.mark.skipif(not triton_available(), reason="needs Triton")
+@pytest.mark.skipif(not triton_available(), reason="needs Triton >= 3.6")
 def test_triton_launch_configuration_is_timed_once_and_the_fastest_kept(monkeypatch):
     """On CUDA each input signature times every launch configuration once and keeps the fastest;
     later calls reuse it; FORCE_CONFIG (tests) overrides; off CUDA the first runs untimed."""
@@ -1749,7 +1749,7 @@ def _resources_tool():
     return mod
 
 
-@pytest.mark.skipif(not triton_available(), reason="needs Triton")
+@pytest.mark.skipif(not triton_available(), reason="needs Triton >= 3.6")
 def test_triton_kernels_compile_for_hopper_without_a_gpu():
     """Every launch configuration compiles to an sm_90 cubin with Triton's own ptxas, no GPU needed
     (the interpreter accepts code that the compiler refuses, as a module global once did), and the
@@ -1789,7 +1789,7 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu():
                 assert r["shared"] <= 227 * 1024 and (config != configs[0] or r["spill_bytes"] == 0), (kind, r)
 
 
-@pytest.mark.skipif(not triton_available(), reason="needs Triton")
+@pytest.mark.skipif(not triton_available(), reason="needs Triton >= 3.6")
 def test_fused_probe_resumes_after_a_process_that_dies(tmp_path):
     """benchmarks/fused_probe.py (for a GPU) dry-run in the interpreter: a launch whose process dies
     (as an illegal memory access ends it) is named in the table and the cases after it still run."""
