@@ -627,9 +627,7 @@ def _over_budget(args, factor: float = 1.0) -> bool:
 
 
 def _has_onnx() -> bool:
-    from .export import installed
-
-    return installed("onnxruntime", "onnxscript")
+    return not missing_packages("ours+ort")
 
 
 _PEER_PACKAGES = {"timm": ("timm",), "timm-sdpa": ("timm",), "hf": ("transformers",)}

@@ -89,6 +89,7 @@ def resolve_backend(name: str, x: torch.Tensor, window: int) -> str:
 
 
 _functorch_level = getattr(getattr(torch._C, "_functorch", None), "maybe_current_level", lambda: None)
+_legacy_batched = getattr(getattr(torch._C, "_functorch", None), "is_legacy_batchedtensor", None)
 
 
 def transforming() -> bool:
@@ -232,8 +233,7 @@ def refuse_unsupported_backward(grad: torch.Tensor | None = None) -> None:
     if torch.is_grad_enabled():
         raise RuntimeError("Second derivatives (create_graph=True) do not pass through swin's fast CPU kernels; "
                            "call model.set_backend('reference') for them.")
-    legacy = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
-    if grad is not None and legacy is not None and not torch.compiler.is_compiling() and legacy(grad):
+    if grad is not None and _legacy_batched is not None and not torch.compiler.is_compiling() and _legacy_batched(grad):
         raise RuntimeError("Batched gradients (torch.autograd.grad(is_grads_batched=True), "
                            "jacobian(vectorize=True)) do not pass through swin's fast CPU kernels; use "
                            "torch.func.jacrev or vmap over torch.func.grad (supported), vectorize=False, or "
